@@ -1,0 +1,206 @@
+"""Hyperparameter search: ``python -m tune_llama.search SPEC [--name NAME] [--storage DIR] [--set k=v] [--resume]``.
+
+Optuna TPE proposes configs, ASHA stops poor trials early, Ray keeps the best
+checkpoints. ``--resume`` (or ``--resume results/NAME``) continues an
+interrupted search: searcher and scheduler state come back, unfinished trials
+continue from their last checkpoint and errored ones are retried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from tune_llama.cli import UserError, add_set_argument, run_cli
+from tune_llama.spec import Spec, load_spec, spec_from_dict
+
+SPEC_FILE = "tune_llama_spec.json"
+OPTUNA_DB = "optuna.db"
+
+
+# ---------------------------------------------------------------- building blocks
+
+def param_space(spec: Spec) -> dict[str, Any]:
+    """The spec's YAML space as Tune distributions (validated by the schema already)."""
+    from ray import tune
+    kinds = {
+        "loguniform": lambda a: tune.loguniform(a[0], a[1]),
+        "uniform": lambda a: tune.uniform(a[0], a[1]),
+        "int": lambda a: tune.randint(int(a[0]), int(a[1]) + 1),  # inclusive, as the spec documents
+        "quniform": lambda a: tune.quniform(a[0], a[1], a[2]),
+        "choice": lambda a: tune.choice(list(a)),
+    }
+    space = {}
+    for key, dist in spec.search.space.items():
+        (kind, args), = dist.items()
+        space[key] = kinds[kind](args)
+    return space
+
+
+def trial_resources(spec: Spec) -> dict[str, float]:
+    import torch
+    gpu = spec.search.resources.gpu
+    if gpu is None:
+        gpu = 1.0 if torch.cuda.is_available() else 0.0
+    return {"cpu": spec.search.resources.cpu, "gpu": gpu}
+
+
+def trainable(spec: Spec):
+    from ray import tune
+    from tune_llama.trainable import train_trial
+    return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict()), trial_resources(spec))
+
+
+def tune_config(spec: Spec, experiment: Path):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = spec.search
+    storage = optuna.storages.RDBStorage(f"sqlite:///{experiment / OPTUNA_DB}")
+    searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=s.seed), storage=storage,
+                            study_name=experiment.name)
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.training.epochs, grace_period=s.asha.grace_period,
+                              reduction_factor=s.asha.reduction_factor)
+    return tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
+                           search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent))
+
+
+def run_config(spec: Spec, experiment: Path):
+    from ray import tune
+    from tune_llama.tracking import callbacks
+
+    s = spec.search
+    return tune.RunConfig(
+        name=experiment.name,
+        storage_path=str(experiment.parent),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints, checkpoint_score_attribute=s.metric,
+                                                checkpoint_score_order=s.mode),
+        failure_config=tune.FailureConfig(max_failures=s.max_failures),
+        callbacks=callbacks(spec, experiment.name),
+    )
+
+
+def init_ray(spec: Spec) -> None:
+    """Join the cluster in $RAY_ADDRESS (Slurm, multi-node), else start a local Ray."""
+    import ray
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or None, include_dashboard=False, log_to_driver=True,
+             configure_logging=True, logging_level="WARNING")
+
+
+def forward_sigterm_to_tune() -> None:
+    """Slurm sends SIGTERM before a wall-time kill; Tune stops gracefully (state saved) on SIGUSR1."""
+    def handler(signum, frame):
+        print("SIGTERM: saving the search state; resume it with --resume", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+    signal.signal(signal.SIGTERM, handler)
+
+
+# ---------------------------------------------------------------- fresh search / resume
+
+def experiment_dir(storage: Optional[Path], name: str) -> Path:
+    root = (storage or Path("results")).expanduser().resolve()  # Ray needs absolute storage paths
+    return root / name
+
+
+def start(spec: Spec, experiment: Path):
+    from ray import tune
+    if (experiment / SPEC_FILE).exists():
+        raise UserError(f"{experiment} already holds a search: resume it with --resume {experiment}, "
+                        "or pick another --name")
+    experiment.mkdir(parents=True, exist_ok=True)
+    (experiment / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=1))
+    init_ray(spec)
+    return tune.Tuner(trainable(spec), param_space=param_space(spec), tune_config=tune_config(spec, experiment),
+                      run_config=run_config(spec, experiment))
+
+
+def resume(experiment: Path):
+    from ray import tune
+    if not experiment.is_dir():
+        raise UserError(f"--resume: {experiment} does not exist")
+    if not (experiment / SPEC_FILE).is_file() or not tune.Tuner.can_restore(str(experiment)):
+        raise UserError(f"--resume: {experiment} is not a tune-llama search folder (no {SPEC_FILE} or Tune state)")
+    spec = load_search_spec(experiment)
+    init_ray(spec)
+    return spec, tune.Tuner.restore(str(experiment), trainable(spec), resume_unfinished=True, resume_errored=True)
+
+
+def load_search_spec(experiment: Path) -> Spec:
+    return spec_from_dict(json.loads((experiment / SPEC_FILE).read_text()))
+
+
+def summarize(spec: Spec, results, experiment: Path) -> int:
+    """Print the best trial and the commands that follow; exit code 0 when the search finished."""
+    metric, mode = spec.search.metric, spec.search.mode
+    unfinished = [r for r in results if r.metrics.get("done") is False] if len(results) else []
+    print(f"\nsearch folder: {experiment}")
+    print(f"trials: {len(results)} ({results.num_errors} errored, {results.num_terminated} terminated)")
+    try:
+        best = results.get_best_result(metric=metric, mode=mode, scope="all")
+    except RuntimeError:
+        best = None
+    if best is None or best.metrics_dataframe is None:
+        print("no trial reported a result yet")
+    else:
+        frame = best.metrics_dataframe
+        row = frame.loc[frame[metric].idxmin() if mode == "min" else frame[metric].idxmax()]
+        params = {k: v for k, v in best.config.items()}
+        print(f"best trial: {Path(best.path).name}")
+        print(f"  params: {json.dumps(params)}")
+        print(f"  best epoch: {int(row['epoch'])}  eval_loss: {row['eval_loss']:.4f}  "
+              f"eval_perplexity: {row['eval_perplexity']:.3f}")
+    rel = os.path.relpath(experiment) if experiment.is_relative_to(Path.cwd()) else str(experiment)
+    print("next:")
+    print(f"  export:   python -m tune_llama.export {rel}")
+    print(f"  report:   python -m tune_llama.report {rel}")
+    print(f"  resume:   python -m tune_llama.search --resume {rel}")
+    return 0 if not unfinished else 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune_llama.search", description=__doc__.splitlines()[0])
+    parser.add_argument("spec", nargs="?", help="YAML spec, e.g. search_spaces/sgd.yaml")
+    parser.add_argument("--name", help="experiment name (default: SPEC stem and a timestamp)")
+    parser.add_argument("--storage", type=Path, help="folder that holds searches (default results/)")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+                        help="resume the search in DIR (or the one SPEC/--name point to)")
+    add_set_argument(parser)
+    args = parser.parse_args(argv)
+
+    if args.resume is not None:
+        if isinstance(args.resume, str):
+            experiment = Path(args.resume).expanduser().resolve()
+        elif args.name:
+            experiment = experiment_dir(args.storage, args.name)
+        else:
+            raise UserError("--resume needs a search folder (--resume results/NAME) or --name NAME")
+        forward_sigterm_to_tune()
+        spec, tuner = resume(experiment)
+    else:
+        if not args.spec:
+            raise UserError("give a spec (e.g. search_spaces/tiny.yaml) or --resume DIR")
+        spec = load_spec(args.spec, args.overrides)
+        if not spec.search.space:
+            raise UserError(f"search.space: {args.spec} names no field to search")
+        name = args.name or f"{Path(args.spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        experiment = experiment_dir(args.storage, name)
+        forward_sigterm_to_tune()
+        tuner = start(spec, experiment)
+    results = tuner.fit()
+    return summarize(spec, results, experiment)
+
+
+if __name__ == "__main__":
+    run_cli(main)

