@@ -36,3 +36,39 @@ def char_tokenizer():
 def smollm2_tokenizer():
     """The embedded SmolLM2 tokenizer (first use converts the model, ~60 s; then cached)."""
     return load_tokenizer(ModelSpec(name="embedded:smollm2"))
+
+
+# ---------------------------------------------------------------- a finished tiny search, shared
+
+FAKE_SECRETS = {"WANDB_API_KEY": "wandb-secret-0123456789abcdef0123456789abcdef", "HF_TOKEN": "hf_secretTOKEN0123456789"}
+
+
+def run_search(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 900):
+    """Run the search CLI in its own process (its own Ray), returning the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "tune_llama.search", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_search(tmp_path_factory) -> Path:
+    """A finished 6-trial search on tiny.yaml, one trial at a time (deterministic), W&B offline,
+    with fake secrets in the environment. Returns the experiment folder."""
+    storage = tmp_path_factory.mktemp("searches")
+    proc = run_search([str(REPO_ROOT / "search_spaces" / "tiny.yaml"), "--name", "tiny", "--storage", str(storage),
+                       "--set", "search.max_concurrent=1", "--set", "wandb.mode=offline"],
+                      cwd=storage, env_extra=FAKE_SECRETS)
+    (storage / "search.log").write_text(proc.stdout + proc.stderr)  # for tests that grep the log lines
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return storage / "tiny"
+
+
+@pytest.fixture(scope="session")
+def fake_secrets() -> dict[str, str]:
+    """The fake credentials ``tiny_search`` ran with; none may appear in anything it wrote."""
+    return dict(FAKE_SECRETS)
+

@@ -10,6 +10,7 @@ epoch-end hooks of ``fit``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -191,6 +192,8 @@ def optimizer_step(run: Run) -> None:
 def evaluate(run: Run, encoded: Optional[Encoded] = None) -> float:
     """Token-weighted mean loss over every example of ``encoded`` (the validation set by default)."""
     data = run.spec.data
+    if data.batching == "packed":  # examples must not see each other when measured
+        data = dataclasses.replace(data, batching="length_grouped")
     batches = make_batches(encoded or run.val_set, data, run.tokenizer.pad_token_id, seed=0, epoch=0,
                            shuffle=False, batch_size=data.eval_batch_size or data.batch_size)
     run.model.eval()

@@ -62,11 +62,11 @@ def tune_config(spec: Spec, experiment: Path):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+    from tune_llama.searcher import ResumableOptunaSearch
 
     s = spec.search
     storage = optuna.storages.RDBStorage(f"sqlite:///{experiment / OPTUNA_DB}")
-    searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=s.seed), storage=storage,
+    searcher = ResumableOptunaSearch(sampler=optuna.samplers.TPESampler(seed=s.seed), storage=storage,
                             study_name=experiment.name)
     scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.training.epochs, grace_period=s.asha.grace_period,
                               reduction_factor=s.asha.reduction_factor)
@@ -142,30 +142,32 @@ def load_search_spec(experiment: Path) -> Spec:
 
 
 def summarize(spec: Spec, results, experiment: Path) -> int:
-    """Print the best trial and the commands that follow; exit code 0 when the search finished."""
+    """Print the best trial and the commands that follow (also into summary.txt); 0 when finished."""
     metric, mode = spec.search.metric, spec.search.mode
-    unfinished = [r for r in results if r.metrics.get("done") is False] if len(results) else []
-    print(f"\nsearch folder: {experiment}")
-    print(f"trials: {len(results)} ({results.num_errors} errored, {results.num_terminated} terminated)")
+    unfinished = [r for r in results if r.metrics and not r.metrics.get("done", True)]
+    lines = [f"search folder: {experiment}",
+             f"trials: {len(results)} ({results.num_errors} errored, {results.num_terminated} terminated)"]
     try:
         best = results.get_best_result(metric=metric, mode=mode, scope="all")
     except RuntimeError:
         best = None
-    if best is None or best.metrics_dataframe is None:
-        print("no trial reported a result yet")
+    if best is None or best.metrics_dataframe is None or metric not in best.metrics_dataframe:
+        lines.append("no trial reported a result yet")
     else:
         frame = best.metrics_dataframe
         row = frame.loc[frame[metric].idxmin() if mode == "min" else frame[metric].idxmax()]
-        params = {k: v for k, v in best.config.items()}
-        print(f"best trial: {Path(best.path).name}")
-        print(f"  params: {json.dumps(params)}")
-        print(f"  best epoch: {int(row['epoch'])}  eval_loss: {row['eval_loss']:.4f}  "
-              f"eval_perplexity: {row['eval_perplexity']:.3f}")
-    rel = os.path.relpath(experiment) if experiment.is_relative_to(Path.cwd()) else str(experiment)
-    print("next:")
-    print(f"  export:   python -m tune_llama.export {rel}")
-    print(f"  report:   python -m tune_llama.report {rel}")
-    print(f"  resume:   python -m tune_llama.search --resume {rel}")
+        lines += [f"best trial: {Path(best.path).name}",
+                  f"  params: {json.dumps(best.config)}",
+                  f"  best epoch: {int(row['epoch'])}  eval_loss: {row['eval_loss']:.4f}  "
+                  f"eval_perplexity: {row['eval_perplexity']:.3f}"]
+    where = os.path.relpath(experiment) if experiment.is_relative_to(Path.cwd()) else str(experiment)
+    lines += ["next:",
+              f"  export:   python -m tune_llama.export {where}",
+              f"  report:   python -m tune_llama.report {where}",
+              f"  resume:   python -m tune_llama.search --resume {where}"]
+    text = "\n".join(lines)
+    print("\n" + text)
+    (experiment / "summary.txt").write_text(text + "\n")
     return 0 if not unfinished else 3
 
 

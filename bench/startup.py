@@ -1,0 +1,208 @@
+"""Per-trial start-up: from a fresh process to the first training step, and where the time goes.
+
+    .venv/bin/python bench/startup.py                 # embedded SmolLM2 + LoRA, GSM8K slice, 3 fresh processes
+    .venv/bin/python bench/startup.py --runs 5 --model random:tiny
+
+Each run is a new Python process (as a Ray trial worker is) that imports the
+loop, calls ``tune_llama.loop.setup`` and runs ``train_epoch`` until its first
+optimizer step. The functions ``setup`` calls are wrapped with timers by name
+inside that process (the real code path, only timed), so the table splits the
+time into imports, tokenizer, data load and encode, model load, peft wrap,
+optimizer and schedule, and the first step.
+
+Two variants: ``cold`` imports only what a trial module imports up front
+(torch, transformers, tune_llama.loop), so transformers' lazily loaded model
+classes and peft land in the phase that first needs them; ``warm`` imports those
+first, so the other phases show their own work. The goal (<= 5 s) is for
+start-up work, ``setup`` up to the first step.
+"""
+
+from __future__ import annotations
+
+import time
+
+T0 = time.perf_counter()  # before any heavy import: the child's clock starts here
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def process_age_s() -> float:
+    """Seconds since this process was created (interpreter start-up included), from /proc; 0 if unknown."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+# ---------------------------------------------------------------- child: one fresh process
+
+class FirstStepDone(Exception):
+    pass
+
+
+def child(args) -> None:
+    phases: dict[str, float] = {"interpreter start": process_age_s() - (time.perf_counter() - T0)}
+    tick = time.perf_counter()
+
+    def mark(name: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - tick
+        tick = now
+
+    sys.path.insert(0, str(REPO))
+    import torch  # noqa: F401
+    mark("import torch")
+    import transformers  # noqa: F401
+    mark("import transformers")
+    import tune_llama.loop as loop
+    import tune_llama.model as model_module
+    mark("import tune_llama.loop")
+    if args.variant == "warm":
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
+        import peft  # noqa: F401
+        from peft import LoraConfig, get_peft_model  # noqa: F401
+        mark("import model classes + peft")
+    sys.path.insert(0, str(HERE))
+    import common
+    spec = common.make_spec(model=args.model, source=args.source, examples=args.examples,
+                            batch_size=args.batch_size, max_length=args.max_length, lora=not args.full,
+                            dtype="float32", precision="fp32", device="cpu", val_size=args.val_size)
+    mark("build spec")
+
+    timed: dict[str, float] = {}
+
+    def timer(module, name: str, label: str) -> None:
+        original = getattr(module, name)
+
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                timed[label] = timed.get(label, 0.0) + time.perf_counter() - start
+        setattr(module, name, wrapper)
+
+    timer(loop, "load_tokenizer", "tokenizer")
+    timer(loop, "load_splits", "data: load + split")
+    timer(loop, "encode", "data: encode")
+    timer(loop, "load_model", "model load (incl. peft wrap)")
+    timer(model_module, "prepare_for_training", "peft wrap")  # load_model looks it up by name
+    timer(loop, "make_batches", "make_batches (setup counts batches)")
+    timer(loop, "build_optimizer", "optimizer + schedule")
+    timer(loop, "build_scheduler", "optimizer + schedule")
+
+    start = time.perf_counter()
+    run = loop.setup(spec)
+    setup_s = time.perf_counter() - start
+    tick = time.perf_counter()
+    phases.update({k: v for k, v in timed.items() if k != "model load (incl. peft wrap)"})
+    phases["model load"] = timed["model load (incl. peft wrap)"] - timed.get("peft wrap", 0.0)
+    phases["setup: rest"] = setup_s - sum(v for k, v in timed.items() if k != "peft wrap")
+    setup_done = time.perf_counter()
+
+    original_step = loop.optimizer_step
+
+    def first_step_then_stop(r):
+        original_step(r)
+        raise FirstStepDone
+
+    loop.optimizer_step = first_step_then_stop
+    try:
+        loop.train_epoch(run)
+    except FirstStepDone:
+        pass
+    first_step = time.perf_counter() - setup_done
+    print(json.dumps({
+        "phases": phases, "setup_s": setup_s, "first_step_s": first_step,
+        "to_first_step_s": phases["interpreter start"] + (setup_done - T0),
+        "imports_s": sum(v for k, v in phases.items() if k.startswith("import")),
+    }))
+
+
+# ---------------------------------------------------------------- parent: runs and table
+
+def measure(args, variant: str) -> list[dict]:
+    runs = []
+    for i in range(args.runs):
+        command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--model", args.model,
+                   "--source", args.source, "--examples", str(args.examples), "--val-size", str(args.val_size),
+                   "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
+        if args.full:
+            command.append("--full")
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"})
+        if done.returncode != 0:
+            sys.exit(f"startup child failed ({variant}):\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result["process_wall_s"] = time.perf_counter() - started
+        runs.append(result)
+        print(f"  {variant} run {i + 1}: start-up work (setup) {result['setup_s']:.2f} s, imports "
+              f"{result['imports_s']:.2f} s, process start -> first step {result['to_first_step_s']:.2f} s, "
+              f"first step {result['first_step_s']:.2f} s", flush=True)
+    return runs
+
+
+def median(runs: list[dict], get) -> float:
+    values = [get(r) for r in runs]
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    gsm8k = REPO.parent / "shared" / "gsm8k"
+    p.add_argument("--model", default="embedded:smollm2")
+    p.add_argument("--source", default=str(gsm8k) if (gsm8k / "train.jsonl").is_file() else "synthetic")
+    p.add_argument("--examples", type=int, default=48)
+    p.add_argument("--val-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
+    p.add_argument("--runs", type=int, default=3, help="fresh processes per variant (the median is printed)")
+    p.add_argument("--variants", default="cold,warm")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--child", choices=["cold", "warm"], dest="variant", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.variant:
+        child(args)
+        return 0
+
+    sys.path.insert(0, str(HERE))
+    import common
+    print(f"machine: {common.describe_machine()}")
+    print(f"{args.model} ({'full' if args.full else 'LoRA'}), data {args.source}: {args.examples} train + "
+          f"{args.val_size} val examples, batch {args.batch_size}; {args.runs} fresh process(es) per variant",
+          flush=True)
+    results = {v: measure(args, v) for v in args.variants.split(",") if v}
+    names = list(dict.fromkeys(k for runs in results.values() for r in runs for k in r["phases"]))
+    rows = [{"phase": name, **{v: median(runs, lambda r, n=name: r["phases"].get(n)) for v, runs in results.items()}}
+            for name in names]
+    summary = [("start-up work: setup() (goal <= 5 s)", "setup_s"), ("imports", "imports_s"),
+               ("process start -> first step begins", "to_first_step_s"), ("first step (batch, fwd+bwd+opt)",
+                                                                          "first_step_s"),
+               ("process wall (incl. exit)", "process_wall_s")]
+    rows += [{"phase": label, **{v: median(runs, lambda r, k=key: r[k]) for v, runs in results.items()}}
+             for label, key in summary]
+    common.print_table(rows, [("phase", "phase (median s)")] + [(v, v) for v in results],
+                       title="start-up of one trial, fresh process")
+    print("cold: the lazy transformers/peft imports fall into the phase that first needs them; warm: imported first.")
+    common.write_json(args.json, "startup", {"rows": rows, "runs": results, "setting": vars(args)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The report: a table of every trial and PNG plots, for finished, running and interrupted searches."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from tune_llama.cli import run_cli
+from tune_llama.report import main, report, trial_rows
+from tune_llama.results import ASHA_STOPPED, FINISHED, INTERRUPTED, RUNNING, load_search
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def reported(experiment: Path) -> dict[str, list[dict]]:
+    out = {}
+    for result in experiment.glob("*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        out[rows[0]["trial_id"]] = rows
+    return out
+
+
+@pytest.fixture(scope="module")
+def reported_search(tiny_search) -> tuple[Path, list[Path]]:
+    return tiny_search, report(tiny_search)
+
+
+def test_report_writes_valid_non_trivial_pngs_including_metric_against_lr(reported_search):
+    import matplotlib.image
+
+    experiment, written = reported_search
+    pngs = sorted(p.name for p in written if p.suffix == ".png")
+    assert pngs == ["eval_loss.png", "eval_loss_vs_lr.png", "eval_perplexity.png"]
+    for path in written:
+        assert path.parent == experiment / "report"
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == PNG_SIGNATURE
+            assert path.stat().st_size > 10_000
+            height, width, _ = matplotlib.image.imread(path).shape
+            assert height >= 300 and width >= 500
+
+
+def test_table_lists_every_trial_with_its_status_epochs_and_best_loss(reported_search, capsys):
+    experiment, _ = reported_search
+    run_cli_ok(experiment)
+    out = capsys.readouterr().out
+    truth = reported(experiment)
+    search = load_search(experiment)
+    rows = {r["trial"]: r for r in trial_rows(search)}
+    assert set(rows) == set(truth)
+    max_epochs = search.spec.training.epochs
+    for trial_id, epochs in truth.items():
+        row = rows[trial_id]
+        assert trial_id in out
+        assert row["epochs"] == len(epochs)
+        assert row["best_eval_loss"] == min(e["eval_loss"] for e in epochs)
+        assert row["status"] == (FINISHED if len(epochs) == max_epochs else ASHA_STOPPED)
+    assert ASHA_STOPPED in out and FINISHED in out
+    losses = [r["best_eval_loss"] for r in trial_rows(search)]
+    assert losses == sorted(losses), "best trial first"
+
+
+def run_cli_ok(experiment: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [str(experiment)])
+    assert exit_info.value.code == 0
+
+
+def copy_search(experiment: Path, target: Path) -> Path:
+    shutil.copytree(experiment, target, ignore=shutil.ignore_patterns("checkpoint_*", "wandb", "report", "export"))
+    return target
+
+
+def set_ray_status(experiment: Path, trial_id: str, status: str) -> None:
+    (state_file,) = experiment.glob("experiment_state-*.json")
+    state = json.loads(state_file.read_text())
+    for entry in state["trial_data"]:
+        trial = json.loads(entry[0])
+        if trial["trial_id"] == trial_id:
+            trial["status"] = status
+            entry[0] = json.dumps(trial)
+    state_file.write_text(json.dumps(state))
+
+
+def cut_to_first_epoch(trial_dir: Path, pid: int) -> None:
+    """As a live trial's folder looks: one finished epoch and the next line half written."""
+    first, second = (trial_dir / "result.json").read_text().splitlines()[:2]
+    row = {**json.loads(first), "pid": pid, "hostname": socket.gethostname(), "done": False}
+    (trial_dir / "result.json").write_text(json.dumps(row) + "\n" + second[: len(second) // 2])
+
+
+def longest_trial(experiment: Path) -> tuple[str, Path]:
+    trial_id, _ = max(reported(experiment).items(), key=lambda item: len(item[1]))
+    (folder,) = [p.parent for p in experiment.glob(f"*{trial_id}*/result.json")]
+    return trial_id, folder
+
+
+def test_a_trial_still_running_is_reported_as_running(tiny_search, tmp_path):
+    experiment = copy_search(tiny_search, tmp_path / "live")
+    trial_id, folder = longest_trial(experiment)
+    cut_to_first_epoch(folder, pid=os.getpid())  # a process that is alive
+    set_ray_status(experiment, trial_id, "RUNNING")
+    rows = {r["trial"]: r for r in trial_rows(load_search(experiment))}
+    assert rows[trial_id]["status"] == RUNNING and rows[trial_id]["epochs"] == 1
+    assert len(report(experiment)) == 4
+
+
+def test_an_interrupted_search_without_ray_state_still_reports(tiny_search, tmp_path, capsys):
+    experiment = copy_search(tiny_search, tmp_path / "killed")
+    trial_id, folder = longest_trial(experiment)
+    cut_to_first_epoch(folder, pid=dead_pid())
+    set_ray_status(experiment, trial_id, "RUNNING")  # Ray's last word before the kill
+    assert {r["trial"]: r for r in trial_rows(load_search(experiment))}[trial_id]["status"] == INTERRUPTED
+
+    for state in experiment.glob("experiment_state-*.json"):
+        state.unlink()  # killed before Ray wrote its state at all
+    run_cli_ok(experiment)
+    out = capsys.readouterr().out
+    assert all(t in out for t in reported(tiny_search))
+    assert (experiment / "report" / "eval_loss.png").stat().st_size > 10_000
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_report_of_a_folder_that_is_not_a_search_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "not a tune-llama search folder" in err

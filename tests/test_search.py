@@ -1,0 +1,170 @@
+"""The Ray Tune search: real Ray, real Optuna, on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, run_search
+from tune_llama import search
+from tune_llama.cli import run_cli
+
+TINY = REPO_ROOT / "search_spaces" / "tiny.yaml"
+
+
+def trial_dirs(experiment: Path) -> list[Path]:
+    return sorted(p for p in experiment.iterdir() if p.is_dir() and (p / "params.json").exists())
+
+
+def epochs_reported(trial: Path) -> list[dict]:
+    text = (trial / "result.json").read_text() if (trial / "result.json").exists() else ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- a finished search
+
+def test_tiny_search_runs_every_trial_and_asha_stops_some_early(tiny_search):
+    trials = trial_dirs(tiny_search)
+    assert len(trials) == 6
+    epochs_run = [len(epochs_reported(t)) for t in trials]
+    assert all(n >= 1 for n in epochs_run)
+    assert max(epochs_run) == 4, "some trial must reach max_t = training.epochs"
+    assert min(epochs_run) < 4, f"ASHA stopped no trial early: {epochs_run}"
+
+
+def test_every_trial_reported_eval_loss_and_perplexity_each_epoch(tiny_search):
+    for trial in trial_dirs(tiny_search):
+        rows = epochs_reported(trial)
+        assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
+        for row in rows:
+            assert row["eval_loss"] > 0 and row["eval_perplexity"] == pytest.approx(2.718281828 ** row["eval_loss"])
+
+
+def test_optuna_study_is_kept_in_sqlite_inside_the_experiment(tiny_search):
+    import optuna
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tiny_search / 'optuna.db'}")
+    assert len(study.trials) == 6
+    assert {"training.lr", "training.optimizer", "training.gradient_accumulation_steps"} <= set(study.trials[0].params)
+
+
+def test_search_prints_the_best_trial_and_next_commands(tiny_search):
+    out = (tiny_search / "summary.txt").read_text()
+    assert "best trial:" in out and "eval_loss" in out
+    for command in ("tune_llama.export", "tune_llama.report", "--resume"):
+        assert command in out
+
+
+def test_kept_checkpoints_are_the_best_by_the_metric_plus_the_latest(tmp_path):
+    # mode=max makes the *worst* (earliest) epochs "best", so keeping by score and keeping
+    # the most recent give different folders: the test can tell them apart.
+    proc = run_search([str(TINY), "--name", "keep", "--storage", str(tmp_path),
+                       "--set", "search.num_samples=1", "--set", "search.mode=max",
+                       "--set", "search.keep_checkpoints=2"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (trial,) = trial_dirs(tmp_path / "keep")
+    rows = epochs_reported(trial)
+    assert len(rows) == 4
+    by_score = sorted(rows, key=lambda r: r["eval_loss"], reverse=True)[:2]
+    expected = {r["checkpoint_dir_name"] for r in by_score} | {rows[-1]["checkpoint_dir_name"]}
+    kept = {p.name for p in trial.glob("checkpoint_*")}
+    assert kept == expected
+
+
+# ---------------------------------------------------------------- kill and resume
+
+def kill_session(leader: subprocess.Popen) -> None:
+    """SIGKILL the search's whole process group, and any Ray worker that left it but not the session."""
+    os.killpg(leader.pid, signal.SIGKILL)
+    leader.wait()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == leader.pid:  # session id
+            try:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_killed_search_resumes_to_exactly_num_samples_without_restarting_checkpointed_trials(tmp_path):
+    experiment = tmp_path / "killed"
+    leader = subprocess.Popen(
+        [sys.executable, "-m", "tune_llama.search", str(TINY), "--name", "killed", "--storage", str(tmp_path),
+         "--set", "search.max_concurrent=2"],
+        cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    try:
+        while len(list(experiment.glob("*/checkpoint_*"))) < 3:
+            assert time.time() < deadline and leader.poll() is None, "search ended before it could be killed"
+            time.sleep(0.3)
+    finally:
+        kill_session(leader)
+    checkpointed = {t.name for t in trial_dirs(experiment) if list(t.glob("checkpoint_*"))}
+    assert checkpointed
+
+    proc = run_search(["--resume", str(experiment)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = trial_dirs(experiment)
+    assert len(trials) == 6
+    for trial in trials:
+        epochs = [r["epoch"] for r in epochs_reported(trial)]
+        assert epochs and epochs[-1] >= 1
+        if trial.name in checkpointed:
+            assert epochs.count(1) == 1, f"{trial.name} restarted from epoch 1: {epochs}"
+
+
+# ---------------------------------------------------------------- bad input, before Ray starts
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(search.main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_a_space_key_that_is_not_a_field_is_rejected_before_ray_starts(capsys, tmp_path):
+    err = one_line_error(capsys, [str(TINY), "--storage", str(tmp_path),
+                                  "--set", "search.space={training.learning_rate: {uniform: [0.1, 0.2]}}"])
+    assert "search.space.training.learning_rate" in err
+    assert not list(tmp_path.iterdir())
+    assert not search_started_ray()
+
+
+def test_an_empty_space_is_rejected_before_ray_starts(capsys, tmp_path):
+    err = one_line_error(capsys, [str(TINY), "--storage", str(tmp_path), "--set", "search.space={}"])
+    assert "search.space" in err
+    assert not search_started_ray()
+
+
+def test_resume_of_a_missing_folder_is_rejected(capsys, tmp_path):
+    err = one_line_error(capsys, ["--resume", str(tmp_path / "nope")])
+    assert str(tmp_path / "nope") in err
+    assert not search_started_ray()
+
+
+def test_resume_of_a_folder_that_is_not_a_search_is_rejected(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a search")
+    err = one_line_error(capsys, ["--resume", str(tmp_path)])
+    assert "not a tune-llama search" in err
+
+
+def test_a_bad_distribution_names_its_field(capsys, tmp_path):
+    err = one_line_error(capsys, [str(TINY), "--storage", str(tmp_path),
+                                  "--set", "search.space={training.lr: {loguniform: [0, 1]}}"])
+    assert "search.space.training.lr.loguniform" in err
+
+
+def search_started_ray() -> bool:
+    import ray
+    return ray.is_initialized()

@@ -1,0 +1,222 @@
+"""The Slurm scripts, against a real Slurm: a private two-node cluster on loopback (tests/slurm_cluster.py).
+
+The search is the real one (`search_spaces/tiny.yaml`, made smaller with --set). Needs root and
+Debian's slurm-wlm, munge and shellcheck, installed with apt when missing; when that is impossible
+the tests fail with the reason, they are never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import SlurmCluster, ensure_packages
+
+REPO = Path(__file__).resolve().parent.parent
+SINGLE = REPO / "slurm" / "tune_single_node.sbatch"
+MULTI = REPO / "slurm" / "tune_multi_node.sbatch"
+TINY = "search_spaces/tiny.yaml"
+SMALL = ["--set", "search.num_samples=2", "--set", "training.epochs=2"]
+JOB_TIMEOUT = 420
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def slurm_packages() -> None:
+    ensure_packages()
+
+
+@pytest.fixture(scope="module")
+def slurm(slurm_packages, tmp_path_factory) -> SlurmCluster:
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=2, gpus=1)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def ray_tmp() -> Path:
+    """Ray's per-job temp folders: short (Ray's socket paths must stay < 108 characters) and ours alone."""
+    path = Path(tempfile.mkdtemp(prefix="tlray", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def job_env(ray_tmp: Path, **extra: str) -> dict[str, str]:
+    return {"TUNE_VENV": str(REPO / ".venv"), "RAY_TMPDIR": str(ray_tmp), "RAY_DASHBOARD": "false",
+            "RAY_START_TIMEOUT": "240", "WANDB_MODE": "offline", **extra}
+
+
+# ---------------------------------------------------------------- reading a search folder
+
+def trial_rows(experiment: Path) -> dict[str, list[dict]]:
+    """Every trial folder's result.json rows, by trial folder."""
+    rows = {}
+    for result in experiment.glob("*/result.json"):
+        rows[result.parent.name] = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def trial_statuses(experiment: Path) -> list[str]:
+    from ray.tune import ExperimentAnalysis
+    return [trial.status for trial in ExperimentAnalysis(str(experiment)).trials]
+
+
+def ray_processes(ray_tmp: Path) -> list[str]:
+    """Processes whose command line names this test's Ray temp folder (Ray nodes of its jobs)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(ray_tmp) in cmdline:
+                found.append(f"{entry.name}: {cmdline[:120]}")
+    return found
+
+
+def assert_ray_gone(ray_tmp: Path, within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    while ray_processes(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray_processes(ray_tmp) == [], "the job left Ray processes behind"
+
+
+def describe(job) -> str:
+    return f"job {job.id} {job.state} exit {job.exit_code}; output:\n{job.output[-6000:]}"
+
+
+# ---------------------------------------------------------------- real Slurm
+
+def test_single_node_job_runs_the_whole_search_on_what_slurm_granted(slurm, tmp_path, ray_tmp):
+    job_id = slurm.submit(SINGLE, [TINY, "--name", "single", *SMALL], ["--cpus-per-task=2", "--gpus-per-node=1"],
+                          job_env(ray_tmp, TUNE_RESULTS=str(tmp_path / "results")), cwd=REPO)
+    job = slurm.wait_job(job_id, JOB_TIMEOUT)
+
+    assert (job.state, job.exit_code) == ("COMPLETED", "0:0"), describe(job)
+    # Ray got exactly the job's 2 CPUs and its 1 GPU (a GRES the test cluster backs with /dev/null).
+    assert "resources: CPU=2 GPU=1" in job.output, describe(job)
+    experiment = tmp_path / "results" / "single"
+    assert trial_statuses(experiment) == ["TERMINATED"] * 2, describe(job)
+    assert all(rows and rows[-1]["epoch"] >= 1 for rows in trial_rows(experiment).values())
+    assert_ray_gone(ray_tmp)
+
+
+def test_a_search_stopped_by_sigterm_is_finished_by_resubmitting_with_resume(slurm, tmp_path, ray_tmp):
+    results = tmp_path / "results"
+    experiment = results / "walltime"
+    env = job_env(ray_tmp, TUNE_RESULTS=str(results))
+    args = [TINY, "--name", "walltime", "--set", "search.num_samples=4", "--set", "training.epochs=3"]
+    first = slurm.submit(SINGLE, args, ["--cpus-per-task=2"], env, cwd=REPO)
+
+    # Mid-search (a trial has reported), the wall-time warning: SIGTERM to the batch shell only,
+    # as `#SBATCH --signal=B:TERM@...` sends it.
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not any(trial_rows(experiment).values()):
+        assert time.monotonic() < deadline, slurm.job_output(first)[-4000:]
+        time.sleep(1)
+    slurm.run(["scancel", "--batch", "--signal=TERM", first])
+    stopped = slurm.wait_job(first, JOB_TIMEOUT)
+
+    assert "got SIGTERM" in stopped.output, describe(stopped)
+    statuses = trial_statuses(experiment)
+    assert statuses.count("TERMINATED") < 4, f"the search finished before the signal: {statuses}"
+    assert_ray_gone(ray_tmp)
+
+    second = slurm.wait_job(slurm.submit(SINGLE, [*args, "--resume"], ["--cpus-per-task=2"], env, cwd=REPO),
+                            JOB_TIMEOUT)
+
+    assert (second.state, second.exit_code) == ("COMPLETED", "0:0"), describe(second)
+    assert trial_statuses(experiment) == ["TERMINATED"] * 4, describe(second)
+
+
+def test_multi_node_job_places_trials_on_every_node(slurm, tmp_path, ray_tmp):
+    # One CPU per node and two concurrent one-CPU trials: each node must take one.
+    # Both "nodes" are this machine, so the local results folder is shared after all.
+    env = job_env(ray_tmp, TUNE_RESULTS=str(tmp_path / "results"), TUNE_ALLOW_LOCAL_RESULTS="1")
+    sbatch = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=1"]
+    job = slurm.wait_job(slurm.submit(MULTI, [TINY, "--name", "multi", *SMALL, "--set", "search.max_concurrent=2"],
+                                      sbatch, env, cwd=REPO), JOB_TIMEOUT)
+
+    assert (job.state, job.exit_code) == ("COMPLETED", "0:0"), describe(job)
+    assert "resources: CPU=2 GPU=2" in job.output, describe(job)
+    experiment = tmp_path / "results" / "multi"
+    assert trial_statuses(experiment) == ["TERMINATED"] * 2, describe(job)
+    node_ips = {row["node_ip"] for rows in trial_rows(experiment).values() for row in rows}
+    # tl2's NodeAddr is 127.0.0.2; tl1's 127.0.0.1, which Ray replaces with the machine's address.
+    assert len(node_ips) == 2 and "127.0.0.2" in node_ips, describe(job)
+    assert_ray_gone(ray_tmp)
+
+
+# ---------------------------------------------------------------- bad input: one line, no hang
+
+def run_script(script: Path, args: list[str], cwd: Path = REPO, timeout: float = 120, **env: str):
+    """The script run by bash outside Slurm, with none of this process's Slurm variables."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TUNE_", "RAY_"))}
+    return subprocess.run(["bash", str(script), *args], cwd=cwd, env={**clean, **env}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(done, *words: str) -> None:
+    lines = done.stderr.splitlines()
+    assert done.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), (done.returncode, done.stderr)
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("script", [SINGLE, MULTI], ids=["single", "multi"])
+def test_no_spec_is_one_line_error(script):
+    assert_one_line_error(run_script(script, []), "no spec")
+
+
+@pytest.mark.parametrize("script", [SINGLE, MULTI], ids=["single", "multi"])
+def test_missing_spec_file_is_one_line_error(script):
+    assert_one_line_error(run_script(script, ["search_spaces/nope.yaml"]), "search_spaces/nope.yaml")
+
+
+@pytest.mark.parametrize("script", [SINGLE, MULTI], ids=["single", "multi"])
+def test_missing_venv_is_one_line_error(script, tmp_path):
+    done = run_script(script, [TINY], TUNE_VENV=str(tmp_path / "no-venv"))
+    assert_one_line_error(done, str(tmp_path / "no-venv"))
+
+
+def test_resume_of_a_search_that_does_not_exist_is_one_line_error(tmp_path):
+    done = run_script(SINGLE, [TINY, "--name", "never-ran", "--resume"], TUNE_RESULTS=str(tmp_path))
+    assert_one_line_error(done, str(tmp_path / "never-ran"))
+
+
+def test_node_local_results_on_more_than_one_node_is_one_line_error():
+    # /dev/shm is tmpfs on every Linux: what a results folder on one node's own disk looks like.
+    done = run_script(MULTI, [TINY], SLURM_JOB_NUM_NODES="2", TUNE_RESULTS="/dev/shm/tune-llama-results")
+    assert_one_line_error(done, "tmpfs", "shared")
+
+
+def test_multi_node_script_outside_slurm_is_one_line_error():
+    assert_one_line_error(run_script(MULTI, [TINY]), "sbatch")
+
+
+def test_a_ray_head_that_does_not_come_up_in_time_is_one_line_error(tmp_path, ray_tmp):
+    started = time.monotonic()
+    done = run_script(SINGLE, [TINY, "--storage", str(tmp_path)], RAY_START_TIMEOUT="1", RAY_TMPDIR=str(ray_tmp))
+
+    assert_one_line_error(done, "did not come up within 1s")
+    assert time.monotonic() - started < 60
+    assert_ray_gone(ray_tmp)
+
+
+def test_shellcheck_passes_on_every_script(slurm_packages):
+    scripts = sorted(str(p.relative_to(REPO)) for p in (REPO / "slurm").iterdir() if p.suffix in (".sh", ".sbatch"))
+    assert len(scripts) >= 4
+    done = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,0 +1,137 @@
+"""W&B tracking of a search: one offline run per trial inside the search folder, no secrets anywhere."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from tune_llama.redact import REDACTED, SECRET_NAME, scrub
+from tune_llama.spec import Spec, WandbSpec
+from tune_llama.tracking import TrialRunsCallback, callbacks, wandb_mode
+
+
+# ---------------------------------------------------------------- reading offline runs
+
+def wandb_records(path: Path):
+    """The protobuf records of a ``run-ID.wandb`` file (LevelDB log format: 32 KiB blocks, 7-byte headers)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += 7
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def read_run(run_dir: Path) -> dict:
+    (log,) = run_dir.glob("run-*.wandb")
+    run, config, history = None, {}, []
+    for record in wandb_records(log):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            config.update({u.key: json.loads(u.value_json) for u in run.config.update})
+        elif kind == "config":
+            config.update({u.key: json.loads(u.value_json) for u in record.config.update})
+        elif kind == "history":
+            history.append({item.key: json.loads(item.value_json) for item in record.history.item})
+    assert run is not None, f"{log} holds no run record"
+    return {"run": run, "config": config, "history": history}
+
+
+def reported_epochs(experiment: Path) -> dict[str, list[int]]:
+    """Trial id -> epochs in its result.json."""
+    out = {}
+    for result in experiment.glob("*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        out[rows[0]["trial_id"]] = [r["epoch"] for r in rows]
+    return out
+
+
+# ---------------------------------------------------------------- the shared search
+
+def test_every_trial_has_one_offline_run_in_the_search_folder_with_every_epoch(tiny_search):
+    epochs = reported_epochs(tiny_search)
+    run_dirs = sorted((tiny_search / "wandb").glob("offline-run-*"))
+    runs = {d.name.rsplit("-", 1)[1]: read_run(d) for d in run_dirs}
+    assert len(run_dirs) == len(epochs) and set(runs) == set(epochs)
+    params = {json.loads(line)["trial_id"]: json.loads(line)["config"]
+              for result in tiny_search.glob("*/result.json") for line in result.read_text().splitlines()[:1]}
+    for trial_id, logged in runs.items():
+        run = logged["run"]
+        assert run.run_id == trial_id and run.run_group == tiny_search.name
+        assert run.resume, "a restored trial must continue its run (resume='allow'), not replace it"
+        assert [h["epoch"] for h in logged["history"]] == epochs[trial_id]
+        assert all("eval_loss" in h and "eval_perplexity" in h for h in logged["history"])
+        assert {k: logged["config"][k] for k in params[trial_id]} == params[trial_id]
+        assert not any(k.startswith("config/") for h in logged["history"] for k in h), "params logged as metrics"
+
+
+def test_runs_are_written_into_the_search_folder_not_the_working_directory(tiny_search):
+    # The fixture runs the search with cwd = the folder that holds the experiment.
+    assert (tiny_search / "wandb").is_dir()
+    assert not (tiny_search.parent / "wandb").exists()
+
+
+def test_no_secret_reaches_a_wandb_file_a_config_or_the_search_log(tiny_search, fake_secrets):
+    files = [p for p in (tiny_search / "wandb").rglob("*") if p.is_file()]
+    files.append(tiny_search.parent / "search.log")
+    assert len(files) > 6
+    for path in files:
+        data = path.read_bytes()
+        for name, value in fake_secrets.items():
+            assert value.encode() not in data, f"{name} leaked into {path}"
+    for run_dir in (tiny_search / "wandb").glob("offline-run-*"):
+        assert not [k for k in read_run(run_dir)["config"] if SECRET_NAME.search(k)]
+
+
+# ---------------------------------------------------------------- mode and secrets, without a search
+
+def test_online_without_an_api_key_falls_back_to_offline_with_a_one_line_notice(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
+    spec = Spec(wandb=WandbSpec(mode="online", project="p"))
+    assert wandb_mode(spec) == "offline"
+    notice = capsys.readouterr().err
+    assert notice.count("\n") == 1 and notice.startswith("notice:") and "offline" in notice
+
+    (callback,) = callbacks(spec, "search-name")
+    capsys.readouterr()
+    assert isinstance(callback, TrialRunsCallback) and callback.mode == "offline"
+    callback.setup()  # Ray's own callback raises here without a key; offline needs none
+
+
+def test_disabled_mode_adds_no_callback():
+    assert callbacks(Spec(wandb=WandbSpec(mode="disabled")), "x") == []
+
+
+def test_scrub_replaces_secret_values_and_credential_keys_but_not_ordinary_fields():
+    secrets = ["hf_abcdefgh123"]
+    raw = {"data": {"source": "https://user:hf_abcdefgh123@host/gsm8k", "tokens_per_s": 5.0},
+           "model": {"tokenizer": "gpt2"}, "HF_TOKEN": "anything", "tags": ["x", "hf_abcdefgh123"]}
+    clean = scrub(raw, secrets)
+    assert clean["data"]["source"] == f"https://user:{REDACTED}@host/gsm8k"
+    assert clean["HF_TOKEN"] == REDACTED and clean["tags"] == ["x", REDACTED]
+    assert clean["data"]["tokens_per_s"] == 5.0 and clean["model"]["tokenizer"] == "gpt2"
+    assert raw["HF_TOKEN"] == "anything", "scrub must not change its input"
+
+
+@pytest.mark.parametrize("name", ["WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY"])
+def test_credential_names_are_recognised(name):
+    assert SECRET_NAME.search(name)

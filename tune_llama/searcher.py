@@ -1,0 +1,28 @@
+"""The Optuna searcher, made safe for resuming a search after a hard kill."""
+
+from __future__ import annotations
+
+from optuna.exceptions import UpdateFinishedTrialError
+from ray.tune.search.optuna import OptunaSearch
+
+
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch whose study lives in SQLite and survives a resume.
+
+    The SQLite study is written as results arrive, but Tune's experiment
+    snapshot can be older: on resume Tune may rerun the last epochs of a trial
+    that Optuna already closed. Optuna rejects updates to a finished trial;
+    its value is already recorded, so those late updates are dropped.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        try:
+            super().on_trial_result(trial_id, result)
+        except UpdateFinishedTrialError:
+            self._completed_trials.add(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        try:
+            super().on_trial_complete(trial_id, result, error)
+        except UpdateFinishedTrialError:
+            self._completed_trials.add(trial_id)
