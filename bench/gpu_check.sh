@@ -36,8 +36,8 @@ else
     THROUGHPUT=(--model "$MODEL" --examples 64 --batch-size 8 --warmup-steps 2)
     SWEEP=(--model "$MODEL" --sweep 1,8,16 --sweep-steps 5 --warmup-steps 2)
     CHECKPOINT=(--model "$MODEL" --batch-size 8 --steps 3 --full-optimizer "${CKPT_FULL_OPT:-sgd}")
-    MEMORY=(--model "$MODEL" --max-batch 256 --mode-budget-s 22)
-    DEFAULT_LIMITS=(100 90 70 150)
+    MEMORY=(--model "$MODEL" --max-batch 256 --mode-budget-s 16)
+    DEFAULT_LIMITS=(95 85 65 130)
 fi
 
 stage() {  # stage NAME LIMIT_S COMMAND...: run with a hard timeout, log to $DIR/NAME.log, record the status
@@ -52,7 +52,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run with a hard timeout, log to $DIR
     echo "$name $rc $(( $(date +%s) - begin ))" >> "$DIR/stages.txt"
 }
 
-stage environment 60 "$PY" - <<'EOF'
+stage environment 45 "$PY" - <<'EOF'
 import importlib.util, shutil, sys
 blocked = ["ray", "optuna", "wandb", "datasets", "gguf", "pydantic", "bitsandbytes"]
 for name in blocked:  # the loop must import without them (the GPU image lacks them)

@@ -88,31 +88,35 @@ class Search:
               + (f" ({self.peaks[batch]:.1f} GiB, {self.step_s[batch]:.1f} s)" if ok else ""), flush=True)
         return ok
 
-    def out_of_time(self) -> bool:
-        if time.perf_counter() - self.started > self.args.mode_budget_s:
+    def affordable(self, batch: int) -> bool:
+        """Whether a try at ``batch`` should finish inside the mode's time budget (step time ~ batch)."""
+        spent = time.perf_counter() - self.started
+        known = [b for b in self.step_s if b <= batch]
+        estimate = self.step_s[max(known)] * batch / max(known) if known else 0.0
+        if spent + estimate > self.args.mode_budget_s:
             self.cut = f"search cut at {self.args.mode_budget_s:.0f} s"
-            return True
-        return False
+            return False
+        return True
 
     def largest(self) -> tuple[int, bool]:
-        """(largest batch that fitted, exact?) — 0 when not even batch 1 fits."""
+        """(largest batch that fitted, exact?); 0 when not even batch 1 fits."""
         lo, hi = 0, None
         batch = 1
         while batch <= self.args.max_batch:
+            if lo and not self.affordable(batch):
+                return lo, False
             if not self.fits(batch):
                 hi = batch
                 break
             lo = batch
-            if self.out_of_time():
-                return lo, False
             batch *= 2
         if hi is None:
-            self.cut = self.cut or f"cap --max-batch {self.args.max_batch}"
+            self.cut = f"cap --max-batch {self.args.max_batch}"
             return lo, False
         while lo and hi - lo > max(1, int(lo * self.args.resolution)):
-            if self.out_of_time():
-                return lo, False
             mid = (lo + hi) // 2
+            if not self.affordable(mid):
+                return lo, False
             if self.fits(mid):
                 lo = mid
             else:
@@ -232,7 +236,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--resolution", type=float, default=0.25,
                    help="stop bisecting when the gap is below this share of the fitting batch")
-    p.add_argument("--mode-budget-s", type=float, default=25.0, help="seconds of search per mode and setting")
+    p.add_argument("--mode-budget-s", type=float, default=18.0, help="seconds of search per mode and setting")
     p.add_argument("--cpu-smoke", action="store_true", help="run the search on CPU (no OOM there: stops at the cap)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -261,8 +265,8 @@ def main(argv=None) -> int:
         ("peak_gb_at_1", "GiB @1"), ("peak_gb_at_max", "GiB @max"), ("step_s_at_max", "s/step @max"),
         ("note", "note")],
         title=f"largest batch at seq {args.seq}, {args.model} ({common.device_name()})")
-    print("max batch = how far past batch 1 each mode goes (>= : lower bound, search cut); GiB = CUDA "
-          "max_memory_allocated in that step")
+    print("max batch = how far past batch 1 each mode goes (>= : lower bound, search cut); GiB = "
+          + ("CUDA max_memory_allocated in that step" if device.type == "cuda" else "process peak RSS (CPU smoke)"))
     return 0
 
 

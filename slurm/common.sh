@@ -207,8 +207,10 @@ ray_node_options() {
     )
     [[ -n $cpus ]] && RAY_OPTS+=(--num-cpus="$cpus")
     [[ -n $gpus ]] && RAY_OPTS+=(--num-gpus="$gpus")
-    if [[ -n ${RAY_MIN_WORKER_PORT:-} ]]; then
-        RAY_OPTS+=(--min-worker-port="$RAY_MIN_WORKER_PORT" --max-worker-port="${RAY_MAX_WORKER_PORT:?RAY_MIN_WORKER_PORT needs RAY_MAX_WORKER_PORT}")
+    if [[ -n ${RAY_MIN_WORKER_PORT:-}${RAY_MAX_WORKER_PORT:-} ]]; then
+        [[ -n ${RAY_MIN_WORKER_PORT:-} && -n ${RAY_MAX_WORKER_PORT:-} ]] \
+            || die "RAY_MIN_WORKER_PORT and RAY_MAX_WORKER_PORT go together"
+        RAY_OPTS+=(--min-worker-port="$RAY_MIN_WORKER_PORT" --max-worker-port="$RAY_MAX_WORKER_PORT")
     fi
     if [[ -n ${RAY_START_ARGS:-} ]]; then
         local extra
@@ -260,7 +262,7 @@ start_ray_workers() {
     ((workers > 0)) || return 0
     log "starting $workers Ray worker node(s)"
     # --overlap: the step shares the nodes with the head and the driver.
-    srun --job-name=ray-workers --nodes="$workers" --ntasks="$workers" --ntasks-per-node=1 --exclude="$SLURMD_NODENAME" --overlap \
+    srun --nodes="$workers" --ntasks="$workers" --ntasks-per-node=1 --exclude="$SLURMD_NODENAME" --overlap \
         --cpus-per-task="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}" --kill-on-bad-exit=0 \
         bash "$SLURM_SCRIPTS/ray_node.sh" worker </dev/null 2>&1 &
     WORKERS_PID=$!
@@ -268,8 +270,10 @@ start_ray_workers() {
 
 # Block until the cluster has $1 live nodes, or fail after RAY_START_TIMEOUT.
 wait_for_nodes() {
-    local want=$1 timeout=${RAY_START_TIMEOUT:-180} seen resources
-    seen=$(timeout "$((timeout + 60))" python - "$RAY_HEAD_ADDRESS" "$want" "$timeout" 2>/dev/null <<'EOF'
+    local want=$1 timeout=${RAY_START_TIMEOUT:-180} seen resources out
+    out=$(mktemp)
+    # In the background: `wait` lets a signal through at once, a foreground command would hold it.
+    timeout "$((timeout + 60))" python - "$RAY_HEAD_ADDRESS" "$want" "$timeout" >"$out" 2>/dev/null <<'EOF' &
 import sys, time
 import ray
 
@@ -285,7 +289,11 @@ total = ray.cluster_resources()
 print(f"resources: CPU={total.get('CPU', 0):g} GPU={total.get('GPU', 0):g} on", *sorted(n["NodeManagerAddress"] for n in alive))
 print(len(alive))
 EOF
-    )
+    WAITER_PID=$!
+    wait "$WAITER_PID"
+    WAITER_PID=""
+    seen=$(<"$out")
+    rm -f "$out"
     resources=${seen%$'\n'*}
     resources=${resources##*$'\n'}
     seen=${seen##*$'\n'}
@@ -302,12 +310,14 @@ EOF
 
 # Slurm's wall-time warning (#SBATCH --signal=B:TERM@...) reaches only this
 # shell: pass it to the search, which then saves its state, and wait for it.
+# The search stops gracefully on SIGTERM; TUNE_STOP_SIGNAL=USR1 sends Ray Tune's
+# own stop signal instead.
 forward_signal() {
     local sig=$1
     STOP_SIGNAL=$sig
     if [[ -n ${DRIVER_PID:-} ]]; then
-        log "got SIG$sig: asking the search to stop and save its state"
-        kill -s "$sig" "$DRIVER_PID" 2>/dev/null || true
+        log "got SIG$sig: asking the search to stop and save its state (SIG${TUNE_STOP_SIGNAL:-TERM})"
+        kill -s "${TUNE_STOP_SIGNAL:-TERM}" "$DRIVER_PID" 2>/dev/null || true
     else
         log "got SIG$sig before the search started: stopping"
         exit $((128 + $(kill -l "$sig")))
@@ -341,10 +351,10 @@ fail() {
 # Stop what this job started, and only that: never `ray stop`, which would also
 # stop every other Ray of this user on the node. SIGTERM lets a Ray node drain.
 stop_pid() {
-    local pid=$1 what=$2 signalled=${3:-} i
+    local pid=$1 what=$2 i
     [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
     log "stopping $what"
-    [[ -n $signalled ]] || kill -TERM "$pid" 2>/dev/null
+    kill -TERM "$pid" 2>/dev/null
     for ((i = 0; i < ${RAY_STOP_TIMEOUT:-60}; i++)); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 1
@@ -353,25 +363,13 @@ stop_pid() {
     wait "$pid" 2>/dev/null || true
 }
 
-# srun answers SIGTERM by killing its tasks outright; a signal to the step
-# reaches the `ray start --block` processes themselves, which then drain.
-stop_workers() {
-    [[ -n ${WORKERS_PID:-} ]] && kill -0 "$WORKERS_PID" 2>/dev/null || return 0
-    local step
-    step=$(squeue --steps --jobs "$SLURM_JOB_ID" --noheader --format '%i %j' 2>/dev/null \
-        | awk '$2 == "ray-workers" {print $1; exit}')
-    if [[ -n $step ]] && scancel --signal=TERM "$step" 2>/dev/null; then
-        stop_pid "$WORKERS_PID" "the Ray workers (step $step)" signalled
-    else
-        stop_pid "$WORKERS_PID" "the Ray workers"
-    fi
-}
-
 cleanup() {
     local rc=$?
     trap - TERM INT USR1
     [[ -n ${DRIVER_PID:-} ]] && stop_pid "$DRIVER_PID" "the search"
-    stop_workers
+    stop_pid "${WAITER_PID:-}" "waiting for the nodes"
+    # srun ends its step (the Ray workers) when it gets SIGTERM.
+    stop_pid "${WORKERS_PID:-}" "the Ray workers"
     stop_pid "${HEAD_PID:-}" "the Ray head"
     exit "$rc"
 }

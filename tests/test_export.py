@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tune_llama.cli import run_cli
 from tune_llama.export import EXPORT_FILE, export, main
 from tune_llama.results import load_search
+from tune_llama.spec import ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +128,56 @@ def test_evaluate_runs_on_the_export_with_the_prompt_template_it_was_trained_wit
                        out=tmp_path / "eval.jsonl", device="cpu")
     assert summary["prompt_template"] == "Q: {question}\nA: "
     assert summary["n"] == 3 and len((tmp_path / "eval.jsonl").read_text().splitlines()) == 3
+
+
+# ---------------------------------------------------------------- LoRA: merged and adapter-only
+
+@pytest.fixture(scope="module")
+def lora_search(tmp_path_factory):
+    """A one-trial LoRA search folder as the search writes it, built from a plain loop run (no Ray)."""
+    from tune_llama.loop import fit, save_state, setup
+    from tune_llama.spec import apply_params, load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "search_spaces" / "tiny.yaml",
+                     ["model.lora.enabled=true", "model.lora.target_modules=[q_proj, v_proj]", "training.epochs=1",
+                      "training.device=cpu", "training.optimizer=adamw", "data.synthetic_size=24", "data.val_size=8",
+                      "search.space={model.lora.r: {choice: [4, 8]}}"])
+    params = {"model.lora.r": 4}
+    run = fit(setup(apply_params(spec, params)))
+    experiment = tmp_path_factory.mktemp("lora") / "lora"
+    trial = experiment / "train_trial_0a1b2c3d_1_model_lora_r=4"
+    trial.mkdir(parents=True)
+    (experiment / "tune_llama_spec.json").write_text(json.dumps(spec.to_dict()))
+    (trial / "params.json").write_text(json.dumps(params))
+    row = {**run.history[0], "trial_id": "0a1b2c3d", "checkpoint_dir_name": "checkpoint_000000", "config": params}
+    (trial / "result.json").write_text(json.dumps(row) + "\n")
+    save_state(run, trial / "checkpoint_000000")
+    return experiment, run
+
+
+def test_lora_export_merges_the_adapter_into_plain_weights(lora_search, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from tune_llama.model import load_model
+
+    experiment, run = lora_search
+    out = export(experiment, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    ids = run.val_set.input_ids[0].unsqueeze(0)
+    run.model.eval()
+    with torch.no_grad():
+        expected = run.model(input_ids=ids).logits
+        base = load_model(ModelSpec(name=run.spec.model.name), run.tokenizer, torch.device("cpu"),
+                          seed=run.spec.training.seed).eval()(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-4), "the trained adapter must change the model"
+
+
+def test_adapter_only_export_writes_the_peft_adapter_and_no_full_weights(lora_search, tmp_path):
+    experiment, _ = lora_search
+    out = export(experiment, tmp_path / "adapter", adapter_only=True)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and set(config["target_modules"]) == {"q_proj", "v_proj"}
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert json.loads((out / EXPORT_FILE).read_text())["adapter_only"] is True

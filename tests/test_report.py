@@ -12,7 +12,7 @@ import pytest
 
 from tune_llama.cli import run_cli
 from tune_llama.report import main, report, trial_rows
-from tune_llama.results import ASHA_STOPPED, FINISHED, INTERRUPTED, RUNNING, load_search
+from tune_llama.results import ASHA_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING, load_search
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -123,6 +123,14 @@ def test_an_interrupted_search_without_ray_state_still_reports(tiny_search, tmp_
     out = capsys.readouterr().out
     assert all(t in out for t in reported(tiny_search))
     assert (experiment / "report" / "eval_loss.png").stat().st_size > 10_000
+
+
+def test_a_trial_ray_marked_as_errored_is_reported_as_errored(tiny_search, tmp_path, capsys):
+    experiment = copy_search(tiny_search, tmp_path / "failed")
+    trial_id, _ = longest_trial(experiment)
+    set_ray_status(experiment, trial_id, "ERROR")
+    rows = {r["trial"]: r for r in trial_rows(load_search(experiment))}
+    assert rows[trial_id]["status"] == ERRORED
 
 
 def dead_pid() -> int:

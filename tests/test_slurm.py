@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 SINGLE = REPO / "slurm" / "tune_single_node.sbatch"
 MULTI = REPO / "slurm" / "tune_multi_node.sbatch"
 TINY = "search_spaces/tiny.yaml"
-SMALL = ["--set", "search.num_samples=2", "--set", "training.epochs=2"]
+SMALL = ["--set", "search.num_samples=2", "--set", "training.epochs=1", "--set", "data.synthetic_size=48"]
 JOB_TIMEOUT = 420
+# The jobs use the Python that runs the tests: its virtual environment, else the python on PATH.
+VENV = sys.prefix if Path(sys.prefix, "bin", "activate").is_file() else ""
 
 
 # ---------------------------------------------------------------- fixtures
@@ -53,7 +56,7 @@ def ray_tmp() -> Path:
 
 
 def job_env(ray_tmp: Path, **extra: str) -> dict[str, str]:
-    return {"TUNE_VENV": str(REPO / ".venv"), "RAY_TMPDIR": str(ray_tmp), "RAY_DASHBOARD": "false",
+    return {"TUNE_VENV": VENV, "RAY_TMPDIR": str(ray_tmp), "RAY_DASHBOARD": "false",
             "RAY_START_TIMEOUT": "240", "WANDB_MODE": "offline", **extra}
 
 
@@ -117,7 +120,8 @@ def test_a_search_stopped_by_sigterm_is_finished_by_resubmitting_with_resume(slu
     results = tmp_path / "results"
     experiment = results / "walltime"
     env = job_env(ray_tmp, TUNE_RESULTS=str(results))
-    args = [TINY, "--name", "walltime", "--set", "search.num_samples=4", "--set", "training.epochs=3"]
+    args = [TINY, "--name", "walltime", "--set", "search.num_samples=3", "--set", "training.epochs=2",
+            "--set", "data.synthetic_size=48"]
     first = slurm.submit(SINGLE, args, ["--cpus-per-task=2"], env, cwd=REPO)
 
     # Mid-search (a trial has reported), the wall-time warning: SIGTERM to the batch shell only,
@@ -130,24 +134,27 @@ def test_a_search_stopped_by_sigterm_is_finished_by_resubmitting_with_resume(slu
     stopped = slurm.wait_job(first, JOB_TIMEOUT)
 
     assert "got SIGTERM" in stopped.output, describe(stopped)
+    # The search exited by itself after saving, not killed by the signal (exit status >= 128).
+    assert int(stopped.exit_code.split(":")[0]) < 128, "the search died of the signal: " + describe(stopped)
     statuses = trial_statuses(experiment)
-    assert statuses.count("TERMINATED") < 4, f"the search finished before the signal: {statuses}"
+    assert statuses.count("TERMINATED") < 3, f"the search finished before the signal: {statuses}"
     assert_ray_gone(ray_tmp)
 
     second = slurm.wait_job(slurm.submit(SINGLE, [*args, "--resume"], ["--cpus-per-task=2"], env, cwd=REPO),
                             JOB_TIMEOUT)
 
     assert (second.state, second.exit_code) == ("COMPLETED", "0:0"), describe(second)
-    assert trial_statuses(experiment) == ["TERMINATED"] * 4, describe(second)
+    assert trial_statuses(experiment) == ["TERMINATED"] * 3, describe(second)
 
 
 def test_multi_node_job_places_trials_on_every_node(slurm, tmp_path, ray_tmp):
     # One CPU per node and two concurrent one-CPU trials: each node must take one.
     # Both "nodes" are this machine, so the local results folder is shared after all.
-    env = job_env(ray_tmp, TUNE_RESULTS=str(tmp_path / "results"), TUNE_ALLOW_LOCAL_RESULTS="1")
+    # The spec and the search's arguments come from the environment this time.
+    env = job_env(ray_tmp, TUNE_RESULTS=str(tmp_path / "results"), TUNE_ALLOW_LOCAL_RESULTS="1", TUNE_SPEC=TINY,
+                  TUNE_NAME="multi", TUNE_SEARCH_ARGS=" ".join([*SMALL, "--set", "search.max_concurrent=2"]))
     sbatch = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=1"]
-    job = slurm.wait_job(slurm.submit(MULTI, [TINY, "--name", "multi", *SMALL, "--set", "search.max_concurrent=2"],
-                                      sbatch, env, cwd=REPO), JOB_TIMEOUT)
+    job = slurm.wait_job(slurm.submit(MULTI, [], sbatch, env, cwd=REPO), JOB_TIMEOUT)
 
     assert (job.state, job.exit_code) == ("COMPLETED", "0:0"), describe(job)
     assert "resources: CPU=2 GPU=2" in job.output, describe(job)
@@ -163,9 +170,13 @@ def test_multi_node_job_places_trials_on_every_node(slurm, tmp_path, ray_tmp):
 
 def run_script(script: Path, args: list[str], cwd: Path = REPO, timeout: float = 120, **env: str):
     """The script run by bash outside Slurm, with none of this process's Slurm variables."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TUNE_", "RAY_"))}
-    return subprocess.run(["bash", str(script), *args], cwd=cwd, env={**clean, **env}, capture_output=True,
+    return subprocess.run(["bash", str(script), *args], cwd=cwd, env=outside_slurm(**env), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def outside_slurm(**env: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TUNE_", "RAY_"))}
+    return {**clean, "TUNE_VENV": VENV, **env}
 
 
 def assert_one_line_error(done, *words: str) -> None:
@@ -212,6 +223,24 @@ def test_a_ray_head_that_does_not_come_up_in_time_is_one_line_error(tmp_path, ra
 
     assert_one_line_error(done, "did not come up within 1s")
     assert time.monotonic() - started < 60
+    assert_ray_gone(ray_tmp)
+
+
+def test_sigterm_while_ray_starts_ends_the_job_at_once_and_leaves_no_ray(tmp_path, ray_tmp):
+    proc = subprocess.Popen(["bash", str(SINGLE), TINY, "--storage", str(tmp_path)], cwd=REPO,
+                            env=outside_slurm(RAY_TMPDIR=str(ray_tmp), RAY_DASHBOARD="false"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ray_processes(ray_tmp):  # the Ray head is starting
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + 15, out
+    assert "got SIGTERM before the search started" in out
     assert_ray_gone(ray_tmp)
 
 

@@ -46,13 +46,17 @@ def read_run(run_dir: Path) -> dict:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
-            config.update({u.key: json.loads(u.value_json) for u in run.config.update})
+            config.update({item_key(u): json.loads(u.value_json) for u in run.config.update})
         elif kind == "config":
-            config.update({u.key: json.loads(u.value_json) for u in record.config.update})
+            config.update({item_key(u): json.loads(u.value_json) for u in record.config.update})
         elif kind == "history":
-            history.append({item.key: json.loads(item.value_json) for item in record.history.item})
+            history.append({item_key(item): json.loads(item.value_json) for item in record.history.item})
     assert run is not None, f"{log} holds no run record"
     return {"run": run, "config": config, "history": history}
+
+
+def item_key(item) -> str:
+    return item.key or "/".join(item.nested_key)  # newer W&B versions fill nested_key only
 
 
 def reported_epochs(experiment: Path) -> dict[str, list[int]]:

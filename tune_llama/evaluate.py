@@ -233,7 +233,7 @@ def evaluate(model: str, data: Optional[str] = None, split: str = "test", limit:
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # similar lengths share a batch: less padding
     outputs: list[Optional[str]] = [None] * len(prompts)
     start = time.perf_counter()
-    bar = tqdm(total=len(prompts), desc="generating", unit="problem", disable=None)
+    bar = tqdm(total=len(prompts), desc="generating", unit="problem", mininterval=10)
     for i in range(0, len(order), batch_size):
         batch = order[i:i + batch_size]
         for index, text in zip(batch, generate_batch(loaded, [prompts[j] for j in batch], max_new_tokens,

@@ -149,12 +149,12 @@ def train_epoch(run: Run) -> dict[str, float]:
     for step, window in enumerate(bar, 1):
         n_items = sum(label_count(b) for b in window)  # normalise by the real tokens of the whole step
         for batch in window:
+            real_tokens += int(batch["attention_mask"].sum())  # counted on the host: on the GPU it would sync
             batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
             with autocast(run):
                 loss = model(**batch, num_items_in_batch=n_items).loss
             (run.scaler.scale(loss) if run.scaler else loss).backward()
             loss_sum += loss.detach().float() * n_items
-            real_tokens += int(batch["attention_mask"].sum())
         optimizer_step(run)
         loss_tokens += n_items
         if step % t.log_every == 0 or step == len(windows):

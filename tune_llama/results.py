@@ -24,6 +24,7 @@ from tune_llama.spec import Spec, SpecError, apply_params, spec_from_dict
 
 FINISHED, ASHA_STOPPED, EARLY_STOPPED, DIVERGED = "finished", "stopped by ASHA", "early stopped", "diverged"
 ERRORED, RUNNING, PENDING, INTERRUPTED = "errored", "running", "pending", "interrupted"
+NO_RESULT = "ended without a result"
 
 
 @dataclass
@@ -62,11 +63,17 @@ class Trial:
         return float(self.epochs[-1].get("time_total_s", 0.0)) if self.epochs else 0.0
 
     def status(self, max_epochs: int) -> str:
-        """finished / stopped by ASHA / early stopped / diverged / errored / running / pending / interrupted."""
+        """finished / stopped by ASHA / early stopped / diverged / errored / running / pending / interrupted.
+
+        Ray's state says errored, pending or ended; the epochs say how far the trial got and how the loop
+        ended it; a trial Ray ended before ``training.epochs`` without the loop stopping it was ASHA's call.
+        """
         last = self.epochs[-1] if self.epochs else {}
         loop_status = last.get("status")
         if self.ray_status == "ERROR":
             return ERRORED
+        if not self.epochs:
+            return {"RUNNING": RUNNING, "TERMINATED": NO_RESULT}.get(self.ray_status or "", PENDING)
         if loop_status == "diverged":
             return DIVERGED
         if loop_status == "early_stopped":
@@ -75,7 +82,7 @@ class Trial:
             return FINISHED
         if self.ray_status == "TERMINATED" or (self.ray_status is None and last.get("done")):
             return ASHA_STOPPED  # Tune ended it before training.epochs and the loop did not
-        if self.ray_status in ("PENDING", "PAUSED") or (self.ray_status is None and not self.epochs):
+        if self.ray_status in ("PENDING", "PAUSED"):
             return PENDING
         return RUNNING if worker_alive(last) else INTERRUPTED
 

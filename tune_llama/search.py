@@ -100,7 +100,10 @@ def init_ray(spec: Spec) -> None:
 
 
 def forward_sigterm_to_tune() -> None:
-    """Slurm sends SIGTERM before a wall-time kill; Tune stops gracefully (state saved) on SIGUSR1."""
+    """Slurm sends SIGTERM before a wall-time kill; Tune stops gracefully (state saved) on SIGUSR1.
+
+    Installed after ``ray.init``, which replaces any earlier SIGTERM handler with one that aborts.
+    """
     def handler(signum, frame):
         print("SIGTERM: saving the search state; resume it with --resume", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -108,6 +111,15 @@ def forward_sigterm_to_tune() -> None:
 
 
 # ---------------------------------------------------------------- fresh search / resume
+
+def absolute_paths(spec: Spec) -> Spec:
+    """Local paths in a spec, made absolute: Ray runs each trial in its own working directory."""
+    for section, name in (("data", "source"), ("model", "name"), ("model", "tokenizer")):
+        value = getattr(getattr(spec, section), name)
+        if value and Path(value).expanduser().exists():
+            setattr(getattr(spec, section), name, str(Path(value).expanduser().resolve()))
+    return spec
+
 
 def experiment_dir(storage: Optional[Path], name: str) -> Path:
     root = (storage or Path("results")).expanduser().resolve()  # Ray needs absolute storage paths
@@ -122,6 +134,7 @@ def start(spec: Spec, experiment: Path):
     experiment.mkdir(parents=True, exist_ok=True)
     (experiment / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=1))
     init_ray(spec)
+    forward_sigterm_to_tune()
     return tune.Tuner(trainable(spec), param_space=param_space(spec), tune_config=tune_config(spec, experiment),
                       run_config=run_config(spec, experiment))
 
@@ -134,6 +147,7 @@ def resume(experiment: Path):
         raise UserError(f"--resume: {experiment} is not a tune-llama search folder (no {SPEC_FILE} or Tune state)")
     spec = load_search_spec(experiment)
     init_ray(spec)
+    forward_sigterm_to_tune()
     return spec, tune.Tuner.restore(str(experiment), trainable(spec), resume_unfinished=True, resume_errored=True)
 
 
@@ -144,9 +158,12 @@ def load_search_spec(experiment: Path) -> Spec:
 def summarize(spec: Spec, results, experiment: Path) -> int:
     """Print the best trial and the commands that follow (also into summary.txt); 0 when finished."""
     metric, mode = spec.search.metric, spec.search.mode
-    unfinished = [r for r in results if r.metrics and not r.metrics.get("done", True)]
+    from ray import tune
+    statuses = [t.status for t in tune.ExperimentAnalysis(str(experiment)).trials]
+    unfinished = [s for s in statuses if s not in ("TERMINATED", "ERROR")]
     lines = [f"search folder: {experiment}",
-             f"trials: {len(results)} ({results.num_errors} errored, {results.num_terminated} terminated)"]
+             f"trials: {len(statuses)} ({statuses.count('TERMINATED')} finished or stopped by ASHA, "
+             f"{statuses.count('ERROR')} errored, {len(unfinished)} unfinished)"]
     try:
         best = results.get_best_result(metric=metric, mode=mode, scope="all")
     except RuntimeError:
@@ -168,7 +185,10 @@ def summarize(spec: Spec, results, experiment: Path) -> int:
     text = "\n".join(lines)
     print("\n" + text)
     (experiment / "summary.txt").write_text(text + "\n")
-    return 0 if not unfinished else 3
+    if unfinished or len(statuses) < spec.search.num_samples:
+        print(f"the search was interrupted: continue it with --resume {where}")
+        return 3
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,17 +208,15 @@ def main(argv: list[str] | None = None) -> int:
             experiment = experiment_dir(args.storage, args.name)
         else:
             raise UserError("--resume needs a search folder (--resume results/NAME) or --name NAME")
-        forward_sigterm_to_tune()
         spec, tuner = resume(experiment)
     else:
         if not args.spec:
             raise UserError("give a spec (e.g. search_spaces/tiny.yaml) or --resume DIR")
-        spec = load_spec(args.spec, args.overrides)
+        spec = absolute_paths(load_spec(args.spec, args.overrides))
         if not spec.search.space:
             raise UserError(f"search.space: {args.spec} names no field to search")
         name = args.name or f"{Path(args.spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         experiment = experiment_dir(args.storage, name)
-        forward_sigterm_to_tune()
         tuner = start(spec, experiment)
     results = tuner.fit()
     return summarize(spec, results, experiment)

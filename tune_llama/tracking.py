@@ -1,6 +1,6 @@
 """Weights & Biases logging for a search: one W&B run per trial, grouped by the search name.
 
-Built on Ray's ``WandbLoggerCallback``, with four changes:
+Built on Ray's ``WandbLoggerCallback``, with these changes:
 
 * ``offline`` works without an API key (Ray's callback insists on one), and
   ``online`` without a key falls back to ``offline`` with a one-line notice;
@@ -9,9 +9,11 @@ Built on Ray's ``WandbLoggerCallback``, with four changes:
   uploads them later;
 * a trial continued by ``--resume`` (``Tuner.restore``) or retried after a
   failure continues its own run: the run id is the trial id and ``resume="allow"``
-  (Ray passes ``resume=False``, which starts the run over);
+  (Ray passes ``resume=False``, which does not ask W&B to continue it);
 * configs and logged values are scrubbed of secrets (``tune_llama.redact``), and
-  git metadata (remote URLs can hold tokens) and code are not recorded.
+  git metadata (remote URLs can hold tokens) and code are not recorded;
+* each run is flushed and closed before Ray ends its logging process, so no
+  epoch is lost from the run's files; params are config, not per-step metrics.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def run_dir(trial) -> Path:
 
 class ScrubbedLoggingActor(_WandbLoggingActor):
     """Ray's per-trial logging process, with secrets scrubbed from every logged value and config update."""
+
+    def run(self):
+        try:
+            super().run()
+        finally:
+            # Ray kills this process as soon as run() returns, so W&B's atexit teardown never runs; without
+            # it the run's last records (later epochs, the exit record) can stay unwritten in a buffer.
+            self._wandb.teardown()
 
     def _handle_result(self, result):
         log, config_update = super()._handle_result(result)

@@ -70,7 +70,11 @@ def encode(problems: list[dict[str, str]], tokenizer, data: DataSpec) -> Encoded
         lengths.append(n)
     # One tensor split into per-example views: far faster than a torch.tensor call per example.
     out = Encoded(list(torch.tensor(ids).split(lengths)), list(torch.tensor(labels).split(lengths)), truncated)
-    if out.truncated:
-        log.warning("%d of %d examples are longer than data.max_length=%d and were truncated",
-                    out.truncated, len(out), data.max_length)
+    warn_if_truncated(out, data)
     return out
+
+
+def warn_if_truncated(encoded: Encoded, data: DataSpec) -> None:
+    if encoded.truncated:
+        log.warning("%d of %d examples are longer than data.max_length=%d and were truncated",
+                    encoded.truncated, len(encoded), data.max_length)

@@ -1,0 +1,54 @@
+"""Model options that cannot work here fail with one line naming the field; the OOM message says what to change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from tune_llama.loop import setup
+from tune_llama.spec import SpecError, load_spec
+
+TINY = REPO_ROOT / "search_spaces" / "tiny.yaml"
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["model.lora.enabled=true", "model.quantization=4bit"], "model.quantization"),
+    (["model.lora.enabled=true", "model.quantization=8bit"], "model.quantization"),
+    (["training.optimizer=adamw_8bit"], "training.optimizer"),
+    (["model.name=random:llama-9000"], "model.name"),
+    (["model.lora.enabled=true", "model.lora.target_modules=[qkv_proj]"], "model.lora.target_modules"),
+    (["training.device=cuda"], "training.device"),
+])
+def test_options_this_cpu_machine_cannot_run_fail_naming_the_field(overrides, field):
+    with pytest.raises(SpecError) as err:
+        setup(load_spec(TINY, overrides))
+    assert err.value.path == field
+
+
+def test_quantization_without_lora_is_rejected_by_the_schema():
+    with pytest.raises(SpecError, match="^model.quantization"):
+        load_spec(TINY, ["model.quantization=4bit"])
+
+
+def test_gradient_checkpointing_with_lora_still_trains():
+    from tune_llama.loop import train_epoch
+    run = setup(load_spec(TINY, ["model.lora.enabled=true", "model.gradient_checkpointing=true",
+                                 "data.synthetic_size=16", "data.val_size=4"]))
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    train_epoch(run)
+    assert any(not torch.equal(before[n], p) for n, p in run.model.named_parameters() if p.requires_grad)
+
+
+def test_a_cuda_out_of_memory_trial_fails_with_advice_naming_the_batch_size(monkeypatch):
+    from tune_llama import trainable
+
+    def out_of_memory(spec, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainable, "setup", out_of_memory)
+    spec = load_spec(TINY, ["data.batch_size=16"]).to_dict()
+    with pytest.raises(trainable.TrialOutOfMemory) as err:
+        trainable.train_trial({"training.gradient_accumulation_steps": 2}, spec=spec)
+    message = str(err.value)
+    assert "data.batch_size=16" in message and "gradient_accumulation_steps (now 2)" in message
