@@ -66,12 +66,12 @@ def timed_trial(config: dict, spec: dict, log_path: str) -> None:
         trainable.report_to_tune = original
 
 
-def ray_trial(spec, name: str, storage: Path) -> list[dict]:
+def ray_trial(spec, name: str, storage: Path, cpus: int) -> list[dict]:
     from ray import tune
 
     log = storage / f"{name}-report.jsonl"
     trainable = tune.with_resources(
-        tune.with_parameters(timed_trial, spec=spec.to_dict(), log_path=str(log)), {"cpu": 1, "gpu": 0})
+        tune.with_parameters(timed_trial, spec=spec.to_dict(), log_path=str(log)), {"cpu": cpus, "gpu": 0})
     tuner = tune.Tuner(trainable, param_space={}, tune_config=tune.TuneConfig(num_samples=1),
                        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
                                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
@@ -112,7 +112,7 @@ def with_ray(args) -> dict:
                                     val_size=args.val_size, device="cpu" if not torch.cuda.is_available() else "auto")
             print(f"{mode}: 1-trial tune.Tuner over tune_llama.trainable.train_trial, {args.epochs} epoch(s) ...",
                   flush=True)
-            rows += ray_trial(spec, mode, storage)
+            rows += ray_trial(spec, mode, storage, max(1, args.ray_cpus))
     finally:
         ray.shutdown()
         shutil.rmtree(storage, ignore_errors=True)
@@ -148,13 +148,16 @@ def without_ray(args, device: torch.device) -> dict:
           f"{args.batch_size} x {args.max_length} tokens per mode, then save_state", flush=True)
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="bench-ckpt-")).resolve()
     rows = []
-    for mode in args.modes:
+    for mode in args.modes:  # LoRA first (the goal's figure), then the adapter is removed for the full fine-tune
         spec = base
         if mode == "lora":
             spec = dataclasses.replace(base, model=dataclasses.replace(
                 base.model, lora=dataclasses.replace(base.model.lora, enabled=True)),
                 training=dataclasses.replace(base.training, optimizer="adamw"))
             model = prepare_for_training(model, spec.model)
+        elif hasattr(model, "unload"):
+            model = model.unload()  # peft: the base model without the adapter layers
+            model.requires_grad_(True)
         row = dict(mode=mode, optimizer=spec.training.optimizer)
         try:
             row.update(time_save(spec, model, tokenizer, examples, scratch / mode, args, device, save_state, setup,
@@ -168,6 +171,7 @@ def without_ray(args, device: torch.device) -> dict:
             shutil.rmtree(scratch / mode, ignore_errors=True)
             free_memory()
         rows.append(row)
+        common.write_json(args.json, "checkpoint", {"save_state": rows})  # kept if the stage is cut off
         print("  " + " ".join(f"{k}={common.fmt(v)}" for k, v in row.items()), flush=True)
     if not args.dir:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -227,7 +231,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="random:llama-2-7b" if cuda else "embedded:smollm2")
     p.add_argument("--source", default=common.default_source())
     p.add_argument("--modes", default="lora,full", help="comma list of lora, full")
-    p.add_argument("--examples", type=int, default=32, help="training examples per epoch (Ray mode)")
+    p.add_argument("--examples", type=int, default=16, help="training examples per epoch (Ray mode)")
     p.add_argument("--val-size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=1, help="epochs per trial (Ray mode)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -249,8 +253,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.no_ray and not have_ray():
         print("ray is not installed: timing save_state alone (no Ray persist)", flush=True)
         args.no_ray = True
-    if args.no_ray:  # full first: LoRA then wraps the same base model in place
-        args.modes = sorted(args.modes, key=lambda m: m != "full")
+    if args.no_ray:  # one base model: LoRA wraps it, then the adapter is removed for the full fine-tune
+        args.modes = sorted(args.modes, key=lambda m: m != "lora")
     return args
 
 

@@ -54,10 +54,10 @@ def make_spec(*, model: str, source: str, examples: int, batch_size: int, max_le
               batching: str = "length_grouped", gradient_checkpointing: bool = False, device: str = "auto",
               seed: int = 0, epochs: int = 1, val_size: int = 8, compile: bool = False,
               lora_r: int = 8) -> Spec:
-    """A validated spec for a bench run: ``examples`` training problems, ``val_size`` validation problems."""
-    data: dict[str, Any] = dict(source=source, train_size=examples, val_size=val_size, max_length=max_length,
-                                batch_size=batch_size, batching=batching)
-    if source == "synthetic":
+    """A validated spec for a bench run: ``examples`` training problems (0: all), ``val_size`` validation ones."""
+    data: dict[str, Any] = dict(source=source, train_size=examples or None, val_size=val_size,
+                                max_length=max_length, batch_size=batch_size, batching=batching)
+    if source == "synthetic" and examples:
         data["synthetic_size"] = examples + val_size
     return spec_from_dict({
         "model": {"name": model, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing,

@@ -25,7 +25,7 @@ def main(folder: str) -> int:
             rows.append(dict(stage=name, status=status, seconds=seconds))
         print_table(rows, [("stage", "stage"), ("status", "status"), ("seconds", "s")], title="stages")
     results = {}
-    order = ["throughput", "sweep", "checkpoint", "memory", "startup"]
+    order = ["throughput", "sweep", "compile", "checkpoint", "memory", "startup"]
     for path in sorted(root.glob("*.json"), key=lambda f: (order.index(f.stem) if f.stem in order else 99, f.stem)):
         try:
             results[path.stem] = json.loads(path.read_text())

@@ -219,7 +219,32 @@ def compare(args, device: torch.device) -> dict:
     return {"compare": rows, "setting": {k: v for k, v in vars(args).items() if k != "json"}}
 
 
+def run_isolated(name: str, args) -> dict:
+    """One contender in a fresh process: on CPU the peak-RSS figure then belongs to that contender alone, and
+    no contender inherits another's heap."""
+    import json
+    import subprocess
+    out = Path(tempfile.mkdtemp(prefix="bench-tp-")) / "row.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--only", name, "--no-isolate", "--json", str(out)]
+    for key in ("model", "source", "examples", "batch_size", "max_length", "lora_r", "dtype", "precision", "lr",
+                "seed", "warmup_steps", "threads"):
+        if getattr(args, key) is not None:
+            command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    command += ["--full"] * args.full + ["--keep-going"] * args.keep_going
+    done = subprocess.run(command, stdout=subprocess.DEVNULL)
+    if done.returncode != 0 or not out.exists():
+        return dict(error=f"child process failed (exit {done.returncode})")
+    row = json.loads(out.read_text())["compare"][0]
+    for key in ("ours_x", "mfu", "all_tokens_per_s", "round", "name"):
+        row.pop(key, None)
+    return row
+
+
 def run_contender(name, spec, tokenizer, train, warm, device, args) -> dict:
+    if args.isolate:
+        row = run_isolated(name, args)
+        row["name"] = name
+        return row
     free_memory()
     started = time.perf_counter()
     try:
@@ -326,6 +351,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-going", action="store_true", help="report a failing contender and go on")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the fastest of each contender is kept")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=not cuda,
+                   help="each contender in its own process (default on CPU, where peak memory is the process RSS)")
     p.add_argument("--sweep", default="", help="batch sizes for the fixed-shape sweep of our loop, e.g. 1,8,16 "
                                                "(runs instead of the comparison)")
     p.add_argument("--sweep-steps", type=int, default=5, help="timed steps per sweep point")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
-from tune_llama.data import load_splits
+from tune_llama.data import cache, load_splits
 from tune_llama.data.cache import cache_root, encode_cached
 from tune_llama.data.examples import encode
 from tune_llama.spec import DataSpec
@@ -26,15 +27,21 @@ class CountingTokenizer:
         return getattr(self.inner, name)
 
 
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """An empty cache folder, and caching from the first problem (the tests use small sets)."""
+    monkeypatch.setenv("TUNE_LLAMA_CACHE", str(tmp_path))
+    monkeypatch.setattr(cache, "MIN_PROBLEMS", 1)
+    return tmp_path
+
+
 def assert_same(a, b) -> None:
     assert len(a) == len(b) and a.truncated == b.truncated
     assert all(torch.equal(x, y) for x, y in zip(a.input_ids, b.input_ids))
     assert all(torch.equal(x, y) for x, y in zip(a.labels, b.labels))
 
 
-def test_a_second_encode_of_the_same_problems_reads_the_cache_and_matches_a_fresh_encode(
-        tmp_path, monkeypatch, char_tokenizer):
-    monkeypatch.setenv("TUNE_LLAMA_CACHE", str(tmp_path))
+def test_a_second_encode_of_the_same_problems_reads_the_cache_and_matches_a_fresh_encode(cache_dir, char_tokenizer):
     data = DataSpec(synthetic_size=30, val_size=5, max_length=200)  # short: some rows are truncated
     problems = load_splits(data).train
     fresh = encode(problems, char_tokenizer, data)
@@ -49,8 +56,7 @@ def test_a_second_encode_of_the_same_problems_reads_the_cache_and_matches_a_fres
     assert second.calls == 0
 
 
-def test_other_problems_or_max_length_miss_the_cache(tmp_path, monkeypatch, char_tokenizer):
-    monkeypatch.setenv("TUNE_LLAMA_CACHE", str(tmp_path))
+def test_other_problems_or_max_length_miss_the_cache(cache_dir, char_tokenizer):
     data = DataSpec(synthetic_size=30, val_size=5, max_length=512)
     problems = load_splits(data).train
     encode_cached(problems, char_tokenizer, data)
@@ -60,11 +66,19 @@ def test_other_problems_or_max_length_miss_the_cache(tmp_path, monkeypatch, char
     assert len(list(cache_root().glob("*.pt"))) == 3
 
 
-def test_a_damaged_cache_file_is_encoded_again(tmp_path, monkeypatch, char_tokenizer):
-    monkeypatch.setenv("TUNE_LLAMA_CACHE", str(tmp_path))
+def test_a_damaged_cache_file_is_encoded_again(cache_dir, char_tokenizer):
     data = DataSpec(synthetic_size=20, val_size=5)
     problems = load_splits(data).train
     encode_cached(problems, char_tokenizer, data)
     (cached,) = cache_root().glob("*.pt")
     cached.write_bytes(b"not a tensor file")
     assert_same(encode_cached(problems, char_tokenizer, data), encode(problems, char_tokenizer, data))
+
+
+def test_sets_below_the_threshold_are_encoded_directly(tmp_path, monkeypatch, char_tokenizer):
+    monkeypatch.setenv("TUNE_LLAMA_CACHE", str(tmp_path))
+    data = DataSpec(synthetic_size=20, val_size=5)
+    problems = load_splits(data).train
+    assert len(problems) < cache.MIN_PROBLEMS
+    assert_same(encode_cached(problems, char_tokenizer, data), encode(problems, char_tokenizer, data))
+    assert not cache_root().exists()

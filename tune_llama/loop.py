@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from tune_llama.data import Encoded, encode, load_splits, make_batches
+from tune_llama.data import Encoded, load_splits, make_batches
+from tune_llama.data.cache import encode_cached
 from tune_llama.model import load_model, load_tokenizer, load_trainable_state, trainable_state
 from tune_llama.spec import Spec, SpecError
 
@@ -67,8 +68,8 @@ def setup(spec: Spec, model=None, tokenizer=None) -> Run:
     device = pick_device(spec.training.device)
     tokenizer = tokenizer or load_tokenizer(spec.model)
     splits = load_splits(spec.data)
-    train_set = encode(splits.train, tokenizer, spec.data)
-    val_set = encode(splits.val, tokenizer, spec.data)
+    train_set = encode_cached(splits.train, tokenizer, spec.data)  # each trial of a search encodes the same data
+    val_set = encode_cached(splits.val, tokenizer, spec.data)
     if model is None:
         model = load_model(spec.model, tokenizer, device, seed=spec.training.seed)
     if spec.training.compile:
