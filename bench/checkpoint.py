@@ -226,8 +226,7 @@ def have_ray() -> bool:
 
 def parse_args(argv=None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = common.parser(__doc__)
     p.add_argument("--model", default="random:llama-2-7b" if cuda else "embedded:smollm2")
     p.add_argument("--source", default=common.default_source())
     p.add_argument("--modes", default="lora,full", help="comma list of lora, full")
@@ -247,9 +246,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dir", help="where save_state writes (no-Ray mode; default a temporary folder)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    args.modes = [m for m in args.modes.split(",") if m]
-    if any(m not in ("lora", "full") for m in args.modes):
-        p.error("--modes: use lora and/or full")
+    args.modes = common.names(p, "--modes", args.modes, ("lora", "full"))
     if not args.no_ray and not have_ray():
         print("ray is not installed: timing save_state alone (no Ray persist)", flush=True)
         args.no_ray = True

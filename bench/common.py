@@ -7,6 +7,7 @@ Runs from the repository root with or without an installed package
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -234,3 +235,18 @@ def describe_machine() -> str:
 def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser whose --help shows the script's docstring."""
+    return argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def names(p: argparse.ArgumentParser, flag: str, text: str, known) -> list[str]:
+    """A comma list of names, each one of ``known`` (else a usage error naming the flag)."""
+    items = [x for x in text.split(",") if x]
+    unknown = [x for x in items if x not in known]
+    if unknown:
+        p.error(f"{flag}: unknown {unknown[0]!r} (known: {', '.join(known)})")
+    return items

@@ -11,7 +11,7 @@
 # for the HF Trainer baseline). No ray/optuna/wandb/datasets/bitsandbytes. Data: the synthetic GSM8K generator
 # with the built-in character tokenizer (no download). Every python stage has a hard `timeout`; results and logs
 # go to $OUT (else a temporary folder), and a summary table is printed at the end.
-# Knobs (env): SHAPE=7b|tiny, T_THROUGHPUT, T_SWEEP, T_CHECKPOINT, T_MEMORY (stage limits, s),
+# Knobs (env): SHAPE=7b|tiny, T_ENV, T_THROUGHPUT, T_SWEEP, T_CHECKPOINT, T_MEMORY (stage limits, s),
 #              CKPT_FULL_OPT=sgd|adamw (full fine-tune checkpoint: sgd = weights only, 13.5 GB; adamw = +27 GB),
 #              COMPILE=1 (adds a torch.compile sweep of LoRA, T_COMPILE=240 s, beyond the 7-minute budget).
 set -uo pipefail
@@ -31,14 +31,14 @@ if [ "$SHAPE" = tiny ]; then
     SWEEP=(--model "$MODEL" --sweep 1,2,4 --sweep-steps 2 --warmup-steps 1)
     CHECKPOINT=(--model "$MODEL" --batch-size 2 --steps 2)
     MEMORY=(--model "$MODEL" --cpu-smoke --max-batch 4 --dtype float32 --precision fp32)
-    DEFAULT_LIMITS=(240 150 90 150)
+    DEFAULT_LIMITS=(180 240 150 90 150)
 else
     MODEL=random:llama-2-7b
     THROUGHPUT=(--model "$MODEL" --examples 64 --batch-size 8 --warmup-steps 2)
     SWEEP=(--model "$MODEL" --sweep 1,8,16 --sweep-steps 5 --warmup-steps 2)
     CHECKPOINT=(--model "$MODEL" --batch-size 8 --steps 3 --full-optimizer "${CKPT_FULL_OPT:-sgd}")
     MEMORY=(--model "$MODEL" --max-batch 256 --mode-budget-s 16)
-    DEFAULT_LIMITS=(90 80 70 140)
+    DEFAULT_LIMITS=(50 90 80 70 140)
 fi
 
 stage() {  # stage NAME LIMIT_S COMMAND...: run with a hard timeout, log to $DIR/NAME.log, record the status
@@ -53,7 +53,8 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run with a hard timeout, log to $DIR
     echo "$name $rc $(( $(date +%s) - begin ))" >> "$DIR/stages.txt"
 }
 
-stage environment 40 "$PY" - <<'EOF'
+read -r T0 T1 T2 T3 T4 <<< "${DEFAULT_LIMITS[*]}"
+stage environment "${T_ENV:-$T0}" "$PY" - <<'EOF'
 import importlib.util, shutil, sys
 blocked = ["ray", "optuna", "wandb", "datasets", "gguf", "pydantic", "bitsandbytes"]
 for name in blocked:  # the loop must import without them (the GPU image lacks them)
@@ -71,7 +72,6 @@ else:
 print(f"disk free in /tmp: {shutil.disk_usage('/tmp').free / 2**30:.1f} GiB")
 EOF
 
-read -r T1 T2 T3 T4 <<< "${DEFAULT_LIMITS[*]}"
 stage throughput "${T_THROUGHPUT:-$T1}" "$PY" bench/throughput.py "${THROUGHPUT[@]}" --source synthetic --keep-going \
     --json "$DIR/throughput.json"
 stage sweep "${T_SWEEP:-$T2}" "$PY" bench/throughput.py "${SWEEP[@]}" --source synthetic --json "$DIR/sweep.json"

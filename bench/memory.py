@@ -223,8 +223,7 @@ def guarded(mode, checkpointing, model, tokenizer, base_spec, rows, args, device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = common.parser(__doc__)
     p.add_argument("--model", default="random:llama-2-7b")
     p.add_argument("--source", default="synthetic", help="rows are cut from these examples (content is irrelevant)")
     p.add_argument("--examples", type=int, default=64)
@@ -240,13 +239,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-smoke", action="store_true", help="run the search on CPU (no OOM there: stops at the cap)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    args.modes = [m for m in args.modes.split(",") if m]
-    unknown = [m for m in args.modes if m not in MODES]
-    if unknown:
-        p.error(f"--modes: unknown mode {unknown[0]!r} (known: {', '.join(MODES)})")
+    args.modes = common.names(p, "--modes", args.modes, MODES)
     args.modes.sort(key=lambda m: (MODES[m][0], m))  # full fine-tunes before LoRA wraps the base
     settings = {"off": False, "on": True}
-    args.checkpointing = [settings[s] for s in args.checkpointing.split(",") if s]
+    args.checkpointing = [settings[s] for s in common.names(p, "--checkpointing", args.checkpointing, settings)]
     return args
 
 

@@ -179,7 +179,7 @@ def median(runs: list[dict], get) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],  # not common.parser: common imports torch
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     gsm8k = REPO.parent / "shared" / "gsm8k"
     p.add_argument("--model", default="embedded:smollm2")

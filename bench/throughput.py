@@ -333,8 +333,7 @@ def sweep_point(spec, model, tokenizer, examples, args, device) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = common.parser(__doc__)
     p.add_argument("--model", default="random:llama-2-7b" if cuda else "embedded:smollm2")
     p.add_argument("--source", default=common.default_source(), help="GSM8K directory or synthetic")
     p.add_argument("--examples", type=int, default=48, help="training examples in the timed epoch")
@@ -360,14 +359,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="sweep with training.compile=true")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    args.only = [n for n in args.only.split(",") if n]
-    unknown = [n for n in args.only if n not in RUNNERS]
-    if unknown:
-        p.error(f"--only: unknown contender {unknown[0]!r} (known: {', '.join(CONTENDERS)})")
+    args.only = common.names(p, "--only", args.only, CONTENDERS)
     args.sweep = common.parse_ints(args.sweep)
-    args.sweep_modes = [m for m in args.sweep_modes.split(",") if m]
-    if any(m not in ("full", "lora") for m in args.sweep_modes):
-        p.error("--sweep-modes: use full and/or lora")
+    args.sweep_modes = common.names(p, "--sweep-modes", args.sweep_modes, ("full", "lora"))
     return args
 
 
