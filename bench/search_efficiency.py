@@ -55,6 +55,7 @@ def main() -> None:
     ray.init(include_dashboard=False, logging_level="ERROR")
     s = spec.search
 
+    (storage / "asha_optuna").mkdir()  # the Optuna study's SQLite file lives there
     asha = run("asha_optuna", spec, storage, tune_config(spec, storage / "asha_optuna"))
     fifo = run("fifo_random", spec, storage, tune.TuneConfig(
         metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=FIFOScheduler(),
