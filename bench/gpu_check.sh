@@ -79,8 +79,9 @@ stage checkpoint "${T_CHECKPOINT:-$T3}" "$PY" bench/checkpoint.py "${CHECKPOINT[
     --json "$DIR/checkpoint.json"
 stage memory "${T_MEMORY:-$T4}" "$PY" bench/memory.py "${MEMORY[@]}" --json "$DIR/memory.json"
 if [ "${COMPILE:-0}" = 1 ]; then  # optional, beyond the 7-minute budget: torch.compile start-up is minutes on 7B
+    # 3 warmup steps: the first shapes and the first new num_items_in_batch value each compile once more
     stage compile "${T_COMPILE:-240}" "$PY" bench/throughput.py "${SWEEP[@]}" --sweep-modes lora --compile \
-        --source synthetic --json "$DIR/compile.json"
+        --warmup-steps 3 --source synthetic --json "$DIR/compile.json"
 fi
 
 echo
