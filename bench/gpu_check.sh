@@ -34,11 +34,11 @@ if [ "$SHAPE" = tiny ]; then
     DEFAULT_LIMITS=(180 240 150 90 150)
 else
     MODEL=random:llama-2-7b
-    THROUGHPUT=(--model "$MODEL" --examples 64 --batch-size 8 --warmup-steps 2)
+    THROUGHPUT=(--model "$MODEL" --examples 128 --batch-size 8 --warmup-steps 3 --rounds 2)  # round 1 is GPU warm-up
     SWEEP=(--model "$MODEL" --sweep 1,8,16 --sweep-steps 5 --warmup-steps 2)
     CHECKPOINT=(--model "$MODEL" --batch-size 8 --steps 3 --full-optimizer "${CKPT_FULL_OPT:-sgd}")
     MEMORY=(--model "$MODEL" --max-batch 256 --mode-budget-s 16)
-    DEFAULT_LIMITS=(50 90 80 70 140)
+    DEFAULT_LIMITS=(50 120 80 70 140)
 fi
 
 stage() {  # stage NAME LIMIT_S COMMAND...: run with a hard timeout, log to $DIR/NAME.log, record the status
