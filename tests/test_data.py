@@ -17,7 +17,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from tune_llama.cli import UserError
+from tune_llama.errors import UserError
 from tune_llama.data import (IGNORE_INDEX, encode, final_answer, format_prompt, load_splits, load_test,
                              make_batches, real_token_share)
 from tune_llama.data import synthetic

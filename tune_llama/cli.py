@@ -6,11 +6,7 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
-from tune_llama.spec import SpecError
-
-
-class UserError(Exception):
-    """A bad input the user can fix: printed as one line, exit code 2."""
+from tune_llama.errors import SpecError, UserError
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:

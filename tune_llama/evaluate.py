@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from tune_llama.cli import UserError, run_cli
+from tune_llama.errors import UserError
+from tune_llama.cli import run_cli
 from tune_llama.spec import DataSpec, ModelSpec, SpecError, spec_from_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tune_llama.cli import UserError, run_cli
+from tune_llama.errors import UserError
+from tune_llama.cli import run_cli
 from tune_llama.loop import METRIC_NAMES
 from tune_llama.redact import scrub
 from tune_llama.results import Search, Trial, load_search

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from tune_llama.cli import UserError
+from tune_llama.errors import UserError
 from tune_llama.search import SPEC_FILE  # tune_llama.search imports Ray only when a search starts
 from tune_llama.spec import Spec, SpecError, apply_params, spec_from_dict
 

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from tune_llama.cli import UserError, add_set_argument, run_cli
+from tune_llama.errors import UserError
+from tune_llama.cli import add_set_argument, run_cli
 from tune_llama.spec import Spec, load_spec, spec_from_dict
 
 SPEC_FILE = "tune_llama_spec.json"

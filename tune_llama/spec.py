@@ -19,13 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class SpecError(ValueError):
-    """A bad spec value. ``str(err)`` is a one-line message naming the field path."""
-
-    def __init__(self, path: str, message: str):
-        self.path = path
-        super().__init__(f"{path}: {message}" if path else message)
+from tune_llama.errors import SpecError
 
 
 @dataclass

@@ -16,12 +16,9 @@ from typing import Any, Optional
 import torch
 from ray import tune
 
+from tune_llama.errors import TrialOutOfMemory
 from tune_llama.loop import Run, fit, load_state, save_state, setup
 from tune_llama.spec import apply_params, spec_from_dict
-
-
-class TrialOutOfMemory(RuntimeError):
-    """CUDA ran out of memory in a trial; the message says what to change."""
 
 
 def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:

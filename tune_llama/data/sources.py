@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from tune_llama.cli import UserError
+from tune_llama.errors import UserError
 from tune_llama.data import synthetic
 from tune_llama.spec import DataSpec, SpecError
 
