@@ -1,12 +1,13 @@
-"""What every command-line entry point shares: --set overrides and one-line errors."""
+"""What every command-line entry point shares: the common options, defined once, and one-line errors."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn
 
-from tune_llama.errors import SpecError, UserError
+from tune_llama.errors import UserError
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
@@ -14,6 +15,12 @@ def add_set_argument(parser: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
         help="override a spec field, e.g. --set training.lr=3e-4 (repeatable)",
     )
+
+
+def add_search_folder_arguments(parser: argparse.ArgumentParser) -> None:
+    """--name and --storage: where a search lives (STORAGE/NAME)."""
+    parser.add_argument("--name", help="search name (default: the spec's stem and a timestamp)")
+    parser.add_argument("--storage", type=Path, help="folder that holds searches (default results/)")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -25,10 +32,13 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     """Run ``main`` and turn user errors into one line on stderr with exit code 2."""
     try:
         code = main(argv)
-    except (SpecError, UserError) as err:
-        fail(str(err))
+    except UserError as err:  # SpecError and CheckpointError included
+        fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except FileNotFoundError as err:
         fail(f"not found: {err.filename or err}")
+    except OSError as err:
+        # A full disk or a read-only folder: say which file, keep what was written.
+        fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err), 1)
     except KeyboardInterrupt:
         fail("interrupted", 130)
     raise SystemExit(code or 0)

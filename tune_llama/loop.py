@@ -1,15 +1,19 @@
 """The fine-tuning loop: plain PyTorch, no Ray.
 
     run = setup(spec)                       # data, model, optimizer, schedule
-    fit(run, save_checkpoint, report)       # epochs: train -> evaluate -> checkpoint -> report
-    save_state(run, dir) / load_state(run, dir)   # exact resume
+    fit(run, save_checkpoint, report)       # steps; at each report point: validate -> checkpoint -> report
+    save_state(run, dir) / load_state(run, dir)   # exact resume, also from the middle of an epoch
 
-A caller (the single-run CLI, the Ray trainable) plugs in through the two
-epoch-end hooks of ``fit``.
+``training.eval_every`` sets the report points (a fraction of an epoch, or a
+count of optimizer steps). A caller (the single-run CLI, the Ray trainable,
+a benchmark) plugs in through the two hooks of ``fit``, or drives the pieces
+itself: ``epoch_windows`` gives an epoch's optimizer steps and ``train_step``
+takes one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,18 +28,22 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from tune_llama.data import Encoded, load_splits, make_batches
+from tune_llama.data.batching import Batch, count_batches
 from tune_llama.data.cache import encode_cached
+from tune_llama.errors import CheckpointError, SpecError
 from tune_llama.model import load_model, load_tokenizer, load_trainable_state, trainable_state
-from tune_llama.spec import Spec, SpecError
+from tune_llama.spec import Spec, TrainingSpec
 
 log = logging.getLogger(__name__)
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-METRIC_NAMES = ("epoch", "train_loss", "train_perplexity", "eval_loss", "eval_perplexity", "tokens_per_s",
-                "epoch_time_s", "checkpoint_time_s", "peak_memory_gb", "status")
+METRIC_NAMES = ("report", "step", "epoch", "examples_seen", "tokens_seen", "train_loss", "train_perplexity",
+                "eval_loss", "eval_perplexity", "tokens_per_s", "train_time_s", "eval_time_s", "eval_share",
+                "checkpoint_time_s", "peak_memory_gb", "status")
+Window = list[Batch]
+"""The micro-batches of one optimizer step."""
 
 
 @dataclass
@@ -51,35 +59,84 @@ class Run:
     scheduler: Any
     scaler: Optional[torch.amp.GradScaler]
     steps_per_epoch: int
-    epoch: int = 0
-    """Epochs completed."""
+    report_at: list[int]
+    """Optimizer steps (counted from the start of training) after which the run reports."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds each part of ``setup`` took (tokenizer, data, model, optimizer)."""
+    step: int = 0
+    """Optimizer steps taken."""
+    examples_seen: int = 0
+    tokens_seen: int = 0
+    """Real (non-pad) tokens trained on."""
+    train_time_s: float = 0.0
+    eval_time_s: float = 0.0
     history: list[dict] = field(default_factory=list)
+    """One row of metrics per report."""
     best_eval_loss: float = math.inf
-    best_epoch: Optional[int] = None
-    bad_epochs: int = 0
+    best_report: Optional[int] = None
+    bad_reports: int = 0
     status: str = "running"
+
+    @property
+    def epoch(self) -> float:
+        """Epochs done, fractional: 1.25 is a quarter into the second epoch."""
+        return self.step / self.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.spec.training.epochs
 
 
 # ---------------------------------------------------------------- setup
 
-def setup(spec: Spec, model=None, tokenizer=None) -> Run:
-    """Build a run from a spec. ``model``/``tokenizer`` may be passed in to avoid loading twice."""
+@contextlib.contextmanager
+def timed(timings: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+
+
+def setup(spec: Spec, *, model=None, tokenizer=None, data: Optional[tuple[Encoded, Encoded]] = None) -> Run:
+    """Build a run from a spec. A caller that already holds the model, tokenizer or encoded
+    (train, validation) sets passes them in, so nothing is loaded twice."""
+    timings: dict[str, float] = {}
     seed_everything(spec.training.seed)
     device = pick_device(spec.training.device)
-    tokenizer = tokenizer or load_tokenizer(spec.model)
+    with timed(timings, "tokenizer_s"):
+        tokenizer = tokenizer or load_tokenizer(spec.model)
+    with timed(timings, "data_s"):
+        train_set, val_set = data or encode_splits(spec, tokenizer)
+    with timed(timings, "model_s"):
+        if model is None:
+            model = load_model(spec.model, tokenizer, device, seed=spec.training.seed)
+        if spec.training.compile:
+            model = torch.compile(model)
+    with timed(timings, "optimizer_s"):
+        n_batches = count_batches(train_set, spec.data)
+        steps_per_epoch = max(1, math.ceil(n_batches / spec.training.gradient_accumulation_steps))
+        optimizer = build_optimizer(model, spec, device)
+        scheduler = build_scheduler(optimizer, spec, steps_per_epoch * spec.training.epochs)
+        scaler = torch.amp.GradScaler(device.type) if spec.training.precision == "fp16" else None
+    return Run(spec, device, tokenizer, model, train_set, val_set, optimizer, scheduler, scaler, steps_per_epoch,
+               report_steps(spec.training, steps_per_epoch), timings)
+
+
+def encode_splits(spec: Spec, tokenizer) -> tuple[Encoded, Encoded]:
+    """The spec's (train, validation) problems, encoded (from the on-disk cache when it has them)."""
     splits = load_splits(spec.data)
-    train_set = encode_cached(splits.train, tokenizer, spec.data)  # each trial of a search encodes the same data
-    val_set = encode_cached(splits.val, tokenizer, spec.data)
-    if model is None:
-        model = load_model(spec.model, tokenizer, device, seed=spec.training.seed)
-    if spec.training.compile:
-        model = torch.compile(model)
-    n_batches = len(make_batches(train_set, spec.data, tokenizer.pad_token_id, seed=spec.training.seed, epoch=0))
-    steps_per_epoch = math.ceil(n_batches / spec.training.gradient_accumulation_steps)
-    optimizer = build_optimizer(model, spec, device)
-    scheduler = build_scheduler(optimizer, spec, steps_per_epoch * spec.training.epochs)
-    scaler = torch.amp.GradScaler(device.type) if spec.training.precision == "fp16" else None
-    return Run(spec, device, tokenizer, model, train_set, val_set, optimizer, scheduler, scaler, steps_per_epoch)
+    return encode_cached(splits.train, tokenizer, spec.data), encode_cached(splits.val, tokenizer, spec.data)
+
+
+def report_steps(training: TrainingSpec, steps_per_epoch: int) -> list[int]:
+    """The optimizer steps after which a run reports; the last is always the end of training."""
+    total = steps_per_epoch * training.epochs
+    if training.eval_every <= 1:
+        per_epoch = max(1, round(1 / training.eval_every))
+        steps = {epoch * steps_per_epoch + math.ceil(j * steps_per_epoch / per_epoch)
+                 for epoch in range(training.epochs) for j in range(1, per_epoch + 1)}
+    else:
+        steps = set(range(int(training.eval_every), total + 1, int(training.eval_every)))
+    return sorted(s for s in steps | {total} if s > 0)
 
 
 def pick_device(choice: str) -> torch.device:
@@ -108,7 +165,7 @@ def build_optimizer(model, spec: Spec, device: torch.device) -> torch.optim.Opti
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise SpecError("training.optimizer", "adamw_8bit needs bitsandbytes: pip install 'tune-llama[quant]'") \
+            raise SpecError("training.optimizer", "adamw_8bit needs bitsandbytes: pip install bitsandbytes") \
                 from None
         return bnb.optim.AdamW8bit(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     fused = device.type == "cuda" and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
@@ -122,55 +179,61 @@ def build_scheduler(optimizer, spec: Spec, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-# ---------------------------------------------------------------- train / evaluate
+# ---------------------------------------------------------------- one step
 
 def autocast(run: Run):
     dtype = AUTOCAST.get(run.spec.training.precision)
     return torch.autocast(run.device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def label_count(batch: dict[str, torch.Tensor]) -> int:
+def label_count(batch: Batch) -> int:
     """Tokens that carry loss: labels are shifted inside the model, so the first position never counts."""
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def train_epoch(run: Run) -> dict[str, float]:
-    """One pass over the training data. Returns train loss, real tokens/s and a divergence flag."""
-    t, model = run.spec.training, run.model
+def epoch_windows(run: Run, epoch: int) -> list[Window]:
+    """The optimizer steps of epoch ``epoch`` (0-based): the same for the same (seed, epoch), always."""
     batches = make_batches(run.train_set, run.spec.data, run.tokenizer.pad_token_id,
-                           seed=t.seed, epoch=run.epoch)
-    accum = t.gradient_accumulation_steps
-    windows = [batches[i:i + accum] for i in range(0, len(batches), accum)]
-    model.train()
-    loss_sum = torch.zeros((), device=run.device)  # summed on device: no sync per step
-    loss_tokens = real_tokens = 0
-    diverged = False
-    start = time.perf_counter()
-    bar = tqdm(windows, desc=f"epoch {run.epoch + 1}", unit="step", leave=False, disable=None)
-    for step, window in enumerate(bar, 1):
-        n_items = sum(label_count(b) for b in window)  # normalise by the real tokens of the whole step
-        for batch in window:
-            real_tokens += int(batch["attention_mask"].sum())  # counted on the host: on the GPU it would sync
-            batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
-            with autocast(run):
-                loss = model(**batch, num_items_in_batch=n_items).loss
-            (run.scaler.scale(loss) if run.scaler else loss).backward()
-            loss_sum += loss.detach().float() * n_items
-        optimizer_step(run)
-        loss_tokens += n_items
-        if step % t.log_every == 0 or step == len(windows):
-            mean = (loss_sum / max(loss_tokens, 1)).item()
-            if not math.isfinite(mean):
-                diverged = True
-                break
-            bar.set_postfix(loss=f"{mean:.4f}", tok_s=f"{real_tokens / (time.perf_counter() - start):.0f}")
-    bar.close()
-    if run.device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    train_loss = (loss_sum / max(loss_tokens, 1)).item()
-    return {"train_loss": train_loss, "tokens_per_s": real_tokens / elapsed, "train_time_s": elapsed,
-            "diverged": diverged or not math.isfinite(train_loss)}
+                           seed=run.spec.training.seed, epoch=epoch)
+    accum = run.spec.training.gradient_accumulation_steps
+    return [batches[i:i + accum] for i in range(0, len(batches), accum)]
+
+
+@dataclass
+class Interval:
+    """What the steps since the last report trained on; the loss is summed on the device (no sync per step)."""
+    loss_sum: torch.Tensor
+    label_tokens: int = 0
+    real_tokens: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def start(cls, device: torch.device) -> "Interval":
+        return cls(torch.zeros((), device=device))
+
+    def mean_loss(self) -> float:
+        return (self.loss_sum / max(self.label_tokens, 1)).item()
+
+
+def train_step(run: Run, window: Window, interval: Optional[Interval] = None) -> Interval:
+    """One optimizer step over ``window``; the loss is normalised by the real tokens of the whole step."""
+    interval = interval or Interval.start(run.device)
+    run.model.train()
+    n_items = sum(label_count(b) for b in window)
+    for batch in window:
+        real = int(batch["attention_mask"].sum())  # counted on the host: on the GPU it would sync
+        interval.real_tokens += real
+        run.tokens_seen += real
+        run.examples_seen += batch["input_ids"].shape[0]
+        batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+        with autocast(run):
+            loss = run.model(**batch, num_items_in_batch=n_items).loss
+        (run.scaler.scale(loss) if run.scaler else loss).backward()
+        interval.loss_sum += loss.detach().float() * n_items
+    optimizer_step(run)
+    interval.label_tokens += n_items
+    run.step += 1
+    return interval
 
 
 def optimizer_step(run: Run) -> None:
@@ -190,7 +253,7 @@ def optimizer_step(run: Run) -> None:
 
 
 @torch.no_grad()
-def evaluate(run: Run, encoded: Optional[Encoded] = None) -> float:
+def validation_loss(run: Run, encoded: Optional[Encoded] = None) -> float:
     """Token-weighted mean loss over every example of ``encoded`` (the validation set by default)."""
     data = run.spec.data
     if data.batching == "packed":  # examples must not see each other when measured
@@ -216,58 +279,88 @@ Report = Callable[[dict, Optional[Path]], None]
 
 
 def fit(run: Run, save_checkpoint: Optional[SaveCheckpoint] = None, report: Optional[Report] = None) -> Run:
-    """Train from ``run.epoch`` to ``training.epochs``.
+    """Train from ``run.step`` to the end of ``training.epochs``.
 
-    After each epoch: evaluate, update best / early stopping, call
+    At each report point: validate, update best / early stopping, call
     ``save_checkpoint(run)`` (timed, into ``checkpoint_time_s``), then
     ``report(metrics, checkpoint_dir)``. Stops on divergence or patience.
     """
     t = run.spec.training
-    while run.epoch < t.epochs and run.status == "running":
-        if run.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(run.device)
-        start = time.perf_counter()
-        train = train_epoch(run)
-        eval_loss = math.inf if train["diverged"] else evaluate(run)
-        run.epoch += 1
-        update_status(run, train["train_loss"], eval_loss)
-        metrics = {
-            "epoch": run.epoch,
-            "train_loss": finite_or_inf(train["train_loss"]),
-            "train_perplexity": perplexity(train["train_loss"]),
-            "eval_loss": finite_or_inf(eval_loss),
-            "eval_perplexity": perplexity(eval_loss),
-            "tokens_per_s": train["tokens_per_s"],
-            "epoch_time_s": time.perf_counter() - start,
-            "checkpoint_time_s": 0.0,
-            "peak_memory_gb": peak_memory_gb(run.device),
-            "status": run.status if run.status != "running" or run.epoch < t.epochs else "completed",
-        }
-        run.history.append(metrics)
-        checkpoint = None
-        if save_checkpoint is not None and run.status != "diverged":
+    due = set(run.report_at)
+    interval = Interval.start(run.device)
+    reset_peak_memory(run.device)
+    while run.step < run.total_steps and run.status == "running":
+        epoch = run.step // run.steps_per_epoch
+        for window in epoch_windows(run, epoch)[run.step - epoch * run.steps_per_epoch:]:
             tick = time.perf_counter()
-            checkpoint = save_checkpoint(run)
-            metrics["checkpoint_time_s"] = time.perf_counter() - tick
-        if report is not None:
-            report(metrics, checkpoint)
+            train_step(run, window, interval)
+            diverged = run.step % t.log_every == 0 and not math.isfinite(interval.mean_loss())
+            if run.device.type == "cuda" and (diverged or run.step in due):
+                torch.cuda.synchronize()
+            interval.seconds += time.perf_counter() - tick
+            if diverged or run.step in due:
+                report_now(run, interval, diverged, save_checkpoint, report)
+                interval = Interval.start(run.device)
+                reset_peak_memory(run.device)
+            if run.status != "running":
+                break
     if run.status == "running":
         run.status = "completed"
     return run
 
 
+def report_now(run: Run, interval: Interval, diverged: bool, save_checkpoint: Optional[SaveCheckpoint],
+               report: Optional[Report]) -> dict:
+    """Validate, record the report's metrics, checkpoint, and hand them to ``report``."""
+    train_loss = interval.mean_loss()
+    tick = time.perf_counter()
+    eval_loss = math.inf if diverged or not math.isfinite(train_loss) else validation_loss(run)
+    eval_time = time.perf_counter() - tick
+    run.train_time_s += interval.seconds
+    run.eval_time_s += eval_time
+    update_status(run, train_loss, eval_loss)
+    metrics = {
+        "report": len(run.history) + 1,
+        "step": run.step,
+        "epoch": round(run.epoch, 6),
+        "examples_seen": run.examples_seen,
+        "tokens_seen": run.tokens_seen,
+        "train_loss": finite_or_inf(train_loss),
+        "train_perplexity": perplexity(train_loss),
+        "eval_loss": finite_or_inf(eval_loss),
+        "eval_perplexity": perplexity(eval_loss),
+        "tokens_per_s": interval.real_tokens / max(interval.seconds, 1e-9),
+        "train_time_s": interval.seconds,
+        "eval_time_s": eval_time,
+        "eval_share": run.eval_time_s / max(run.eval_time_s + run.train_time_s, 1e-9),
+        "checkpoint_time_s": 0.0,
+        "peak_memory_gb": peak_memory_gb(run.device),
+        "status": run.status if run.status != "running" or run.step < run.total_steps else "completed",
+    }
+    run.history.append(metrics)
+    checkpoint = None
+    if save_checkpoint is not None and run.status != "diverged":
+        tick = time.perf_counter()
+        checkpoint = save_checkpoint(run)
+        metrics["checkpoint_time_s"] = time.perf_counter() - tick
+    if report is not None:
+        report(metrics, checkpoint)
+    return metrics
+
+
 def update_status(run: Run, train_loss: float, eval_loss: float) -> None:
     t = run.spec.training
+    report = len(run.history) + 1
     if not (math.isfinite(train_loss) and math.isfinite(eval_loss)):
         run.status = "diverged"
-        log.warning("training diverged in epoch %d (loss=%s): lower training.lr (now %g) or set "
-                    "training.max_grad_norm", run.epoch, train_loss, t.lr)
+        log.warning("training diverged at step %d (loss=%s): lower training.lr (now %g) or set "
+                    "training.max_grad_norm", run.step, train_loss, t.lr)
         return
     if eval_loss < run.best_eval_loss:
-        run.best_eval_loss, run.best_epoch, run.bad_epochs = eval_loss, run.epoch, 0
+        run.best_eval_loss, run.best_report, run.bad_reports = eval_loss, report, 0
         return
-    run.bad_epochs += 1
-    if t.early_stopping_patience is not None and run.bad_epochs >= t.early_stopping_patience:
+    run.bad_reports += 1
+    if t.early_stopping_patience is not None and run.bad_reports >= t.early_stopping_patience:
         run.status = "early_stopped"
 
 
@@ -279,6 +372,11 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -287,37 +385,48 @@ def peak_memory_gb(device: torch.device) -> float:
 
 # ---------------------------------------------------------------- state
 
-TRAINABLE, OPTIMIZER, STATE = "trainable.safetensors", "optimizer.pt", "state.pt"
+TRAINABLE, OPTIMIZER, STATE, METRICS = "trainable.safetensors", "optimizer.pt", "state.pt", "metrics.json"
+PROGRESS = ("step", "examples_seen", "tokens_seen", "train_time_s", "eval_time_s", "history", "status",
+            "best_eval_loss", "best_report", "bad_reports")
 
 
 def save_state(run: Run, directory: Path) -> Path:
-    """Trainable weights (the adapter alone for LoRA), optimizer, schedule, scaler, RNG and progress."""
+    """Trainable weights (the adapter alone for LoRA), optimizer, schedule, scaler, RNG and progress;
+    ``metrics.json`` holds the last report's metrics, so the checkpoint says how good it is by itself."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.contiguous().cpu() for k, v in trainable_state(run.model).items()}
     save_file(weights, directory / TRAINABLE)
     torch.save(run.optimizer.state_dict(), directory / OPTIMIZER)
     torch.save({
-        "epoch": run.epoch, "history": run.history, "status": run.status,
-        "best_eval_loss": run.best_eval_loss, "best_epoch": run.best_epoch, "bad_epochs": run.bad_epochs,
+        **{key: getattr(run, key) for key in PROGRESS},
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler else None,
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }, directory / STATE)
     (directory / "spec.json").write_text(json.dumps(run.spec.to_dict(), indent=1))
+    (directory / METRICS).write_text(json.dumps(run.history[-1] if run.history else {}))
     return directory
 
 
 def load_state(run: Run, directory: Path, weights_only: bool = False) -> Run:
-    """Restore what ``save_state`` wrote, so training continues exactly where it stopped."""
+    """Restore what ``save_state`` wrote, so training continues exactly where it stopped.
+
+    A checkpoint that cannot be read (truncated, or from another model) is a ``CheckpointError`` naming the file.
+    """
     directory = Path(directory)
-    load_trainable_state(run.model, {k: v.to(run.device) for k, v in load_file(directory / TRAINABLE).items()})
-    if weights_only:
-        return run
-    run.optimizer.load_state_dict(torch.load(directory / OPTIMIZER, map_location=run.device, weights_only=False))
-    state = torch.load(directory / STATE, map_location="cpu", weights_only=False)
-    for key in ("epoch", "history", "status", "best_eval_loss", "best_epoch", "bad_epochs"):
+    try:
+        weights = load_file(directory / TRAINABLE)
+        load_trainable_state(run.model, {k: v.to(run.device) for k, v in weights.items()})
+        if weights_only:
+            return run
+        optimizer_state = torch.load(directory / OPTIMIZER, map_location=run.device, weights_only=False)
+        state = torch.load(directory / STATE, map_location="cpu", weights_only=False)
+    except Exception as err:  # safetensors, pickle and shape errors all mean: this file is unusable
+        raise CheckpointError(f"checkpoint {directory} cannot be read: {one_line(err)}") from None
+    run.optimizer.load_state_dict(optimizer_state)
+    for key in PROGRESS:
         setattr(run, key, state[key])
     run.scheduler.load_state_dict(state["scheduler"])
     if run.scaler and state["scaler"]:
@@ -329,3 +438,8 @@ def load_state(run: Run, directory: Path, weights_only: bool = False) -> Run:
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return run
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

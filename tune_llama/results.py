@@ -1,10 +1,18 @@
-"""Read a search folder (``results/NAME``) straight from its files, while it runs or after it stopped.
+"""The search folder (``results/NAME``): what is in it, read while it runs or after it stopped, and
+the one ranking of trials and checkpoints that the summary, export, report and single runs share.
+
+    results/NAME/tune_llama_spec.json    the search's spec (written before Ray starts)
+    results/NAME/driver.json             pid and host of the search process (gone driver: interrupted)
+    results/NAME/optuna.db               the Optuna study
+    results/NAME/summary.txt             the search's closing summary
+    results/NAME/finalists.json          GSM8K accuracy of the best trials, when ``search.finalists`` is on
+    results/NAME/<trial folder>/         params.json, result.json (one row per report), checkpoint_*/
 
 Ray Tune's own readers need a consistent experiment state; a search that is
 still running, was killed or is being resumed may not have one. So the trials
-come from their folders (``params.json``, ``result.json``, ``checkpoint_*``),
-and Ray's newest ``experiment_state-*.json`` only adds what the files cannot
-say: whether a trial errored, is still pending, or was ended by the scheduler.
+come from their folders, and each checkpoint from its own ``metrics.json``;
+Ray's experiment state (read in ``ray_private``) only adds what the files
+cannot say: whether a trial errored, is pending, or was ended by the scheduler.
 No Ray import: export and report also run where Ray is not installed.
 """
 
@@ -16,15 +24,55 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
-from tune_llama.errors import UserError
-from tune_llama.search import SPEC_FILE  # tune_llama.search imports Ray only when a search starts
-from tune_llama.spec import Spec, SpecError, apply_params, spec_from_dict
+from tune_llama.errors import SpecError, UserError
+from tune_llama.ray_private import read_trial_states, trial_id_from_name, trial_sequence_number
+from tune_llama.spec import Spec, apply_params, spec_from_dict
+
+SPEC_FILE = "tune_llama_spec.json"
+DRIVER_FILE = "driver.json"
+OPTUNA_DB = "optuna.db"
+SUMMARY_FILE = "summary.txt"
+FINALISTS_FILE = "finalists.json"
+CHECKPOINT_METRICS = "metrics.json"
+CHECKPOINT_WEIGHTS = "trainable.safetensors"
 
 FINISHED, ASHA_STOPPED, EARLY_STOPPED, DIVERGED = "finished", "stopped by ASHA", "early stopped", "diverged"
 ERRORED, RUNNING, PENDING, INTERRUPTED = "errored", "running", "pending", "interrupted"
 NO_RESULT = "ended without a result"
+NORMAL_ENDS = (FINISHED, ASHA_STOPPED, EARLY_STOPPED, DIVERGED)
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- the one ranking
+
+def rank(items: Iterable[T], metric: str, mode: str,
+         row: Callable[[T], Optional[dict[str, Any]]] = lambda item: item) -> list[T]:  # type: ignore[assignment,return-value]
+    """``items`` whose ``row(item)[metric]`` is finite, best first; ties keep the order given."""
+    scored = []
+    for order, item in enumerate(items):
+        values = row(item)
+        value = values.get(metric) if values else None
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            scored.append(((value if mode == "min" else -value), order, item))
+    scored.sort(key=lambda s: (s[0], s[1]))
+    return [item for _, _, item in scored]
+
+
+def best_row(rows: Iterable[dict[str, Any]], metric: str, mode: str) -> Optional[dict[str, Any]]:
+    ranked = rank(rows, metric, mode)
+    return ranked[0] if ranked else None
+
+
+# ---------------------------------------------------------------- trials and checkpoints
+
+@dataclass
+class Checkpoint:
+    path: Path
+    metrics: dict[str, Any]
+    """The report the checkpoint was taken at, as the checkpoint itself recorded it."""
 
 
 @dataclass
@@ -33,58 +81,69 @@ class Trial:
     path: Optional[Path]
     """The trial's folder; None while Ray has not started it."""
     params: dict[str, Any]
-    epochs: list[dict[str, Any]] = field(default_factory=list)
-    """One row per reported epoch (the loop's metrics plus Ray's fields), by epoch."""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    """One row per report (the loop's metrics plus Ray's fields), in order."""
     ray_status: Optional[str] = None
     """TERMINATED, ERROR, RUNNING, PENDING or PAUSED from Ray's state; None when it has none."""
     error: Optional[str] = None
-    """The first line of the trial's error file, when it errored."""
+    """The first line of the trial's error, when it errored."""
+    error_file: Optional[Path] = None
 
-    def best_epoch(self, metric: str, mode: str) -> Optional[dict[str, Any]]:
-        """The epoch row with the best finite ``metric``, or None."""
-        return best_row(self.epochs, metric, mode)
+    def best(self, metric: str, mode: str) -> Optional[dict[str, Any]]:
+        """The report with the best finite ``metric`` (not only the last), or None."""
+        return best_row(self.rows, metric, mode)
 
-    def checkpoints(self) -> dict[str, Path]:
-        """Checkpoint folders on disk, by name (``checkpoint_000003``)."""
+    def checkpoints(self) -> list[Checkpoint]:
+        """Checkpoints on disk, oldest first, each with the metrics it holds."""
         if self.path is None:
-            return {}
-        return {p.name: p for p in sorted(self.path.glob("checkpoint_*")) if (p / "trainable.safetensors").is_file()}
+            return []
+        by_name = {r.get("checkpoint_dir_name"): r for r in self.rows}
+        found = []
+        for folder in sorted(self.path.glob("checkpoint_*")):
+            if not (folder / CHECKPOINT_WEIGHTS).is_file():
+                continue
+            metrics = read_json(folder / CHECKPOINT_METRICS) or by_name.get(folder.name)
+            if metrics:
+                found.append(Checkpoint(folder, metrics))
+        return found
 
-    def best_checkpoint(self, metric: str, mode: str) -> Optional[tuple[Path, dict[str, Any]]]:
-        """(folder, epoch row) of the best checkpoint that still exists (Ray deletes the worse ones)."""
-        on_disk = self.checkpoints()
-        rows = [r for r in self.epochs if r.get("checkpoint_dir_name") in on_disk]
-        row = best_row(rows, metric, mode)
-        return (on_disk[row["checkpoint_dir_name"]], row) if row else None
+    def best_checkpoint(self, metric: str, mode: str) -> Optional[Checkpoint]:
+        ranked = rank(self.checkpoints(), metric, mode, row=lambda c: c.metrics)
+        return ranked[0] if ranked else None
 
     @property
     def time_s(self) -> float:
         """Wall time the trial has used (Ray's ``time_total_s`` of its last report)."""
-        return float(self.epochs[-1].get("time_total_s", 0.0)) if self.epochs else 0.0
+        return float(self.rows[-1].get("time_total_s", 0.0)) if self.rows else 0.0
 
-    def status(self, max_epochs: int) -> str:
-        """finished / stopped by ASHA / early stopped / diverged / errored / running / pending / interrupted.
+    @property
+    def epochs(self) -> float:
+        """Epochs trained, fractional."""
+        return float(self.rows[-1].get("epoch", 0.0)) if self.rows else 0.0
 
-        Ray's state says errored, pending or ended; the epochs say how far the trial got and how the loop
-        ended it; a trial Ray ended before ``training.epochs`` without the loop stopping it was ASHA's call.
-        """
-        last = self.epochs[-1] if self.epochs else {}
+    def status(self, max_epochs: int, driver_alive: bool = True) -> str:
+        """finished / stopped by ASHA / early stopped / diverged / errored / running / pending / interrupted."""
+        last = self.rows[-1] if self.rows else {}
         loop_status = last.get("status")
         if self.ray_status == "ERROR":
             return ERRORED
-        if not self.epochs:
-            return {"RUNNING": RUNNING, "TERMINATED": NO_RESULT}.get(self.ray_status or "", PENDING)
+        if not self.rows:
+            if self.ray_status == "TERMINATED":
+                return NO_RESULT
+            if not driver_alive:
+                return INTERRUPTED
+            return RUNNING if self.ray_status == "RUNNING" else PENDING
         if loop_status == "diverged":
             return DIVERGED
         if loop_status == "early_stopped":
             return EARLY_STOPPED
-        if len(self.epochs) >= max_epochs or loop_status == "completed":
+        if loop_status == "completed" or self.epochs >= max_epochs - 1e-9:
             return FINISHED
         if self.ray_status == "TERMINATED" or (self.ray_status is None and last.get("done")):
             return ASHA_STOPPED  # Tune ended it before training.epochs and the loop did not
-        if self.ray_status in ("PENDING", "PAUSED"):
-            return PENDING
-        return RUNNING if worker_alive(last) else INTERRUPTED
+        if not driver_alive or not worker_alive(last):
+            return INTERRUPTED
+        return PENDING if self.ray_status in ("PENDING", "PAUSED") else RUNNING
 
 
 @dataclass
@@ -92,22 +151,45 @@ class Search:
     path: Path
     spec: Spec
     trials: list[Trial]
+    driver_alive: bool = False
+    """Whether the process that runs (ran) the search is still there."""
 
     @property
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def metric(self) -> str:
+        return self.spec.search.metric
+
+    @property
+    def mode(self) -> str:
+        return self.spec.search.mode
+
     def trial_spec(self, trial: Trial) -> Spec:
         return apply_params(self.spec, trial.params)
 
+    def status(self, trial: Trial) -> str:
+        return trial.status(self.spec.training.epochs, self.driver_alive)
+
+    def ranked(self) -> list[tuple[Trial, dict[str, Any]]]:
+        """(trial, its best report), best trial first; trials without a finite metric left out."""
+        pairs = [(t, t.best(self.metric, self.mode)) for t in self.trials]
+        return rank([p for p in pairs if p[1]], self.metric, self.mode, row=lambda p: p[1])
+
     def best(self) -> Optional[tuple[Trial, dict[str, Any]]]:
-        """The trial with the best metric at any epoch (not only its last), and that epoch's row."""
-        metric, mode = self.spec.search.metric, self.spec.search.mode
-        scored = [(t, t.best_epoch(metric, mode)) for t in self.trials]
-        scored = [(t, row) for t, row in scored if row is not None]
-        if not scored:
-            return None
-        return sorted(scored, key=lambda pair: sort_key(pair[1][metric], mode))[0]
+        ranked = self.ranked()
+        return ranked[0] if ranked else None
+
+    def best_checkpoint(self) -> Optional[tuple[Trial, Checkpoint]]:
+        """The best checkpoint on disk of any trial, by the metrics it holds."""
+        pairs = [(t, c) for t in self.trials for c in t.checkpoints()]
+        ranked = rank(pairs, self.metric, self.mode, row=lambda p: p[1].metrics)
+        return ranked[0] if ranked else None
+
+    def finalists(self) -> Optional[dict[str, Any]]:
+        """What ``finalists.json`` holds, or None when the search scored no finalists."""
+        return read_json(self.path / FINALISTS_FILE)
 
 
 # ---------------------------------------------------------------- reading
@@ -117,16 +199,9 @@ def load_search(path: Path | str) -> Search:
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise UserError(f"search folder not found: {path}")
-    spec_file = path / SPEC_FILE
-    if not spec_file.is_file():
-        raise UserError(f"{path} is not a tune-llama search folder (no {SPEC_FILE}; "
-                        "create one with python -m tune_llama.search SPEC --name NAME)")
-    try:
-        spec = spec_from_dict(json.loads(spec_file.read_text()))
-    except (ValueError, SpecError) as err:
-        raise UserError(f"{spec_file}: not a valid search spec ({str(err).splitlines()[0]})") from None
+    spec = load_search_spec(path)
     trials = {t.trial_id: t for t in (read_trial_folder(p) for p in trial_folders(path))}
-    for state in ray_trial_states(path):
+    for state in read_trial_states(path):
         trial = trials.get(state["trial_id"])
         if trial is None:
             folder = path / state["relative_logdir"] if state.get("relative_logdir") else None
@@ -134,8 +209,22 @@ def load_search(path: Path | str) -> Search:
                                                                else None, state.get("config") or {}))
         trial.ray_status = state.get("status")
         trial.error = state.get("error")
+        trial.error_file = Path(state["error_file"]) if state.get("error_file") else None
         trial.params = trial.params or state.get("config") or {}
-    return Search(path, spec, sorted(trials.values(), key=trial_order))
+    return Search(path, spec, sorted(trials.values(), key=trial_order), driver_alive(path))
+
+
+def load_search_spec(path: Path) -> Spec:
+    spec_file = path / SPEC_FILE
+    if not spec_file.is_file():
+        raise UserError(f"{path} is not a tune-llama search folder (no {SPEC_FILE}; "
+                        "create one with tune-llama search SPEC --name NAME)")
+    try:
+        raw = json.loads(spec_file.read_text())
+        raw.pop("_spec_name", None)  # which YAML file it came from: for W&B tags, not part of the schema
+        return spec_from_dict(raw)
+    except (ValueError, SpecError) as err:
+        raise UserError(f"{spec_file}: not a valid search spec ({str(err).splitlines()[0]})") from None
 
 
 def trial_folders(path: Path) -> list[Path]:
@@ -151,42 +240,21 @@ def read_trial_folder(folder: Path) -> Trial:
 
 
 def read_result_rows(path: Path) -> list[dict[str, Any]]:
-    """Per-epoch rows of Ray's ``result.json``; a half-written last line (a live search) is skipped.
+    """Per-report rows of Ray's ``result.json``; a half-written last line (a live search) is skipped.
 
-    A resumed trial may report an epoch again: the later row wins.
+    A resumed trial may report a step again: the later row wins.
     """
     if not path.is_file():
         return []
-    by_epoch: dict[int, dict] = {}
+    by_report: dict[int, dict] = {}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
-            by_epoch[row["epoch"]] = row
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def ray_trial_states(path: Path) -> list[dict[str, Any]]:
-    """Per trial: id, Ray status, config, folder and error line, from the newest experiment state."""
-    files = sorted(path.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
-    state = read_json(files[-1]) if files else None
-    out = []
-    for entry in (state or {}).get("trial_data", []):
-        try:
-            trial = json.loads(entry[0])
-            runtime = json.loads(entry[1]) if len(entry) > 1 else {}
-        except (ValueError, TypeError, IndexError):
-            continue
-        error = None
-        if runtime.get("error_filename"):
-            error_file = path / trial.get("relative_logdir", "") / runtime["error_filename"]
-            lines = error_file.read_text(errors="replace").strip().splitlines() if error_file.is_file() else []
-            error = lines[-1] if lines else "error (no error file)"
-        out.append({"trial_id": trial.get("trial_id"), "status": trial.get("status"), "config": trial.get("config"),
-                    "relative_logdir": trial.get("relative_logdir"), "error": error})
-    return [s for s in out if s["trial_id"]]
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            by_report[row["step"]] = row
+    return [by_report[s] for s in sorted(by_report)]
 
 
 def read_json(path: Path) -> Any:
@@ -196,36 +264,35 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def trial_id_from_name(name: str) -> str:
-    # Ray names trial folders TRAINABLE_TRIALID_N_params_DATE, e.g. train_trial_51d262fe_1_...
-    parts = name.split("_")
-    return parts[2] if len(parts) > 2 and parts[:2] == ["train", "trial"] else name
-
-
 def trial_order(trial: Trial) -> tuple:
-    # Ray's folder names carry the trial's sequence number after the id; pending trials go last.
+    # Ray's folder names carry the trial's sequence number; pending trials go last.
     if trial.path is None:
         return (1, 0, trial.trial_id)
-    parts = trial.path.name.split("_")
-    number = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
-    return (0, number, trial.trial_id)
+    return (0, trial_sequence_number(trial.path.name), trial.trial_id)
 
 
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- liveness
 
-def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> Optional[dict[str, Any]]:
-    finite = [r for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
-    return min(finite, key=lambda r: sort_key(r[metric], mode)) if finite else None
+def write_driver_file(path: Path) -> None:
+    """Record the search process, so a reader can tell a running search from one whose process is gone."""
+    (path / DRIVER_FILE).write_text(json.dumps({"pid": os.getpid(), "hostname": socket.gethostname()}))
 
 
-def sort_key(value: float, mode: str) -> float:
-    return value if mode == "min" else -value
+def driver_alive(path: Path) -> bool:
+    return process_alive(read_json(path / DRIVER_FILE) or {})
 
 
 def worker_alive(row: dict[str, Any]) -> bool:
-    """Whether the process that last reported for a trial still runs (unknowable on another host: yes)."""
-    pid, host = row.get("pid"), row.get("hostname")
-    if not isinstance(pid, int) or host != socket.gethostname():
+    """Whether the process that last reported for a trial still runs."""
+    return process_alive(row)
+
+
+def process_alive(info: dict[str, Any]) -> bool:
+    """``{"pid", "hostname"}`` names a live process (unknowable on another host: yes; unknown: no)."""
+    pid, host = info.get("pid"), info.get("hostname")
+    if not isinstance(pid, int):
+        return False
+    if host != socket.gethostname():
         return True
     try:
         os.kill(pid, 0)

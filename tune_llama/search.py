@@ -1,9 +1,14 @@
-"""Hyperparameter search: ``python -m tune_llama.search SPEC [--name NAME] [--storage DIR] [--set k=v] [--resume]``.
+"""Search a spec's hyperparameters: Optuna proposes, ASHA stops poor trials early, Ray keeps checkpoints.
 
-Optuna TPE proposes configs, ASHA stops poor trials early, Ray keeps the best
-checkpoints. ``--resume`` (or ``--resume results/NAME``) continues an
-interrupted search: searcher and scheduler state come back, unfinished trials
-continue from their last checkpoint and errored ones are retried.
+``tune-llama search SPEC`` (or ``python -m tune_llama.search SPEC``) starts a
+search in ``results/NAME``; ``--resume results/NAME`` continues an interrupted
+one: searcher and scheduler state come back, unfinished trials continue from
+their last checkpoint and errored ones are retried. Everything that can be
+checked before Ray starts is checked first (``tune_llama.preflight``).
+
+Exit codes: 0 every trial ended normally (ASHA stops included), 2 bad input,
+3 interrupted (resume it), 4 every trial errored; some errored trials are a
+warning line with exit 0.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from tune_llama.cli import add_search_folder_arguments, add_set_argument, run_cli
 from tune_llama.errors import UserError
-from tune_llama.cli import add_set_argument, run_cli
-from tune_llama.spec import Spec, load_spec, spec_from_dict
+from tune_llama.preflight import check_cluster, preflight
+from tune_llama.results import (ERRORED, INTERRUPTED, NORMAL_ENDS, OPTUNA_DB, PENDING, RUNNING, SPEC_FILE,
+                                SUMMARY_FILE, Search, load_search, load_search_spec, write_driver_file)
+from tune_llama.spec import Spec, load_spec
 
-SPEC_FILE = "tune_llama_spec.json"
-OPTUNA_DB = "optuna.db"
+EXIT_INTERRUPTED, EXIT_ALL_ERRORED = 3, 4
 
 
 # ---------------------------------------------------------------- building blocks
@@ -58,6 +65,14 @@ def trainable(spec: Spec):
     return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict()), trial_resources(spec))
 
 
+def grace_period(spec: Spec) -> float:
+    """ASHA's grace period in epochs: the spec's, else the first report."""
+    t = spec.training
+    if spec.search.asha.grace_period is not None:
+        return spec.search.asha.grace_period
+    return t.eval_every if t.eval_every <= 1 else 1.0
+
+
 def tune_config(spec: Spec, experiment: Path):
     import optuna
     from ray import tune
@@ -68,15 +83,17 @@ def tune_config(spec: Spec, experiment: Path):
     s = spec.search
     storage = optuna.storages.RDBStorage(f"sqlite:///{experiment / OPTUNA_DB}")
     searcher = ResumableOptunaSearch(sampler=optuna.samplers.TPESampler(seed=s.seed), storage=storage,
-                            study_name=experiment.name)
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.training.epochs, grace_period=s.asha.grace_period,
-                              reduction_factor=s.asha.reduction_factor)
+                                     study_name=experiment.name)
+    # The time unit is the fractional epoch each report carries: reports inside an epoch are ASHA's rungs.
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.training.epochs, grace_period=grace_period(spec),
+                              reduction_factor=s.asha.reduction_factor, brackets=s.asha.brackets)
     return tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
                            search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent))
 
 
-def run_config(spec: Spec, experiment: Path):
+def run_config(spec: Spec, experiment: Path, verbose: bool):
     from ray import tune
+    from tune_llama.progress import progress_callbacks
     from tune_llama.tracking import callbacks
 
     s = spec.search
@@ -86,18 +103,30 @@ def run_config(spec: Spec, experiment: Path):
         checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints, checkpoint_score_attribute=s.metric,
                                                 checkpoint_score_order=s.mode),
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
-        callbacks=callbacks(spec, experiment.name),
+        callbacks=callbacks(spec, experiment.name, spec_name=spec_name(experiment)) + progress_callbacks(
+            spec, verbose),
+        verbose=None if verbose else 0,
     )
 
 
-def init_ray(spec: Spec) -> None:
-    """Join the cluster in $RAY_ADDRESS (Slurm, multi-node), else start a local Ray."""
+def spec_name(experiment: Path) -> Optional[str]:
+    info = (experiment / SPEC_FILE)
+    try:
+        return json.loads(info.read_text()).get("_spec_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def init_ray(spec: Spec, verbose: bool) -> None:
+    """Join the cluster in $RAY_ADDRESS (Slurm, multi-node), else start a local Ray of our own."""
     import ray
     if ray.is_initialized():
         return
+    # One line per failed trial (its error file keeps the traceback), not a traceback per retry.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "1" if verbose else "0")
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or None, include_dashboard=False, log_to_driver=True,
-             configure_logging=True, logging_level="WARNING")
+    ray.init(address=address or None, include_dashboard=False, log_to_driver=verbose,
+             configure_logging=True, logging_level="INFO" if verbose else "ERROR")
 
 
 def forward_sigterm_to_tune() -> None:
@@ -127,100 +156,156 @@ def experiment_dir(storage: Optional[Path], name: str) -> Path:
     return root / name
 
 
-def start(spec: Spec, experiment: Path):
-    from ray import tune
-    if (experiment / SPEC_FILE).exists():
-        raise UserError(f"{experiment} already holds a search: resume it with --resume {experiment}, "
-                        "or pick another --name")
-    experiment.mkdir(parents=True, exist_ok=True)
-    (experiment / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=1))
-    init_ray(spec)
-    forward_sigterm_to_tune()
-    return tune.Tuner(trainable(spec), param_space=param_space(spec), tune_config=tune_config(spec, experiment),
-                      run_config=run_config(spec, experiment))
+def resolve_experiment(args: argparse.Namespace) -> tuple[Optional[Spec], Path]:
+    """(spec for a new search or None for a resume, absolute experiment folder) from the arguments."""
+    if args.resume is not None:
+        if isinstance(args.resume, str):
+            return None, Path(args.resume).expanduser().resolve()
+        if args.name:
+            return None, experiment_dir(args.storage, args.name)
+        raise UserError("--resume needs a search folder (--resume results/NAME) or --name NAME")
+    if not args.spec:
+        raise UserError("give a spec (e.g. search_spaces/tiny.yaml) or --resume DIR")
+    spec = absolute_paths(load_spec(args.spec, args.overrides))
+    if not spec.search.space:
+        raise UserError(f"search.space: {args.spec} names no field to search")
+    name = args.name or f"{Path(args.spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return spec, experiment_dir(args.storage, name)
 
 
-def resume(experiment: Path):
+def check_resumable(experiment: Path) -> Spec:
     from ray import tune
     if not experiment.is_dir():
         raise UserError(f"--resume: {experiment} does not exist")
     if not (experiment / SPEC_FILE).is_file() or not tune.Tuner.can_restore(str(experiment)):
         raise UserError(f"--resume: {experiment} is not a tune-llama search folder (no {SPEC_FILE} or Tune state)")
-    spec = load_search_spec(experiment)
-    init_ray(spec)
-    forward_sigterm_to_tune()
-    return spec, tune.Tuner.restore(str(experiment), trainable(spec), resume_unfinished=True, resume_errored=True)
+    return load_search_spec(experiment)
 
 
-def load_search_spec(experiment: Path) -> Spec:
-    return spec_from_dict(json.loads((experiment / SPEC_FILE).read_text()))
-
-
-def summarize(spec: Spec, results, experiment: Path) -> int:
-    """Print the best trial and the commands that follow (also into summary.txt); 0 when finished."""
-    metric, mode = spec.search.metric, spec.search.mode
+def start(spec: Spec, experiment: Path, spec_file: str, verbose: bool):
     from ray import tune
-    statuses = [t.status for t in tune.ExperimentAnalysis(str(experiment)).trials]
-    unfinished = [s for s in statuses if s not in ("TERMINATED", "ERROR")]
-    lines = [f"search folder: {experiment}",
-             f"trials: {len(statuses)} ({statuses.count('TERMINATED')} finished or stopped by ASHA, "
-             f"{statuses.count('ERROR')} errored, {len(unfinished)} unfinished)"]
-    try:
-        best = results.get_best_result(metric=metric, mode=mode, scope="all")
-    except RuntimeError:
-        best = None
-    if best is None or best.metrics_dataframe is None or metric not in best.metrics_dataframe:
-        lines.append("no trial reported a result yet")
+    if (experiment / SPEC_FILE).exists():
+        raise UserError(f"{experiment} already holds a search: resume it with --resume {experiment}, "
+                        "or pick another --name")
+    preflight(spec)
+    experiment.mkdir(parents=True, exist_ok=True)
+    (experiment / SPEC_FILE).write_text(json.dumps({**spec.to_dict(), "_spec_name": Path(spec_file).stem},
+                                                   indent=1))
+    return launch(spec, experiment, verbose, lambda: tune.Tuner(
+        trainable(spec), param_space=param_space(spec), tune_config=tune_config(spec, experiment),
+        run_config=run_config(spec, experiment, verbose)))
+
+
+def resume(experiment: Path, verbose: bool):
+    from ray import tune
+    spec = check_resumable(experiment)
+    preflight(spec)
+    return spec, launch(spec, experiment, verbose, lambda: tune.Tuner.restore(
+        str(experiment), trainable(spec), resume_unfinished=True, resume_errored=True,
+        param_space=param_space(spec)))
+
+
+def launch(spec: Spec, experiment: Path, verbose: bool, make_tuner):
+    write_driver_file(experiment)
+    init_ray(spec, verbose)
+    check_cluster(trial_resources(spec))
+    forward_sigterm_to_tune()
+    return make_tuner()
+
+
+# ---------------------------------------------------------------- the summary
+
+def summary_lines(search: Search) -> tuple[list[str], dict[str, int]]:
+    """What the search came to, as lines, and its trial counts by status."""
+    statuses = {t.trial_id: search.status(t) for t in search.trials}
+    counts = {s: list(statuses.values()).count(s) for s in set(statuses.values())}
+    normal = sum(counts.get(s, 0) for s in NORMAL_ENDS)
+    unfinished = sum(counts.get(s, 0) for s in (RUNNING, PENDING, INTERRUPTED))
+    lines = [f"search folder: {search.path}",
+             f"trials: {len(statuses)} of {search.spec.search.num_samples} ({normal} ended normally, "
+             f"{counts.get(ERRORED, 0)} errored, {unfinished} unfinished)"]
+    best = search.best()
+    if best is None:
+        lines.append(f"no trial reported a finite {search.metric} yet")
     else:
-        frame = best.metrics_dataframe
-        row = frame.loc[frame[metric].idxmin() if mode == "min" else frame[metric].idxmax()]
-        lines += [f"best trial: {Path(best.path).name}",
-                  f"  params: {json.dumps(best.config)}",
-                  f"  best epoch: {int(row['epoch'])}  eval_loss: {row['eval_loss']:.4f}  "
-                  f"eval_perplexity: {row['eval_perplexity']:.3f}"]
+        trial, row = best
+        lines += [f"best trial: {trial.trial_id}  ({trial.path.name if trial.path else 'no folder'})",
+                  f"  params: {json.dumps(trial.params)}",
+                  f"  best report: {row['report']} (epoch {row['epoch']:g}, step {row['step']})  "
+                  f"{search.metric}: {row[search.metric]:.4f}  eval_perplexity: {row['eval_perplexity']:.3f}"]
+        checkpoint = search.best_checkpoint()
+        if checkpoint:
+            lines.append(f"  checkpoint: {checkpoint[1].path}")
+    for trial in search.trials:
+        if statuses[trial.trial_id] == ERRORED:
+            lines.append(f"errored trial {trial.trial_id}: {trial.error or 'error'}"
+                         + (f"  (full error: {trial.error_file})" if trial.error_file else ""))
+    return lines, counts
+
+
+def summarize(experiment: Path) -> int:
+    """Print what the search came to and the commands that follow (also into summary.txt); the exit code."""
+    search = load_search(experiment)
+    search.driver_alive = False  # this process is the driver, and its search is over
+    lines, counts = summary_lines(search)
     where = os.path.relpath(experiment) if experiment.is_relative_to(Path.cwd()) else str(experiment)
     lines += ["next:",
-              f"  export:   python -m tune_llama.export {where}",
-              f"  report:   python -m tune_llama.report {where}",
-              f"  resume:   python -m tune_llama.search --resume {where}"]
+              f"  report:   tune-llama report {where}",
+              f"  export:   tune-llama export {where}",
+              f"  resume:   tune-llama search --resume {where}"]
     text = "\n".join(lines)
     print("\n" + text)
-    (experiment / "summary.txt").write_text(text + "\n")
-    if unfinished or len(statuses) < spec.search.num_samples:
-        print(f"the search was interrupted: continue it with --resume {where}")
-        return 3
+    (experiment / SUMMARY_FILE).write_text(text + "\n")
+    errored = counts.get(ERRORED, 0)
+    if search.trials and errored == len(search.trials):
+        print(f"error: every trial errored ({errored}); the first lines are above, full errors in each "
+              f"trial's error.txt", file=sys.stderr)
+        return EXIT_ALL_ERRORED
+    unfinished = len(search.trials) - errored - sum(counts.get(s, 0) for s in NORMAL_ENDS)
+    if unfinished or len(search.trials) < search.spec.search.num_samples:
+        print(f"the search was interrupted: continue it with tune-llama search --resume {where}")
+        return EXIT_INTERRUPTED
+    if errored:
+        print(f"warning: {errored} of {len(search.trials)} trials errored (see above)", file=sys.stderr)
     return 0
+
+
+# ---------------------------------------------------------------- command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", nargs="?", help="YAML spec, e.g. search_spaces/sgd.yaml")
+    add_search_folder_arguments(parser)
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+                        help="resume the search in DIR (or the one --name/--storage point to)")
+    parser.add_argument("--print-experiment", action="store_true",
+                        help="check the arguments, print the absolute search folder and exit (for job scripts)")
+    parser.add_argument("--verbose", action="store_true", help="Ray's own progress output and trial tracebacks")
+    add_set_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec, experiment = resolve_experiment(args)
+    if args.print_experiment:
+        if spec is None:
+            check_resumable(experiment)
+        print(experiment)
+        return 0
+    if spec is None:
+        spec, tuner = resume(experiment, args.verbose)
+    else:
+        tuner = start(spec, experiment, args.spec, args.verbose)
+    tuner.fit()
+    code = summarize(experiment)
+    if code == 0 and spec.search.finalists.top_k > 0:
+        from tune_llama.finalists import score_finalists
+        score_finalists(experiment)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tune_llama.search", description=__doc__.splitlines()[0])
-    parser.add_argument("spec", nargs="?", help="YAML spec, e.g. search_spaces/sgd.yaml")
-    parser.add_argument("--name", help="experiment name (default: SPEC stem and a timestamp)")
-    parser.add_argument("--storage", type=Path, help="folder that holds searches (default results/)")
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
-                        help="resume the search in DIR (or the one SPEC/--name point to)")
-    add_set_argument(parser)
-    args = parser.parse_args(argv)
-
-    if args.resume is not None:
-        if isinstance(args.resume, str):
-            experiment = Path(args.resume).expanduser().resolve()
-        elif args.name:
-            experiment = experiment_dir(args.storage, args.name)
-        else:
-            raise UserError("--resume needs a search folder (--resume results/NAME) or --name NAME")
-        spec, tuner = resume(experiment)
-    else:
-        if not args.spec:
-            raise UserError("give a spec (e.g. search_spaces/tiny.yaml) or --resume DIR")
-        spec = absolute_paths(load_spec(args.spec, args.overrides))
-        if not spec.search.space:
-            raise UserError(f"search.space: {args.spec} names no field to search")
-        name = args.name or f"{Path(args.spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        experiment = experiment_dir(args.storage, name)
-        tuner = start(spec, experiment)
-    results = tuner.fit()
-    return summarize(spec, results, experiment)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

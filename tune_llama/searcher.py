@@ -11,18 +11,20 @@ class ResumableOptunaSearch(OptunaSearch):
 
     The SQLite study is written as results arrive, but Tune's experiment
     snapshot can be older: on resume Tune may rerun the last epochs of a trial
-    that Optuna already closed. Optuna rejects updates to a finished trial;
-    its value is already recorded, so those late updates are dropped.
+    that Optuna already closed. Optuna rejects updates to a finished trial
+    (``UpdateFinishedTrialError``); its value is already recorded, so those late
+    updates are dropped. Only the public Searcher hooks are overridden: each late
+    update is refused by Optuna and dropped here, nothing in Ray's state is changed.
     """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         try:
             super().on_trial_result(trial_id, result)
         except UpdateFinishedTrialError:
-            self._completed_trials.add(trial_id)
+            pass  # a replayed epoch of a trial Optuna already closed
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         try:
             super().on_trial_complete(trial_id, result, error)
         except UpdateFinishedTrialError:
-            self._completed_trials.add(trial_id)
+            pass  # Ray 2.60 logs and swallows it itself; kept in case a later Ray lets it through

@@ -79,8 +79,11 @@ class ModelSpec:
 @dataclass
 class DataSpec:
     source: str = "synthetic"
-    """``synthetic`` (a deterministic GSM8K-format generator), a hub id such as
-    ``openai/gsm8k``, or a local directory holding ``train.jsonl`` and ``test.jsonl``."""
+    """``synthetic`` (a deterministic GSM8K-format generator); ``embedded:gsm8k-mini``
+    (the first 400 train and 100 test problems of the real GSM8K, MIT licence,
+    shipped in the package: runs offline); a hub id such as ``openai/gsm8k``; or a
+    local directory holding ``train.jsonl`` (and ``test.jsonl``, read only when
+    the test split is used)."""
     config: str = "main"
     """Hub configuration name (GSM8K has ``main`` and ``socratic``)."""
     train_size: Optional[int] = None
@@ -92,11 +95,16 @@ class DataSpec:
     synthetic_size: int = 1000
     """How many problems the synthetic source generates (train + validation)."""
     max_length: int = 512
-    """Token budget per example; longer examples are truncated and counted."""
+    """Token budget per example; ``overlong`` says what happens to longer ones."""
+    overlong: Literal["truncate", "drop", "error"] = "truncate"
+    """Examples longer than ``max_length``: ``truncate`` cuts the answer (the
+    example loses its EOS), ``drop`` leaves the example out, ``error`` stops with
+    an error naming it. An example whose prompt leaves no room for one answer
+    token is dropped under ``truncate`` too. Either way they are counted and logged."""
     prompt_template: str = "Question: {question}\nAnswer: "
     """Prompt before the answer; loss falls only on the answer and the EOS token."""
     batch_size: int = 8
-    """Examples per micro-batch."""
+    """Examples per micro-batch (see ``max_tokens_per_batch``)."""
     eval_batch_size: Optional[int] = None
     """Micro-batch size for evaluation; None uses ``batch_size``."""
     batching: Literal["length_grouped", "random", "packed"] = "length_grouped"
@@ -106,6 +114,12 @@ class DataSpec:
     examples in a row attend to each other, which changes the maths)."""
     mega_batch_mult: int = 50
     """Length grouping sorts within windows of ``batch_size * mega_batch_mult`` examples."""
+    max_tokens_per_batch: Optional[int] = None
+    """Token budget per micro-batch (as fairseq's ``--max-tokens``), for
+    ``length_grouped`` batching only: each sorted window is cut into batches of
+    as many rows as fit rows x longest row <= this budget (at least one row),
+    instead of ``batch_size`` rows, so every batch's matrices are about the same
+    size; evaluation batches too. None uses ``batch_size``. At least ``max_length``."""
 
     def validate(self, path: str) -> None:
         _require(bool(self.source.strip()), f"{path}.source", "must not be empty")
@@ -120,12 +134,25 @@ class DataSpec:
                      f"must be >= 1, got {self.eval_batch_size}")
         _require("{question}" in self.prompt_template, f"{path}.prompt_template",
                  "must contain the placeholder {question}")
+        if self.max_tokens_per_batch is not None:
+            _require(self.max_tokens_per_batch >= self.max_length, f"{path}.max_tokens_per_batch",
+                     f"must be >= data.max_length ({self.max_length}) so one example always fits, "
+                     f"got {self.max_tokens_per_batch}")
+        if self.source.startswith("embedded:"):
+            _require(self.source == "embedded:gsm8k-mini", f"{path}.source",
+                     f"unknown embedded data set {self.source!r}; the one shipped is embedded:gsm8k-mini")
 
 
 @dataclass
 class TrainingSpec:
     epochs: int = 3
-    """Passes over the training data; also ASHA's ``max_t``."""
+    """Passes over the training data; also ASHA's ``max_t`` (in epochs)."""
+    eval_every: float = 1.0
+    """How often a run validates, checkpoints and reports. A value <= 1 is a
+    fraction of an epoch (``0.25``: four reports per epoch, the last at the
+    epoch's end); a whole number > 1 is a count of optimizer steps (with a final
+    report at the end of training). Each report gives ASHA a decision, so
+    reports inside an epoch let it stop poor trials long before an epoch ends."""
     lr: float = 1e-4
     """Peak learning rate."""
     optimizer: Literal["sgd", "adamw", "adamw_8bit"] = "adamw"
@@ -150,7 +177,7 @@ class TrainingSpec:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast precision; ``fp16`` uses a GradScaler."""
     early_stopping_patience: Optional[int] = None
-    """Stop after this many epochs without a better eval loss; None never stops early."""
+    """Stop after this many reports without a better validation loss; None never stops early."""
     seed: int = 0
     """Seed for weights init, dropout and data order."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -162,6 +189,8 @@ class TrainingSpec:
 
     def validate(self, path: str) -> None:
         _require(self.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {self.epochs}")
+        _require(0 < self.eval_every <= 1 or float(self.eval_every).is_integer(), f"{path}.eval_every",
+                 f"must be a fraction of an epoch in (0, 1] or a whole number of steps, got {self.eval_every}")
         _require(self.lr > 0 and math.isfinite(self.lr), f"{path}.lr", f"must be > 0, got {self.lr}")
         _require(self.momentum >= 0, f"{path}.momentum", f"must be >= 0, got {self.momentum}")
         _require(not (self.nesterov and self.momentum == 0), f"{path}.nesterov",
@@ -193,10 +222,34 @@ class ResourcesSpec:
 
 @dataclass
 class AshaSpec:
-    grace_period: int = 1
-    """Epochs every trial runs before ASHA may stop it."""
+    grace_period: Optional[float] = None
+    """Epochs (fractions allowed, e.g. 0.25) every trial trains before ASHA may
+    stop it. ASHA's time unit is the fractional ``epoch`` each report carries,
+    and its ``max_t`` is ``training.epochs``; None means the first report
+    (``training.eval_every`` epochs, or one epoch for a step count)."""
     reduction_factor: int = 2
     """Keep the top 1/reduction_factor of trials at each rung."""
+    brackets: int = 1
+    """ASHA brackets (Hyperband-style hedging over grace periods); 1 is plain ASHA."""
+
+
+@dataclass
+class FinalistsSpec:
+    top_k: int = 0
+    """After the search, score the best ``top_k`` trials (by ``search.metric``) on
+    GSM8K generation accuracy and pick the winner by strict accuracy, ties broken
+    by validation loss; 0 skips this step."""
+    limit: int = 200
+    """Validation problems each finalist is scored on (never the test split)."""
+    batch_size: int = 16
+    """Problems generated at once."""
+    max_new_tokens: int = 256
+    """Generation budget per problem."""
+    calculator: bool = False
+    """Calculator-assisted decoding: ``<<expr=`` is computed, not generated."""
+    seeds: list[int] = field(default_factory=list)
+    """Extra training seeds: each finalist is retrained with each, and mean and
+    spread of accuracy decide; empty scores the search's own checkpoints."""
 
 
 @dataclass
@@ -222,7 +275,9 @@ class SearchSpec:
     keep_checkpoints: int = 2
     """Checkpoints kept per trial, the best by ``metric``."""
     max_failures: int = 1
-    """Retries of a trial that raised an error."""
+    """Retries of a trial that raised an error (a killed worker included), each from its last checkpoint."""
+    finalists: FinalistsSpec = field(default_factory=FinalistsSpec)
+    """GSM8K accuracy of the best trials, after the search."""
 
     def validate(self, path: str) -> None:
         _require(self.num_samples >= 1, f"{path}.num_samples", f"must be >= 1, got {self.num_samples}")
@@ -230,13 +285,19 @@ class SearchSpec:
         _require(self.resources.cpu > 0, f"{path}.resources.cpu", f"must be > 0, got {self.resources.cpu}")
         if self.resources.gpu is not None:
             _require(self.resources.gpu >= 0, f"{path}.resources.gpu", f"must be >= 0, got {self.resources.gpu}")
-        _require(self.asha.grace_period >= 1, f"{path}.asha.grace_period",
-                 f"must be >= 1, got {self.asha.grace_period}")
+        if self.asha.grace_period is not None:
+            _require(self.asha.grace_period > 0, f"{path}.asha.grace_period",
+                     f"must be > 0 epochs, got {self.asha.grace_period}")
         _require(self.asha.reduction_factor >= 2, f"{path}.asha.reduction_factor",
                  f"must be >= 2, got {self.asha.reduction_factor}")
         _require(self.keep_checkpoints >= 1, f"{path}.keep_checkpoints",
                  f"must be >= 1, got {self.keep_checkpoints}")
         _require(self.max_failures >= 0, f"{path}.max_failures", f"must be >= 0, got {self.max_failures}")
+        _require(self.asha.brackets >= 1, f"{path}.asha.brackets", f"must be >= 1, got {self.asha.brackets}")
+        f = self.finalists
+        _require(f.top_k >= 0, f"{path}.finalists.top_k", f"must be >= 0, got {f.top_k}")
+        for name in ("limit", "batch_size", "max_new_tokens"):
+            _require(getattr(f, name) >= 1, f"{path}.finalists.{name}", f"must be >= 1, got {getattr(f, name)}")
 
 
 @dataclass
@@ -287,22 +348,32 @@ def load_spec(path: str | Path, overrides: Optional[list[str]] = None) -> Spec:
     if not path.is_file():
         raise SpecError("", f"spec file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise SpecError("", f"{path}: not valid YAML{where}") from None
+    if raw is None:
+        raise SpecError("", f"{path}: the spec is empty; it needs at least model.name (see search_spaces/)")
     if not isinstance(raw, dict):
         raise SpecError("", f"{path}: a spec must be a mapping of sections")
-    return spec_from_dict(raw, overrides)
+    spec = spec_from_dict(raw, overrides)
+    if not _deepcopy_with_overrides(raw, overrides).get("model", {}).get("name"):
+        # The model is the one thing with no sensible default: a silent random:tiny would waste a search.
+        raise SpecError("model.name", f"is required (in {path} or --set model.name=...)")
+    return spec
 
 
 def spec_from_dict(raw: dict[str, Any], overrides: Optional[list[str]] = None) -> Spec:
+    return build(Spec, _deepcopy_with_overrides(raw, overrides), "").validate()
+
+
+def _deepcopy_with_overrides(raw: dict[str, Any], overrides: Optional[list[str]]) -> dict[str, Any]:
     raw = _deepcopy(raw)
     for item in overrides or []:
         key, value = parse_override(item)
         set_path(raw, key, value)
-    return build(Spec, raw, "").validate()
+    return raw
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -1,33 +1,45 @@
-"""Weights & Biases logging for a search: one W&B run per trial, grouped by the search name.
+"""Weights & Biases logging of a search: one W&B run per trial, grouped by the search name.
 
-Built on Ray's ``WandbLoggerCallback``, with these changes:
+A Tune ``LoggerCallback`` (public) that opens one W&B run per trial with W&B's
+public multi-run API (``wandb.init(reinit="create_new")``), so no Ray or W&B
+internals are involved:
 
-* ``offline`` works without an API key (Ray's callback insists on one), and
-  ``online`` without a key falls back to ``offline`` with a one-line notice;
-* runs are written into the search folder (``results/NAME/wandb/``), not the
-  worker's working directory, so ``wandb sync results/NAME/wandb/offline-run-*``
-  uploads them later;
-* a trial continued by ``--resume`` (``Tuner.restore``) or retried after a
-  failure continues its own run: the run id is the trial id and ``resume="allow"``
-  (Ray passes ``resume=False``, which does not ask W&B to continue it);
+* the run's config is the trial's sampled params, flat (``training.lr``), so runs
+  compare side by side; every report is logged as metrics (step = Tune's
+  ``training_iteration``); the summary holds ``best_eval_loss`` (and
+  ``best_METRIC`` when the search optimises another metric) and the loop's last
+  ``status``; ``add_run_summary`` adds values later (e.g. finalists' accuracy);
+* runs are tagged with the spec's tags and name, grouped by the search name;
+* ``offline`` works without an API key, and ``online`` without a key falls back
+  to ``offline`` with a one-line notice;
+* runs are written into the search folder (``results/NAME/wandb/``), so
+  ``wandb sync results/NAME/wandb/offline-run-*`` uploads them later;
+* a trial continued by ``--resume`` or retried after a failure continues its own
+  run: the run id is the trial id and ``resume="allow"``;
 * configs and logged values are scrubbed of secrets (``tune_llama.redact``), and
   git metadata (remote URLs can hold tokens) and code are not recorded;
-* each run is flushed and closed before Ray ends its logging process, so no
-  epoch is lost from the run's files; params are config, not per-step metrics.
+* each run is finished (flushed and closed) when its trial ends, and any still
+  open when the search ends.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+from numbers import Number
 from pathlib import Path
+from typing import Any, Optional
 
-from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+from ray.tune.logger import LoggerCallback
 
 from tune_llama.redact import scrub
 from tune_llama.spec import Spec
 
-WANDB_SETTINGS = {"console": "off", "disable_git": True, "disable_code": True, "save_code": False}
+WANDB_SETTINGS = {"console": "off", "disable_git": True, "disable_code": True, "save_code": False, "quiet": True}
+BEST_LOSS = "best_eval_loss"
+# Tune's bookkeeping in each result that is not a metric of the trial.
+NOT_METRICS = {"config", "done", "pid", "timestamp", "should_checkpoint"}
 
 
 def wandb_mode(spec: Spec) -> str:
@@ -40,12 +52,14 @@ def wandb_mode(spec: Spec) -> str:
     return mode
 
 
-def callbacks(spec: Spec, search_name: str) -> list:
+def callbacks(spec: Spec, search_name: str, spec_name: Optional[str] = None) -> list:
+    """The search's W&B callback (none when W&B is disabled); ``spec_name`` (the spec file's stem) is a tag."""
     mode = wandb_mode(spec)
     if mode == "disabled":
         return []
-    return [TrialRunsCallback(project=spec.wandb.project, entity=spec.wandb.entity, group=search_name,
-                              tags=list(spec.wandb.tags), mode=mode)]
+    tags = list(dict.fromkeys([*spec.wandb.tags, *([spec_name] if spec_name else [])]))
+    return [TrialRunsCallback(mode=mode, project=spec.wandb.project, entity=spec.wandb.entity, group=search_name,
+                              tags=tags, metric=spec.search.metric, metric_mode=spec.search.mode)]
 
 
 def run_dir(trial) -> Path:
@@ -53,50 +67,96 @@ def run_dir(trial) -> Path:
     return Path(trial.path).parent
 
 
-class ScrubbedLoggingActor(_WandbLoggingActor):
-    """Ray's per-trial logging process, with secrets scrubbed from every logged value and config update."""
+class TrialRunsCallback(LoggerCallback):
+    def __init__(self, mode: str, project: str, group: str, entity: Optional[str] = None,
+                 tags: Optional[list[str]] = None, metric: str = "eval_loss", metric_mode: str = "min"):
+        self.mode, self.project, self.entity, self.group = mode, project, entity, group
+        self.tags = list(tags or [])
+        self.metric, self.metric_mode = metric, metric_mode
+        self._runs: dict[str, Any] = {}  # trial id -> open wandb Run
+        self._best: dict[str, dict[str, float]] = {}  # trial id -> summary key -> best value (kept across retries)
 
-    def run(self):
-        try:
-            super().run()
-        finally:
-            # Ray kills this process as soon as run() returns, so W&B's atexit teardown never runs; without
-            # it the run's last records (later epochs, the exit record) can stay unwritten in a buffer.
-            self._wandb.teardown()
+    def log_trial_start(self, trial) -> None:
+        if trial.trial_id in self._runs:
+            return  # a restarted trial keeps its open run
+        import wandb
+        self._runs[trial.trial_id] = wandb.init(
+            project=self.project, entity=self.entity, group=self.group, tags=self.tags, mode=self.mode,
+            id=trial.trial_id, name=str(trial), dir=str(run_dir(trial)),
+            resume="allow",  # same id on restore/retry: continue the run, not replace it
+            reinit="create_new",  # several trials run at once, each with its own run
+            config=scrub(flatten(trial.config)), settings=wandb.Settings(**WANDB_SETTINGS))
 
-    def _handle_result(self, result):
-        log, config_update = super()._handle_result(result)
-        return scrub(log), scrub(config_update)
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        self.log_trial_start(trial)
+        run = self._runs[trial.trial_id]
+        run.log(metrics(result), step=result.get("training_iteration"))
+        summary = self.best_so_far(trial.trial_id, result)
+        if isinstance(result.get("status"), str):
+            summary["status"] = scrub(result["status"])
+        run.summary.update(summary)
+
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        run = self._runs.pop(trial.trial_id, None)
+        if run is not None:
+            run.finish(exit_code=1 if failed else 0)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        for trial_id in list(self._runs):
+            self._runs.pop(trial_id).finish()
+
+    def best_so_far(self, trial_id: str, result: dict) -> dict[str, float]:
+        """``best_eval_loss`` (lowest) and ``best_METRIC`` (by the search's mode), updated with ``result``."""
+        best = self._best.setdefault(trial_id, {})
+        goals = {BEST_LOSS: ("eval_loss", "min")}
+        if self.metric != "eval_loss":
+            goals[f"best_{self.metric}"] = (self.metric, self.metric_mode)
+        for key, (name, mode) in goals.items():
+            value = result.get(name)
+            if not _finite(value):
+                continue
+            if key not in best or (value < best[key] if mode == "min" else value > best[key]):
+                best[key] = float(value)
+        return dict(best)
 
 
-class TrialRunsCallback(WandbLoggerCallback):
-    _logger_actor_cls = ScrubbedLoggingActor
+def metrics(result: dict) -> dict[str, float]:
+    """The numbers in a Tune result (the loop's metrics and Tune's timings), nested keys joined with ``/``."""
+    flat = flatten({k: v for k, v in scrub(result).items() if k not in NOT_METRICS}, sep="/")
+    return {k: v for k, v in flat.items() if isinstance(v, Number)}  # strings (status, hostname) are not metrics
 
-    def __init__(self, mode: str, **kwargs):
-        # log_config=False: the params still become the run's config (Ray copies each result's config
-        # there); True would also log them as per-step metrics.
-        super().__init__(mode=mode, log_config=False, **kwargs)
-        self.mode = mode
 
-    def setup(self, *args, **kwargs):
-        if self.mode == "online":
-            super().setup(*args, **kwargs)  # checks for an API key, which offline mode does not need
+def flatten(config: dict, sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """``{"training": {"lr": 1e-3}}`` -> ``{"training.lr": 1e-3}``; already-flat keys stay as they are."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(flatten(value, sep, name))
+        else:
+            out[name] = value
+    return out
 
-    def _start_logging_actor(self, trial, exclude_results, **init_kwargs):
-        init_kwargs.update(
-            dir=str(run_dir(trial)),
-            resume="allow",  # same id (the trial id) on restore/retry: continue the run, not replace it
-            config=scrub(init_kwargs.get("config", {})),
-            settings=dict(WANDB_SETTINGS),
-        )
-        init_kwargs.pop("reinit", None)  # one run per logging process; Ray's reinit=True is deprecated in W&B
-        super()._start_logging_actor(trial, exclude_results, **init_kwargs)
 
-    def __del__(self):
-        try:
-            super().__del__()
-        except (AttributeError, TypeError):
-            pass  # at interpreter exit Ray's module globals are already None
+def add_run_summary(spec: Spec, experiment: Path, trial_id: str, values: dict[str, Any]) -> None:
+    """Add ``values`` (e.g. a finalist's test accuracy) to the summary of a trial's W&B run.
+
+    Continues the run (same id, ``resume="allow"``). Offline, this writes a second
+    ``offline-run-*-TRIALID`` folder under ``results/NAME/wandb/``; ``wandb sync`` applies it to the same run.
+    """
+    mode = wandb_mode(spec)
+    if mode == "disabled":
+        return
+    import wandb
+    run = wandb.init(project=spec.wandb.project, entity=spec.wandb.entity, group=Path(experiment).name,
+                     mode=mode, id=trial_id, dir=str(experiment), resume="allow", reinit="create_new",
+                     settings=wandb.Settings(**WANDB_SETTINGS))
+    run.summary.update(scrub(values))
+    run.finish()
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, Number) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _netrc_has_wandb() -> bool:

@@ -1,14 +1,15 @@
 """The Ray Tune trainable: a thin adapter from Tune to the plain-PyTorch loop.
 
 Tune hands it the sampled params (and a checkpoint when resuming); it builds
-the run, restores, trains, and reports the loop's metrics with a checkpoint
-after every epoch.
+the run, restores, trains, and reports the loop's metrics with a checkpoint at
+every report point (``training.eval_every``).
 """
 
 from __future__ import annotations
 
 import gc
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -16,7 +17,7 @@ from typing import Any, Optional
 import torch
 from ray import tune
 
-from tune_llama.errors import TrialOutOfMemory
+from tune_llama.errors import CheckpointError, TrialOutOfMemory
 from tune_llama.loop import Run, fit, load_state, save_state, setup
 from tune_llama.spec import apply_params, spec_from_dict
 
@@ -29,8 +30,7 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         run = setup(trial_spec)
         checkpoint = tune.get_checkpoint()
         if checkpoint:
-            with checkpoint.as_directory() as directory:
-                load_state(run, Path(directory))
+            restore(run, Path(checkpoint.path))
         fit(run, save_checkpoint=save_to_temp, report=report_to_tune)
     except torch.OutOfMemoryError:
         data, training = trial_spec.data, trial_spec.training
@@ -46,6 +46,24 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def restore(run: Run, newest: Path) -> None:
+    """Load the newest checkpoint Tune hands back; if it is damaged, the newest older one that loads.
+
+    Tune keeps the trial's checkpoints side by side in its folder, so the older ones are its siblings.
+    """
+    candidates = [newest] + sorted((p for p in newest.parent.glob("checkpoint_*") if p.name < newest.name),
+                                   reverse=True)
+    for directory in candidates:
+        try:
+            load_state(run, directory)
+        except CheckpointError as err:
+            print(f"warning: {err}; trying an older checkpoint", file=sys.stderr)
+            continue
+        return
+    raise CheckpointError(f"no readable checkpoint for this trial; the newest, {newest}, is damaged "
+                          f"(delete the trial's checkpoint_* folders to restart it from scratch)")
 
 
 def save_to_temp(run: Run) -> Path:

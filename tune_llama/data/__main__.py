@@ -1,4 +1,5 @@
-"""``python -m tune_llama.data stats SPEC``: split sizes, token lengths and padding of a spec's data."""
+"""``python -m tune_llama.data stats SPEC``: split sizes, over-length examples, token lengths and padding
+of a spec's data."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import argparse
 import dataclasses
 import json
 import statistics
+from pathlib import Path
 
 from tune_llama.cli import add_set_argument, run_cli
 from tune_llama.data.batching import make_batches, real_token_share
 from tune_llama.data.examples import Encoded, encode
-from tune_llama.data.sources import load_splits
+from tune_llama.data.sources import Splits, load_splits
 from tune_llama.model import load_tokenizer
 from tune_llama.spec import load_spec
 
@@ -32,8 +34,8 @@ def stats(spec_path: str, overrides: list[str]) -> dict:
     data = spec.data
     tokenizer = load_tokenizer(spec.model)
     splits = load_splits(data)
-    encoded: dict[str, Encoded] = {"train": encode(splits.train, tokenizer, data),
-                                   "val": encode(splits.val, tokenizer, data)}
+    problems = {"train": splits.train, "val": splits.val}
+    encoded: dict[str, Encoded] = {name: encode(rows, tokenizer, data) for name, rows in problems.items()}
     shares = {}
     for mode in dict.fromkeys([data.batching, "random"]):
         batches = make_batches(encoded["train"], dataclasses.replace(data, batching=mode),
@@ -43,24 +45,37 @@ def stats(spec_path: str, overrides: list[str]) -> dict:
         "source": data.source,
         "tokenizer": spec.model.tokenizer or spec.model.name,
         "max_length": data.max_length,
+        "overlong": data.overlong,
         "batch_size": data.batch_size,
         "splits": {
-            **{name: {"problems": len(enc), "truncated": enc.truncated, "tokens": length_stats(enc.lengths)}
+            **{name: {"problems": len(problems[name]), "examples": len(enc), "truncated": enc.truncated,
+                      "dropped": enc.dropped, "tokens": length_stats(enc.lengths)}
                for name, enc in encoded.items()},
-            "test": {"problems": len(splits.test)},
+            "test": {"problems": count_test(splits)},
         },
         "real_token_share": shares,
     }
 
 
+def count_test(splits: Splits) -> int | None:
+    """Test problems, or None for a local source without test.jsonl (training does not need it)."""
+    source = Path(splits.data.source).expanduser()
+    if source.is_dir() and not (source / "test.jsonl").is_file():
+        return None
+    return len(splits.test)
+
+
 def print_report(report: dict) -> None:
     print(f"source {report['source']}  tokenizer {report['tokenizer']}  "
-          f"max_length {report['max_length']}  batch_size {report['batch_size']}")
+          f"max_length {report['max_length']} ({report['overlong']})  batch_size {report['batch_size']}")
     for name, split in report["splits"].items():
+        if split["problems"] is None:
+            print(f"{name:>5}: no test.jsonl")
+            continue
         line = f"{name:>5}: {split['problems']:>6} problems"
         if "tokens" in split:
             tokens = "  ".join(f"{k} {v}" for k, v in split["tokens"].items())
-            line += f"  truncated {split['truncated']}  tokens: {tokens}"
+            line += f"  truncated {split['truncated']}  dropped {split['dropped']}  tokens: {tokens}"
         print(line)
     shares = "  ".join(f"{mode} {share:.3f}" for mode, share in report["real_token_share"].items())
     print(f"real-token share of train batches: {shares}")

@@ -4,7 +4,9 @@ Modes (``data.batching``):
 
 - ``length_grouped``: shuffle, sort by length inside windows of
   ``batch_size * mega_batch_mult`` examples, cut into batches, shuffle the
-  batches. Little padding; every example is still its own row.
+  batches. Little padding; every example is still its own row. With
+  ``max_tokens_per_batch`` the cut is by token budget (rows x longest row)
+  instead of ``batch_size`` rows: short examples come many to a batch.
 - ``random``: shuffle once per epoch, then cut in order. The example sequence
   does not depend on the batch size, so 4 batches of 1 see what 1 batch of 4 sees.
 - ``packed``: concatenate the shuffled examples into rows of exactly
@@ -18,6 +20,8 @@ prompts and padding), right-padded to its longest row.
 from __future__ import annotations
 
 import random
+from functools import partial
+from typing import Callable
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -33,36 +37,81 @@ def make_batches(encoded: Encoded, data: DataSpec, pad_id: int, *, seed: int, ep
     """The batches of one epoch. ``shuffle=False`` (evaluation) keeps every example exactly once,
     in file order, except that ``length_grouped`` sorts by length to save padding."""
     batch_size = batch_size or data.batch_size
-    # A str seed: (seed=0, epoch=1) and (seed=1, epoch=0) must not give the same order.
-    rng = random.Random(f"batches-{seed}-{epoch}")
-    order = list(range(len(encoded)))
-    if shuffle:
-        rng.shuffle(order)
-
     if data.batching == "packed":
+        order = epoch_order(len(encoded), seed, epoch, shuffle)[0]
         ids, labels = pack(encoded, order, data.max_length)
         return [collate(ids[i:i + batch_size], labels[i:i + batch_size], pad_id)
                 for i in range(0, len(ids), batch_size)]
-    if data.batching == "length_grouped":
-        groups = length_grouped(order, encoded.lengths, batch_size, data.mega_batch_mult, rng if shuffle else None)
-    else:
-        groups = chunks(order, batch_size)
+    groups = index_batches(encoded, data, seed=seed, epoch=epoch, shuffle=shuffle, batch_size=batch_size)
     return [collate([encoded.input_ids[i] for i in g], [encoded.labels[i] for i in g], pad_id) for g in groups]
+
+
+def count_batches(encoded: Encoded, data: DataSpec, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+                  batch_size: int | None = None) -> int:
+    """``len(make_batches(...))`` with the same arguments, without building a tensor.
+
+    Only a token budget (``max_tokens_per_batch``) makes the count depend on
+    ``seed``, ``epoch`` and ``shuffle``: the windows then hold other examples.
+    """
+    batch_size = batch_size or data.batch_size
+    if data.batching == "packed":
+        rows = -(-sum(encoded.lengths) // data.max_length)
+        return -(-rows // batch_size)
+    if data.batching == "length_grouped" and data.max_tokens_per_batch is not None:
+        return len(index_batches(encoded, data, seed=seed, epoch=epoch, shuffle=shuffle, batch_size=batch_size))
+    return -(-len(encoded) // batch_size)  # fixed-size batches: only the last may be short
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> tuple[list[int], random.Random]:
+    """The example order of an epoch and the generator that made it (length grouping goes on drawing)."""
+    # A str seed: (seed=0, epoch=1) and (seed=1, epoch=0) must not give the same order.
+    rng = random.Random(f"batches-{seed}-{epoch}")
+    order = list(range(n))
+    if shuffle:
+        rng.shuffle(order)
+    return order, rng
+
+
+def index_batches(encoded: Encoded, data: DataSpec, *, seed: int, epoch: int, shuffle: bool,
+                  batch_size: int) -> list[list[int]]:
+    """The example indices of each batch, for the modes whose batches are whole examples."""
+    order, rng = epoch_order(len(encoded), seed, epoch, shuffle)
+    if data.batching != "length_grouped":
+        return chunks(order, batch_size)
+    if data.max_tokens_per_batch is None:
+        cut = partial(chunks, size=batch_size)
+    else:
+        cut = partial(budget_chunks, lengths=encoded.lengths, budget=data.max_tokens_per_batch)
+    return length_grouped(order, encoded.lengths, batch_size * data.mega_batch_mult, cut,
+                          rng if shuffle else None)
 
 
 def chunks(order: list[int], size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-def length_grouped(order: list[int], lengths: list[int], batch_size: int, mega_batch_mult: int,
+def budget_chunks(longest_first: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive batches of rows x longest row <= ``budget`` tokens (at least one row each).
+
+    The rows run longest first, so a batch's first row is its longest and fixes its padded width.
+    """
+    batches, start = [], 0
+    while start < len(longest_first):
+        rows = max(1, budget // lengths[longest_first[start]])
+        batches.append(longest_first[start:start + rows])
+        start += rows
+    return batches
+
+
+def length_grouped(order: list[int], lengths: list[int], window: int, cut: Callable[[list[int]], list[list[int]]],
                    rng: random.Random | None) -> list[list[int]]:
-    """Batches of similar length. Without ``rng`` (evaluation): one global sort, no shuffling."""
+    """Batches of similar length: each window of ``window`` examples sorted longest first, then ``cut``.
+    Without ``rng`` (evaluation): one global sort, no shuffling."""
     if rng is None:
-        return chunks(sorted(order, key=lambda i: -lengths[i]), batch_size)
-    window = batch_size * mega_batch_mult
+        return cut(sorted(order, key=lambda i: -lengths[i]))
     groups = []
     for mega in chunks(order, window):
-        groups += chunks(sorted(mega, key=lambda i: -lengths[i]), batch_size)
+        groups += cut(sorted(mega, key=lambda i: -lengths[i]))
     rng.shuffle(groups)  # else every window would run long -> short in the same rhythm
     return groups
 

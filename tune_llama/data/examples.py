@@ -10,6 +10,8 @@ import torch
 from tune_llama.spec import DataSpec, SpecError
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy (and HF models) skip
+UNKNOWN_SHARE_WARNING = 0.01
+"""Warn when more than this share of the encoded tokens are the tokenizer's unknown token."""
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,8 @@ class Encoded:
     labels: list[torch.Tensor] = field(default_factory=list)
     truncated: int = 0
     """Examples cut at ``data.max_length`` (they lose their EOS and answer tail)."""
+    dropped: int = 0
+    """Problems left out for being longer than ``data.max_length`` (not in ``input_ids``)."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -42,7 +46,8 @@ def adds_bos(tokenizer) -> bool:
 
 
 def encode(problems: list[dict[str, str]], tokenizer, data: DataSpec) -> Encoded:
-    """Prompt ids + answer ids + EOS, labels -100 on the prompt; truncated to ``data.max_length``.
+    """Prompt ids + answer ids + EOS, labels -100 on the prompt; longer than ``data.max_length``
+    handled by ``data.overlong``.
 
     Prompt and answer are tokenized separately, so training sees the exact
     prompt tokens that generation is later conditioned on.
@@ -55,26 +60,58 @@ def encode(problems: list[dict[str, str]], tokenizer, data: DataSpec) -> Encoded
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     eos = [tokenizer.eos_token_id]
 
-    longest = len(bos) + max(map(len, prompt_ids))
-    if longest >= data.max_length:
-        raise SpecError("data.max_length", f"{data.max_length} is smaller than the longest prompt "
-                                           f"({longest} tokens) plus one answer token; use at least {longest + 1}")
-    ids, labels, lengths, truncated = [], [], [], 0
-    for prompt, answer in zip(prompt_ids, answer_ids):
+    ids, labels, lengths, truncated, dropped = [], [], [], 0, 0
+    for number, (prompt, answer) in enumerate(zip(prompt_ids, answer_ids)):
         prompt = bos + prompt
         target = answer + eos
-        n = min(len(prompt) + len(target), data.max_length)
-        truncated += n < len(prompt) + len(target)
+        full = len(prompt) + len(target)
+        if full > data.max_length:
+            if data.overlong == "error":
+                raise overlong_error(problems[number], number, len(problems), full, data)
+            # A prompt with no room for one answer token would train on nothing: dropped even under truncate.
+            if data.overlong == "drop" or len(prompt) >= data.max_length:
+                dropped += 1
+                continue
+            truncated += 1
+        n = min(full, data.max_length)
         ids += (prompt + target)[:n]
         labels += ([IGNORE_INDEX] * len(prompt) + target)[:n]
         lengths.append(n)
+    if not lengths:
+        raise SpecError("data.max_length", f"all {len(problems)} examples are longer than {data.max_length} tokens "
+                                           f"and were dropped (data.overlong={data.overlong}); raise data.max_length")
     # One tensor split into per-example views: far faster than a torch.tensor call per example.
-    out = Encoded(list(torch.tensor(ids).split(lengths)), list(torch.tensor(labels).split(lengths)), truncated)
-    warn_if_truncated(out, data)
+    flat_ids = torch.tensor(ids)
+    out = Encoded(list(flat_ids.split(lengths)), list(torch.tensor(labels).split(lengths)), truncated, dropped)
+    warn_if_overlong(out, data)
+    warn_if_unknown(flat_ids, tokenizer)
     return out
 
 
-def warn_if_truncated(encoded: Encoded, data: DataSpec) -> None:
-    if encoded.truncated:
-        log.warning("%d of %d examples are longer than data.max_length=%d and were truncated",
-                    encoded.truncated, len(encoded), data.max_length)
+def overlong_error(problem: dict[str, str], number: int, count: int, tokens: int, data: DataSpec) -> SpecError:
+    question = " ".join(problem["question"].split())
+    shown = question if len(question) <= 60 else question[:57] + "..."
+    return SpecError("data.max_length", f"example {number + 1} of {count} ({shown!r}) is {tokens} tokens, "
+                                        f"over {data.max_length} (data.overlong=error); raise data.max_length "
+                                        f"or set data.overlong to truncate or drop")
+
+
+def warn_if_overlong(encoded: Encoded, data: DataSpec) -> None:
+    if encoded.truncated or encoded.dropped:
+        log.warning("%d of %d examples are longer than data.max_length=%d: %d truncated, %d dropped "
+                    "(data.overlong=%s)", encoded.truncated + encoded.dropped, len(encoded) + encoded.dropped,
+                    data.max_length, encoded.truncated, encoded.dropped, data.overlong)
+
+
+def warn_if_unknown(flat_ids: torch.Tensor, tokenizer) -> None:
+    """One warning when many characters map to the unknown token (the built-in character
+    tokenizer of ``random:*`` models knows only printable ASCII)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    # An unknown token that doubles as BOS/EOS would count the added specials: skip such tokenizers.
+    if unk is None or unk in (tokenizer.bos_token_id, tokenizer.eos_token_id) or not len(flat_ids):
+        return
+    share = int((flat_ids == unk).sum()) / len(flat_ids)
+    if share > UNKNOWN_SHARE_WARNING:
+        log.warning("%.1f%% of the encoded tokens are the unknown token %s: the tokenizer does not know those "
+                    "characters (the character tokenizer of random:* models knows only printable ASCII)",
+                    100 * share, tokenizer.unk_token)

@@ -1,14 +1,16 @@
-"""Where GSM8K problems come from (synthetic, a local directory, the hub) and how they are split.
+"""Where GSM8K problems come from (synthetic, embedded, a local directory, the hub) and how they are split.
 
 A problem is a dict ``{"question": str, "answer": str}``. Validation rows are
-carved from train with ``split_seed``; the test split is returned untouched.
+carved from train with ``split_seed``; the test split is returned untouched and
+read only when asked for (a local directory may hold train.jsonl alone).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from tune_llama.errors import UserError
@@ -17,12 +19,20 @@ from tune_llama.spec import DataSpec, SpecError
 
 Problem = dict[str, str]
 
+EMBEDDED = {"embedded:gsm8k-mini": Path(__file__).resolve().parent / "gsm8k_mini"}
+"""Data sets shipped inside the package (package data): name -> folder with train.jsonl and test.jsonl."""
+
 
 @dataclass
 class Splits:
     train: list[Problem]
     val: list[Problem]
-    test: list[Problem]
+    data: DataSpec = field(repr=False, compare=False)
+
+    @cached_property
+    def test(self) -> list[Problem]:
+        """Read on first use only: training needs no test file."""
+        return load_test(self.data)
 
 
 def final_answer(answer_text: str) -> str:
@@ -31,17 +41,14 @@ def final_answer(answer_text: str) -> str:
 
 
 def load_splits(data: DataSpec) -> Splits:
-    """Train/validation/test problems for a data spec."""
-    train, test = _load(data)
-    train, val = split_train(train, data)
-    return Splits(train=train, val=val, test=test)
+    """Train/validation problems for a data spec (``test`` is read when first used)."""
+    train, val = split_train(_load(data, "train"), data)
+    return Splits(train=train, val=val, data=data)
 
 
 def load_test(data: DataSpec) -> list[Problem]:
     """The test problems of a data spec (for the synthetic source, its own fixed test split)."""
-    if data.source == "synthetic":
-        return synthetic.generate_test()  # skip generating the train rows
-    return _load(data)[1]
+    return _load(data, "test")
 
 
 def split_train(train: list[Problem], data: DataSpec) -> tuple[list[Problem], list[Problem]]:
@@ -59,13 +66,27 @@ def split_train(train: list[Problem], data: DataSpec) -> tuple[list[Problem], li
 
 # ---------------------------------------------------------------- sources
 
-def _load(data: DataSpec) -> tuple[list[Problem], list[Problem]]:
-    """(train, test) rows of the source, before the validation split."""
+def _load(data: DataSpec, split: str) -> list[Problem]:
+    """The rows of one split (``train`` or ``test``) of the source, before the validation split."""
     if data.source == "synthetic":
-        return synthetic.generate_train(data.synthetic_size, data.split_seed), synthetic.generate_test()
+        if split == "test":
+            return synthetic.generate_test()  # fixed, whatever the seed; skips generating train rows
+        return synthetic.generate_train(data.synthetic_size, data.split_seed)
+    if data.source.startswith("embedded:"):
+        return _load_embedded(data.source, split)
     if Path(data.source).expanduser().is_dir() or _looks_like_path(data.source):
-        return _load_local(Path(data.source).expanduser())
-    return _load_hub(data)
+        return _load_local(Path(data.source).expanduser(), split)
+    return _load_hub(data, split)
+
+
+def _load_embedded(source: str, split: str) -> list[Problem]:
+    if source not in EMBEDDED:
+        raise SpecError("data.source", f"unknown embedded data set {source!r}; "
+                                       f"shipped: {', '.join(sorted(EMBEDDED))}")
+    path = EMBEDDED[source] / f"{split}.jsonl"
+    if not path.is_file():  # an install without the package data
+        raise UserError(f"data.source: {source} is not installed: {path} not found")
+    return _read_jsonl(path)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -73,37 +94,39 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1
 
 
-def _load_local(root: Path) -> tuple[list[Problem], list[Problem]]:
+def _load_local(root: Path, split: str) -> list[Problem]:
     if not root.is_dir():
         raise UserError(f"data.source: directory not found: {root}")
-    return _read_jsonl(root / "train.jsonl"), _read_jsonl(root / "test.jsonl")
+    path = root / f"{split}.jsonl"
+    if not path.is_file():
+        need = "training needs train.jsonl" if split == "train" else "the test split is read from test.jsonl"
+        raise UserError(f"data.source: {path} not found (a local source: {need})")
+    return _read_jsonl(path)
 
 
 def _read_jsonl(path: Path) -> list[Problem]:
-    if not path.is_file():
-        raise UserError(f"data.source: {path} not found (a local source needs train.jsonl and test.jsonl)")
+    """Every line parsed (blank lines skipped); a bad line is an error naming ``path:line``."""
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is a bad line too, not a traceback
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(_problem(json.loads(line)))
+                rows.append(_problem(json.loads(line.decode("utf-8"))))
             except (ValueError, TypeError, KeyError):
                 raise UserError(f"data.source: {path}:{number}: not a JSON object with "
                                 f"string fields question and answer") from None
     return rows
 
 
-def _load_hub(data: DataSpec) -> tuple[list[Problem], list[Problem]]:
+def _load_hub(data: DataSpec, split: str) -> list[Problem]:
     try:
         import datasets  # lazy: the GPU image has no `datasets`
     except ImportError:
         raise UserError(f"data.source: {data.source!r} is read as a hub id, which needs the "
                         f"`datasets` package (or give a local directory, or synthetic)") from None
     try:
-        ds = datasets.load_dataset(data.source, data.config)
-        return [_problem(r) for r in ds["train"]], [_problem(r) for r in ds["test"]]
+        return [_problem(r) for r in datasets.load_dataset(data.source, data.config, split=split)]
     except Exception as err:  # network, unknown id or config, missing split or field: all one line
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"data.source: cannot load hub data set {data.source!r} "

@@ -1,0 +1,48 @@
+"""``tune-llama COMMAND ...``: one command for the whole pipeline.
+
+Each subcommand is a module with ``add_arguments(parser)`` and ``run(args)``;
+``python -m tune_llama.MODULE`` runs the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tune_llama.cli import run_cli
+
+COMMANDS = {
+    "search": ("tune_llama.search", "search a spec's hyperparameters (Optuna + ASHA on Ray Tune); --resume"),
+    "report": ("tune_llama.report", "compare a search's trials: table, plots, parameter importance, report.html"),
+    "export": ("tune_llama.export", "write a search's best trial as a ready-to-use Hugging Face model"),
+    "evaluate": ("tune_llama.evaluate", "GSM8K accuracy of a model (strict and flexible, 95% interval)"),
+    "train": ("tune_llama.train", "fine-tune one configuration of a spec, without Ray"),
+    "data": ("tune_llama.data.__main__", "split sizes, token lengths and padding of a spec's data"),
+}
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The top parser; only the chosen subcommand's module is imported (``--help`` stays fast)."""
+    parser = argparse.ArgumentParser(prog="tune-llama", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, summary) in COMMANDS.items():
+        child = sub.add_parser(name, help=summary, description=summary)
+        if name == command:
+            importlib.import_module(module).add_arguments(child)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    return importlib.import_module(COMMANDS[args.command][0]).run(args)
+
+
+def cli() -> None:
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,90 @@
+"""Every use of Ray Tune internals, in one place, checked against ray 2.60.0.
+
+Ray has no public reader for a search that is still running, was killed or is
+being resumed (``ray.tune.ExperimentAnalysis`` wants a consistent state and
+Ray itself), so tune-llama reads two things Ray does not promise to keep:
+
+* ``experiment_state-*.json``: ``{"trial_data": [[trial_json, run_metadata_json], ...]}``,
+  written by ``TuneController.save_to_dir`` (``CKPT_FILE_TMPL``); the trial JSON
+  holds ``trial_id``, ``status``, ``config``, ``relative_logdir``, the run
+  metadata JSON holds ``error_filename`` (``error.txt``) when the trial errored;
+* trial folder names, ``Trial._generate_dirname``: ``TRAINABLE_TRIALID_N_params_DATE``,
+  e.g. ``train_trial_51d262fe_3_lr=0.001_2025-01-01_00-00-00``, where N is the
+  trial's sequence number in the search.
+
+``tests/test_ray_private.py`` runs a real Tune experiment and fails, naming the
+piece, when any of this changes; ``pyproject.toml`` pins ``ray`` to the minor
+versions it was checked on. No Ray import here: export and report read searches
+where Ray is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+CHECKED_RAY_VERSION = "2.60.0"
+EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
+TRAINABLE_NAME = "train_trial"  # tune_llama.trainable.train_trial: the first part of every trial folder name
+# Trial ids are 8 hex digits when a search algorithm (OptunaSearch) creates the trials, ``24d0c_00000`` with
+# Tune's default variant generator.
+TRIAL_FOLDER = re.compile(rf"^{TRAINABLE_NAME}_(?P<trial_id>[0-9a-f]+(?:_[0-9]{{5}})?)_(?P<number>[0-9]+)_")
+
+
+def read_trial_states(experiment: Path) -> list[dict[str, Any]]:
+    """Per trial in Ray's newest experiment state: trial_id, status, config, relative_logdir, error, error_file.
+
+    ``status`` is Ray's (TERMINATED, ERROR, RUNNING, PENDING, PAUSED); ``error`` is the last line of the
+    trial's error file (the exception), ``error_file`` its absolute path; both None unless the trial errored.
+    Entries that do not parse (a state being written) are skipped; no state file gives ``[]``.
+    """
+    experiment = Path(experiment)
+    files = sorted(experiment.glob(EXPERIMENT_STATE_GLOB), key=lambda p: p.stat().st_mtime)
+    state = _read_json(files[-1]) if files else None
+    entries = state.get("trial_data", []) if isinstance(state, dict) else []
+    out = []
+    for entry in entries:
+        try:
+            trial = json.loads(entry[0])
+            runtime = json.loads(entry[1]) if len(entry) > 1 else {}
+        except (ValueError, TypeError, IndexError):
+            continue
+        if not isinstance(trial, dict) or not trial.get("trial_id"):
+            continue
+        error_file, error = _error(experiment, trial, runtime if isinstance(runtime, dict) else {})
+        out.append({"trial_id": trial["trial_id"], "status": trial.get("status"), "config": trial.get("config"),
+                    "relative_logdir": trial.get("relative_logdir"), "error": error, "error_file": error_file})
+    return out
+
+
+def trial_id_from_name(name: str) -> str:
+    """The trial id in a trial folder name (``train_trial_51d262fe_1_...`` -> ``51d262fe``); else the name."""
+    match = TRIAL_FOLDER.match(name)
+    return match["trial_id"] if match else name
+
+
+def trial_sequence_number(folder_name: str) -> int:
+    """The trial's sequence number in its search, from its folder name (the part after the id); 0 if none."""
+    match = TRIAL_FOLDER.match(folder_name)
+    return int(match["number"]) if match else 0
+
+
+def _error(experiment: Path, trial: dict, runtime: dict) -> tuple[Optional[str], Optional[str]]:
+    """(absolute error file path or None if it is gone, its last line) of an errored trial; else (None, None)."""
+    if not runtime.get("error_filename"):
+        return None, None
+    error_file = (experiment / (trial.get("relative_logdir") or "") / runtime["error_filename"]).resolve()
+    try:
+        lines = error_file.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return None, "error (no error file)"
+    return str(error_file), lines[-1] if lines else "error (no error file)"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
