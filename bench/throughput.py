@@ -1,32 +1,33 @@
-"""Training throughput of our loop against the baselines a user would pick instead, in one invocation.
+"""Training throughput of our loop against the loops a user would pick instead, in one invocation.
 
-    .venv/bin/python bench/throughput.py                       # CPU: embedded SmolLM2 + LoRA, GSM8K slice
-    python3 bench/throughput.py --model random:llama-2-7b      # GPU: Llama-2-7B shape, bf16 (auto on CUDA)
-    python3 bench/throughput.py --sweep 1,8,16                 # our loop at fixed seq, LoRA and full
+    .venv/bin/python bench/throughput.py                         # CPU: SmolLM2-135M + LoRA, GSM8K, 60 s each
+    .venv/bin/python bench/throughput.py --seconds 10 --rounds 1  # smoke run
+    python3 bench/throughput.py --model random:llama-2-7b --data synthetic   # GPU (bf16 there)
 
-Contenders, all on the same model (built the same way, same seed), the same
-examples, batch size and precision:
+Contenders: the same model (same loader and seed, so the same LoRA init), examples, batch size, lr and
+precision for all; each keeps its own defaults otherwise.
 
-- ``ours``: ``tune_llama.loop`` (``setup`` + ``train_epoch``), length-grouped batches.
-- ``hf-trainer``: ``transformers.Trainer`` with its defaults (random batches,
-  AdamW, grad clipping at 1.0, linear decay) and ``DataCollatorForSeq2Seq``;
-  changed only: ``report_to="none"``, ``save_strategy="no"``, ``disable_tqdm``,
-  and ``bf16`` when the precision is bf16.
-- ``recipes``: a llama-recipes-style loop: shuffled DataLoader, padding to the
-  longest row, loss averaged per batch, ``torch.optim.AdamW`` defaults, and the
-  loss read back for the progress line every step.
+- ours: ``tune_llama.loop`` (``setup``, ``epoch_windows``, ``train_step``); length-grouped batches.
+- ours-budget (with ``--max-tokens N``): ours with ``data.max_tokens_per_batch=N``.
+- hf-trainer: ``transformers.Trainer`` defaults (random batches, AdamW, clipping at 1.0, linear decay) with
+  ``DataCollatorForSeq2Seq``; hf-grouped: the same with ``group_by_length``; hf-flat: the same with the
+  padding-free ``DataCollatorWithFlattening`` (one row per batch), run only where a flattened batch gives the
+  padded batch's logits with the attention in use (checked first).
+- recipes: a llama-recipes-style loop: shuffled DataLoader, padding to the longest row, ``torch.optim.AdamW``
+  defaults, the loss read back every step for the progress line.
 
-Each contender first trains ``--warmup-steps`` batches (untimed), then one timed
-epoch over all examples. Printed per contender: real tokens/s (tokens that are
-not padding), real-token share of the computed tokens, peak memory, epoch time,
-the ratio of ours to it, and on CUDA the MFU (6N FLOPs/token full, 4N LoRA,
-against 989 TFLOP/s bf16).
+Each contender trains ``--warmup-steps`` untimed steps, then for at least ``--seconds``. Rounds are
+interleaved and rotated (ours, A, B, then A, B, ours, ...). Per contender: real tokens/s (not padding)
+min/median/max over rounds, computed tokens/s (padding included), the real share, computed tokens per step,
+and a least-squares fit of step time = fixed + tokens / marginal rate over all timed steps (CPU only: on
+CUDA steps are not synchronised one by one). The ratio that counts: ours / the strongest other contender.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import itertools
+import statistics
 import sys
 import tempfile
 import time
@@ -34,347 +35,230 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the repo on sys.path)
-from common import PeakMemory, Timer, base_param_count, free_memory, is_oom, mfu  # noqa: E402
 
 import torch  # noqa: E402
 
-from tune_llama.data import encode, load_splits, make_batches  # noqa: E402
-from tune_llama.loop import seed_everything, setup, train_epoch  # noqa: E402
-from tune_llama.model import load_model, load_tokenizer, prepare_for_training  # noqa: E402
+from tune_llama.loop import encode_splits, epoch_windows, setup, train_step  # noqa: E402
+from tune_llama.model import load_model, load_tokenizer  # noqa: E402
+from tune_llama.spec import spec_from_dict  # noqa: E402
 
-CONTENDERS = ("ours", "hf-trainer", "recipes")
+H100_BF16_PEAK_FLOPS = 989e12
+"""Dense bf16 peak of an H100/H200 SXM, the MFU denominator."""
+
+
+class Clock:
+    """Counts steps; after ``warmup`` untimed ones, records (seconds, real, computed tokens) per step
+    until ``seconds`` have passed. ``tick`` says when to stop."""
+
+    def __init__(self, device, warmup: int, seconds: float):
+        self.device, self.warmup, self.seconds = device, warmup, seconds
+        self.seen, self.steps = 0, []
+
+    def tick(self, real: int, computed: int) -> bool:
+        self.seen += 1
+        if self.seen <= self.warmup:
+            if self.seen == self.warmup:
+                common.sync(self.device)
+                self.start = self.last = time.perf_counter()
+            return False
+        now = time.perf_counter()
+        done = now - self.start >= self.seconds
+        if done:
+            common.sync(self.device)
+            now = time.perf_counter()
+        self.steps.append((now - self.last, real, computed))
+        self.last = now
+        return done
+
+
+@dataclasses.dataclass
+class Bench:
+    spec: object
+    tokenizer: object
+    train: object
+    val: object
+    device: torch.device
+    n_params: int = 0
+    """Base-model parameters (LoRA adapters left out): N in the MFU formula."""
+
+    def model(self):
+        torch.manual_seed(self.spec.training.seed)  # the LoRA init draws from the global generator
+        model = load_model(self.spec.model, self.tokenizer, self.device, seed=self.spec.training.seed)
+        self.n_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+        return model
+
+    def rows(self) -> list[dict]:
+        return [{"input_ids": ids.tolist(), "attention_mask": [1] * len(ids), "labels": labels.tolist()}
+                for ids, labels in zip(self.train.input_ids, self.train.labels)]
+
+    def autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.spec.training.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def counts(batch) -> tuple[int, int]:
+    """(real, computed) tokens of a batch; a flattened batch has no padding and no attention mask."""
+    mask = batch.get("attention_mask")
+    return (int(mask.sum()) if mask is not None else batch["input_ids"].numel()), batch["input_ids"].numel()
 
 
 # ---------------------------------------------------------------- the contenders
 
-def run_ours(spec, tokenizer, train, warm, device) -> dict:
-    model = build_model(spec, tokenizer, device)
-    run = setup(spec, model=model, tokenizer=tokenizer)
-    run.train_set = warm
-    with Timer(device) as warmup:
-        train_epoch(run)
-    run.train_set = train
-    padded = sum(b["attention_mask"].numel() for b in make_batches(
-        train, spec.data, tokenizer.pad_token_id, seed=spec.training.seed, epoch=run.epoch))
-    with PeakMemory(device) as peak, Timer(device) as timer:
-        result = train_epoch(run)
-    return dict(time_s=timer.s, padded_tokens=padded, peak_gb=peak.gb, warmup_s=warmup.s,
-                steps=run.steps_per_epoch, loss=result["train_loss"], n_params=base_param_count(run.model))
+def ours(b: Bench, clock: Clock, budget=None) -> None:
+    spec = b.spec if budget is None else spec_from_dict(b.spec.to_dict(), [f"data.max_tokens_per_batch={budget}"])
+    run = setup(spec, model=b.model(), tokenizer=b.tokenizer, data=(b.train, b.val))
+    for epoch in itertools.count():
+        for window in epoch_windows(run, epoch):
+            real = train_step(run, window).real_tokens
+            if clock.tick(real, sum(batch["input_ids"].numel() for batch in window)):
+                return
 
 
-class CountingCollator:
-    """Wraps a collator and records (real, computed) tokens of every batch it builds."""
+def hf(b: Bench, clock: Clock, grouped=False, flat=False) -> None:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    collate, built = collator(b, flat), []
 
-    def __init__(self, collator):
-        self.collator = collator
-        self.real = self.padded = 0
-
-    def __call__(self, features):
-        batch = self.collator(features)
-        self.real += int(batch["attention_mask"].sum())
-        self.padded += batch["attention_mask"].numel()
+    def counting(features):
+        batch = collate(features)
+        built.append(counts(batch))  # in step order; the data loader may build one batch ahead
         return batch
 
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = clock.tick(*built[state.global_step - 1])
 
-def as_rows(encoded) -> list[dict]:
-    return [{"input_ids": ids.tolist(), "attention_mask": [1] * len(ids), "labels": labels.tolist()}
-            for ids, labels in zip(encoded.input_ids, encoded.labels)]
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    group = {"group_by_length": True} if "group_by_length" in fields else {"train_sampling_strategy": "group_by_length"}
+    t = b.spec.training
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="bench-hf-"), per_device_train_batch_size=b.spec.data.batch_size,
+        num_train_epochs=100, learning_rate=t.lr, seed=t.seed, report_to="none", save_strategy="no",
+        disable_tqdm=True, bf16=t.precision == "bf16", use_cpu=b.device.type == "cpu", **(group if grouped else {}))
+    Trainer(model=b.model(), args=args, train_dataset=b.rows(), data_collator=counting, callbacks=[Stop()]).train()
 
 
-def seq2seq_collator(tokenizer):
+def collator(b: Bench, flat: bool):
+    if flat:
+        from transformers import DataCollatorWithFlattening
+        return DataCollatorWithFlattening()
     from transformers import DataCollatorForSeq2Seq
-    return CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    return DataCollatorForSeq2Seq(b.tokenizer, padding=True, label_pad_token_id=-100)
 
 
-def run_hf_trainer(spec, tokenizer, train, warm, device) -> dict:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    class EpochClock(TrainerCallback):
-        """Times the epoch loop itself (not Trainer's set-up), the device synchronised."""
-
-        def on_epoch_begin(self, args, state, control, **kwargs):
-            common.sync(device)
-            self.start = time.perf_counter()
-
-        def on_epoch_end(self, args, state, control, **kwargs):
-            common.sync(device)
-            self.seconds = time.perf_counter() - self.start
-
-    model = build_model(spec, tokenizer, device)
-    t = spec.training
-    out = tempfile.mkdtemp(prefix="bench-hf-")
-
-    def trainer(rows, collator, callbacks=()):
-        args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=spec.data.batch_size, num_train_epochs=1,
-            learning_rate=t.lr, seed=t.seed, report_to="none", save_strategy="no", disable_tqdm=True,
-            bf16=t.precision == "bf16", fp16=t.precision == "fp16", use_cpu=device.type == "cpu")
-        return Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
-                       callbacks=list(callbacks))
-
-    with Timer(device) as warmup:
-        trainer(as_rows(warm), seq2seq_collator(tokenizer)).train()
-    clock, collator = EpochClock(), seq2seq_collator(tokenizer)
-    timed = trainer(as_rows(train), collator, [clock])
-    with PeakMemory(device) as peak, Timer(device) as whole:
-        output = timed.train()
-    return dict(time_s=clock.seconds, train_call_s=whole.s, padded_tokens=collator.padded, peak_gb=peak.gb,
-                warmup_s=warmup.s, steps=output.global_step, loss=output.training_loss)
-
-
-def run_recipes(spec, tokenizer, train, warm, device) -> dict:
-    """llama-recipes' train loop, padding strategy, without its length-based sampler (random batches)."""
-    model = build_model(spec, tokenizer, device)
-    t = spec.training
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.85)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
-
-    def epoch(encoded, collator) -> tuple[int, float, str]:
-        loader = torch.utils.data.DataLoader(as_rows(encoded), batch_size=spec.data.batch_size, shuffle=True,
-                                             collate_fn=collator,
-                                             generator=torch.Generator().manual_seed(t.seed))
-        model.train()
-        total_loss, steps, status = 0.0, 0, ""
-        for steps, batch in enumerate(loader, 1):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = model(**batch).loss  # mean over this batch's label tokens
-            total_loss += loss.detach().float()
+def recipes(b: Bench, clock: Clock) -> None:
+    model, rows, collate = b.model(), b.rows(), collator(b, flat=False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=b.spec.training.lr)
+    model.train()
+    for epoch in itertools.count():
+        loader = torch.utils.data.DataLoader(rows, batch_size=b.spec.data.batch_size, shuffle=True,
+                                             collate_fn=collate, generator=torch.Generator().manual_seed(epoch))
+        for step, batch in enumerate(loader):
+            real, computed = counts(batch)
+            with b.autocast():
+                loss = model(**{k: v.to(b.device) for k, v in batch.items()}).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            status = f"step {steps} loss {loss.detach().float()}"  # llama-recipes' progress line: a sync per step
-        scheduler.step()
-        return steps, float(total_loss) / max(steps, 1), status
-
-    with Timer(device) as warmup:
-        epoch(warm, seq2seq_collator(tokenizer))
-    collator = seq2seq_collator(tokenizer)
-    with PeakMemory(device) as peak, Timer(device) as timer:
-        steps, loss, _ = epoch(train, collator)
-    return dict(time_s=timer.s, padded_tokens=collator.padded, peak_gb=peak.gb, warmup_s=warmup.s,
-                steps=steps, loss=loss)
+            status = f"epoch {epoch} step {step} loss {loss.detach().float()}"  # noqa: F841  a sync per step
+            if clock.tick(real, computed):
+                return
 
 
-RUNNERS = {"ours": run_ours, "hf-trainer": run_hf_trainer, "recipes": run_recipes}
+def flattening_gap(b: Bench) -> float:
+    """Mean |logits difference| between a flattened and a padded batch of the same 3 examples, relative to
+    the mean |logit|: ~0 where the attention keeps flattened examples apart, large where they see each other."""
+    model, rows = b.model().eval(), b.rows()[:3]
+    with torch.no_grad(), b.autocast():
+        padded = model(**{k: v.to(b.device) for k, v in collator(b, False)(rows).items() if k != "labels"}).logits
+        flat = model(**{k: v.to(b.device) for k, v in collator(b, True)(rows).items() if k != "labels"}).logits[0]
+    padded = torch.cat([padded[i, :len(r["input_ids"])] for i, r in enumerate(rows)]).float()
+    return float((padded - flat.float()).abs().mean() / padded.abs().mean())
 
 
-def build_model(spec, tokenizer, device):
-    """The same model for every contender: same loader, same seed (LoRA init draws from the global RNG)."""
-    seed_everything(spec.training.seed)
-    return load_model(spec.model, tokenizer, device, seed=spec.training.seed)
+# ---------------------------------------------------------------- rounds and figures
 
-
-# ---------------------------------------------------------------- comparison
-
-def compare(args, device: torch.device) -> dict:
-    spec = common.make_spec(model=args.model, source=args.source, examples=args.examples,
-                            batch_size=args.batch_size, max_length=args.max_length, lora=not args.full,
-                            dtype=args.dtype, precision=args.precision, lr=args.lr, seed=args.seed,
-                            device=device.type, lora_r=args.lora_r)
-    tokenizer = load_tokenizer(spec.model)
-    train = encode(load_splits(spec.data).train, tokenizer, spec.data)
-    warm = common.subset(train, args.warmup_steps * args.batch_size)
-    real = common.real_tokens(train)
-    print(f"model {args.model} ({'full fine-tune' if args.full else f'LoRA r={args.lora_r}'}), "
-          f"{args.dtype} weights, {args.precision} autocast, data {args.source}: {len(train)} examples, "
-          f"{real} real tokens, batch {args.batch_size}, max_length {args.max_length}; "
-          f"warmup {args.warmup_steps} step(s) each", flush=True)
-    runs: dict[str, list[dict]] = {name: [] for name in args.only}
-    for round_ in range(args.rounds):  # interleaved, so a noisy neighbour hits every contender alike
-        for name in args.only:
-            row = run_contender(name, spec, tokenizer, train, warm, device, args)
-            row["round"] = round_ + 1
-            runs[name].append(row)
-            print(f"  {name}" + (f" (round {round_ + 1})" if args.rounds > 1 else "") + ": "
-                  + (row.get("error") or f"{row['tokens_per_s']:.1f} real tok/s, share {row['share']:.3f}, "
-                                         f"epoch {row['time_s']:.1f} s, peak {row['peak_gb']:.2f} GiB"), flush=True)
-    # The fastest round of each contender (best-of-N is the least disturbed by other load).
-    rows = [max(r, key=lambda x: x.get("tokens_per_s", -1.0)) for r in runs.values()]
-    for row in rows:
-        row["all_tokens_per_s"] = [round(r["tokens_per_s"], 1) for r in runs[row["name"]] if "tokens_per_s" in r]
-    ours = next((r for r in rows if r["name"] == "ours" and "tokens_per_s" in r), None)
-    n_params = ours["n_params"] if ours else None
-    for row in rows:
-        if ours and "tokens_per_s" in row:
-            row["ours_x"] = ours["tokens_per_s"] / row["tokens_per_s"]
-        if device.type == "cuda" and n_params and "tokens_per_s" in row:
-            row["mfu"] = mfu(row["tokens_per_s"], n_params, lora=not args.full)
-    columns = [("name", "loop"), ("tokens_per_s", "real tok/s"), ("share", "real share"),
-               ("computed_per_s", "computed tok/s"), ("peak_gb", "peak GiB"), ("time_s", "epoch s"),
-               ("steps", "steps"), ("ours_x", "ours x"), ("loss", "train loss")]
+def summarise(name: str, rounds: list[dict], lora: bool, n_params: int, device) -> dict:
+    real = [r["real"] / r["seconds"] for r in rounds]
+    steps = [s for r in rounds for s in r["steps"]]
+    row = dict(name=name, min=min(real), median=statistics.median(real), max=max(real),
+               computed=statistics.median(r["computed"] / r["seconds"] for r in rounds),
+               share=sum(r["real"] for r in rounds) / sum(r["computed"] for r in rounds),
+               tokens_per_step=sum(s[2] for s in steps) / len(steps),
+               peak_gb=statistics.median(r["peak_gb"] for r in rounds))
+    if device.type == "cpu" and len({s[2] for s in steps}) > 2:
+        slope, intercept = statistics.linear_regression([s[2] for s in steps], [s[0] for s in steps])
+        row.update(fixed_s=intercept, marginal=1 / slope if slope > 0 else None)
     if device.type == "cuda":
-        columns.insert(2, ("mfu", "MFU"))
-    common.print_table(rows, columns, title=f"throughput, one timed epoch ({common.device_name()})")
-    for row in rows:
-        if "error" in row:
-            print(f"  {row['name']}: {row['error']}")
-    peak_note = "CUDA max_memory_allocated" if device.type == "cuda" else "process peak RSS during the epoch"
-    if args.rounds > 1:
-        print("best of " + str(args.rounds) + " interleaved rounds; all rounds (real tok/s): "
-              + "; ".join(f"{r['name']} {r['all_tokens_per_s']}" for r in rows))
-    print(f"real tok/s = tokens that are not padding per second; computed tok/s counts padding too; peak = "
-          f"{peak_note}; ours x = our real tok/s over the contender's; goal: ours >= 1.3x hf-trainer")
-    return {"compare": rows, "setting": {k: v for k, v in vars(args).items() if k != "json"}}
-
-
-def run_isolated(name: str, args) -> dict:
-    """One contender in a fresh process: on CPU the peak-RSS figure then belongs to that contender alone, and
-    no contender inherits another's heap."""
-    import json
-    import subprocess
-    out = Path(tempfile.mkdtemp(prefix="bench-tp-")) / "row.json"
-    command = [sys.executable, str(Path(__file__).resolve()), "--only", name, "--no-isolate", "--json", str(out)]
-    for key in ("model", "source", "examples", "batch_size", "max_length", "lora_r", "dtype", "precision", "lr",
-                "seed", "warmup_steps", "threads"):
-        if getattr(args, key) is not None:
-            command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    command += ["--full"] * args.full + ["--keep-going"] * args.keep_going
-    done = subprocess.run(command, stdout=subprocess.DEVNULL)
-    if done.returncode != 0 or not out.exists():
-        return dict(error=f"child process failed (exit {done.returncode})")
-    row = json.loads(out.read_text())["compare"][0]
-    for key in ("ours_x", "mfu", "all_tokens_per_s", "round", "name"):
-        row.pop(key, None)
+        row["mfu"] = row["median"] * (4 if lora else 6) * n_params / H100_BF16_PEAK_FLOPS
     return row
-
-
-def run_contender(name, spec, tokenizer, train, warm, device, args) -> dict:
-    if args.isolate:
-        row = run_isolated(name, args)
-        row["name"] = name
-        return row
-    free_memory()
-    started = time.perf_counter()
-    try:
-        row = RUNNERS[name](spec, tokenizer, train, warm, device)
-    except ImportError as err:
-        row = dict(error=f"skipped: {err}")
-    except Exception as err:  # an OOM or a baseline's API change must not hide the other figures
-        if not is_oom(err) and not args.keep_going:
-            raise
-        row = dict(error=("OOM" if is_oom(err) else f"{type(err).__name__}: {str(err).splitlines()[0]}"))
-    row.update(name=name, wall_s=time.perf_counter() - started)
-    if "time_s" in row:
-        real = common.real_tokens(train)
-        row.update(real_tokens=real, tokens_per_s=real / row["time_s"],
-                   computed_per_s=row["padded_tokens"] / row["time_s"],
-                   share=real / row["padded_tokens"] if row["padded_tokens"] else float("nan"))
-    free_memory()
-    return row
-
-
-# ---------------------------------------------------------------- sweep (our loop, fixed shape)
-
-def sweep(args, device: torch.device) -> dict:
-    """Our loop at fixed ``batch x max_length`` rows (no padding) for full fine-tune and LoRA."""
-    base_spec = common.make_spec(model=args.model, source=args.source, examples=args.examples, batch_size=1,
-                                 max_length=args.max_length, lora=False, dtype=args.dtype,
-                                 precision=args.precision, lr=args.lr, seed=args.seed, device=device.type,
-                                 lora_r=args.lora_r, compile=args.compile)
-    tokenizer = load_tokenizer(base_spec.model)
-    examples = encode(load_splits(base_spec.data).train, tokenizer, base_spec.data)
-    with Timer(device) as build:
-        model = build_model(base_spec, tokenizer, device)  # full fine-tune first, then LoRA wraps the same base
-    print(f"sweep: {args.model} built in {build.s:.1f} s; rows of {args.max_length} tokens, "
-          f"warmup {args.warmup_steps} + {args.sweep_steps} timed steps per point", flush=True)
-    n_params = base_param_count(model)
-    rows = []
-    for mode in args.sweep_modes:
-        lora = mode == "lora"
-        if lora:
-            lora_model = dataclasses.replace(base_spec.model, lora=dataclasses.replace(base_spec.model.lora,
-                                                                                       enabled=True))
-            model = prepare_for_training(model, lora_model)
-        for batch in args.sweep:
-            spec = dataclasses.replace(base_spec, data=dataclasses.replace(base_spec.data, batch_size=batch))
-            if lora:
-                spec = dataclasses.replace(spec, model=lora_model)
-            row = dict(mode=mode, batch=batch, seq=args.max_length)
-            try:
-                row.update(sweep_point(spec, model, tokenizer, examples, args, device))
-                row["mfu"] = mfu(row["tokens_per_s"], n_params, lora) if device.type == "cuda" else None
-            except Exception as err:
-                if not is_oom(err):
-                    raise
-                row["error"] = "OOM"
-            finally:
-                model.zero_grad(set_to_none=True)
-                free_memory()
-            rows.append(row)
-            common.write_json(args.json, "throughput", {"sweep": rows, "n_params": n_params})  # kept if cut off
-            print("  " + " ".join(f"{k}={common.fmt(v)}" for k, v in row.items()), flush=True)
-    common.print_table(rows, [("mode", "mode"), ("batch", "batch"), ("seq", "seq"), ("tokens_per_s", "tok/s"),
-                              ("mfu", "MFU"), ("peak_gb", "peak GiB"), ("step_s", "s/step"), ("error", "note")],
-                       title=f"our loop, fixed shape ({common.device_name()}, N={n_params / 1e9:.2f}B)")
-    return {"sweep": rows, "n_params": n_params}
-
-
-def sweep_point(spec, model, tokenizer, examples, args, device) -> dict:
-    rows = common.fixed_rows(examples, args.max_length, (args.warmup_steps + args.sweep_steps) * spec.data.batch_size)
-    run = setup(spec, model=model, tokenizer=tokenizer)
-    try:
-        run.train_set = common.subset(rows, args.warmup_steps * spec.data.batch_size)
-        train_epoch(run)
-        run.train_set = common.subset(rows, args.sweep_steps * spec.data.batch_size,
-                                      start=args.warmup_steps * spec.data.batch_size)
-        with PeakMemory(device) as peak, Timer(device) as timer:
-            result = train_epoch(run)
-        tokens = args.sweep_steps * spec.data.batch_size * args.max_length
-        return dict(tokens_per_s=tokens / timer.s, step_s=timer.s / args.sweep_steps, peak_gb=peak.gb,
-                    loss=result["train_loss"])
-    finally:
-        run.optimizer.state.clear()
-        del run
-
-
-# ---------------------------------------------------------------- main
-
-def parse_args(argv=None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
-    p = common.parser(__doc__)
-    p.add_argument("--model", default="random:llama-2-7b" if cuda else "embedded:smollm2")
-    p.add_argument("--source", default=common.default_source(), help="GSM8K directory or synthetic")
-    p.add_argument("--examples", type=int, default=48, help="training examples in the timed epoch")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16"])
-    p.add_argument("--precision", default="bf16" if cuda else "fp32", choices=["fp32", "bf16"])
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup-steps", type=int, default=2 if cuda else 1)
-    p.add_argument("--only", default=",".join(CONTENDERS), help=f"comma list of {', '.join(CONTENDERS)}")
-    p.add_argument("--keep-going", action="store_true", help="report a failing contender and go on")
-    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the fastest of each contender is kept")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=not cuda,
-                   help="each contender in its own process (default on CPU, where peak memory is the process RSS)")
-    p.add_argument("--sweep", default="", help="batch sizes for the fixed-shape sweep of our loop, e.g. 1,8,16 "
-                                               "(runs instead of the comparison)")
-    p.add_argument("--sweep-steps", type=int, default=5, help="timed steps per sweep point")
-    p.add_argument("--sweep-modes", default="full,lora")
-    p.add_argument("--compile", action="store_true", help="sweep with training.compile=true")
-    p.add_argument("--json", help="write the results here")
-    args = p.parse_args(argv)
-    args.only = common.names(p, "--only", args.only, CONTENDERS)
-    args.sweep = common.parse_ints(args.sweep)
-    args.sweep_modes = common.names(p, "--sweep-modes", args.sweep_modes, ("full", "lora"))
-    return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = torch.device(common.default_device())
-    common.set_threads(args.threads)
-    print(f"machine: {common.describe_machine()}", flush=True)
-    if args.sweep:
-        results = sweep(args, device)
-    else:
-        results = compare(args, device)
-    common.write_json(args.json, "throughput", results)
+    p = common.parser(__doc__)
+    p.add_argument("--seconds", type=float, help="timed seconds per contender and round (CPU 60, CUDA 20)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, help="adds ours-budget: ours with data.max_tokens_per_batch=N")
+    p.add_argument("--only", help="comma list of contenders (default: all)")
+    args = p.parse_args(argv)
+    common.start(args)
+    device = torch.device("cuda" if common.cuda() else "cpu")
+    seconds = args.seconds or (20.0 if device.type == "cuda" else 60.0)
+    spec = common.make_spec(args)
+    tokenizer = load_tokenizer(spec.model)
+    bench = Bench(spec, tokenizer, *encode_splits(spec, tokenizer), device)
+    contenders = {"ours": ours, "ours-budget": lambda b, c: ours(b, c, args.max_tokens), "hf-trainer": hf,
+                  "hf-grouped": lambda b, c: hf(b, c, grouped=True), "hf-flat": lambda b, c: hf(b, c, flat=True),
+                  "recipes": recipes}
+    names = args.only.split(",") if args.only else [n for n in contenders if n != "ours-budget" or args.max_tokens]
+    if unknown := [n for n in names if n not in contenders]:
+        p.error(f"--only: unknown {unknown[0]!r} (known: {', '.join(contenders)})")
+    skipped = {}
+    if "hf-flat" in names:
+        try:
+            gap = flattening_gap(bench)
+            if gap > (0.02 if spec.training.precision != "fp32" else 1e-3):
+                skipped["hf-flat"] = f"flattened logits differ by {gap:.1%} ({spec.model.attn_implementation})"
+        except ImportError as err:
+            skipped["hf-flat"] = f"{err}"
+    common.say(f"{spec.model.name} ({'full fine-tune' if args.full else 'LoRA r=8'}), {spec.training.precision}, "
+               f"{len(bench.train)} examples, batch {args.batch_size}, {args.warmup_steps} warmup steps, "
+               f"then >= {seconds:g} s per contender, {args.rounds} round(s)")
+    results: dict[str, list[dict]] = {n: [] for n in names if n not in skipped}
+    for r in range(args.rounds):
+        order = list(results)[r % len(results):] + list(results)[:r % len(results)]
+        for name in order:
+            clock = Clock(device, args.warmup_steps, seconds)
+            common.free_memory()
+            common.reset_peak(device)
+            try:
+                contenders[name](bench, clock)
+            except ImportError as err:
+                skipped[name] = str(err)
+                del results[name]
+                continue
+            real, computed = sum(s[1] for s in clock.steps), sum(s[2] for s in clock.steps)
+            time_s = sum(s[0] for s in clock.steps)
+            results[name].append(dict(seconds=time_s, real=real, computed=computed, steps=clock.steps,
+                                      peak_gb=common.peak_gb(device)))
+            common.say(f"  round {r + 1} {name}: {real / time_s:.1f} real tok/s ({len(clock.steps)} steps, "
+                       f"{time_s:.0f} s, real share {real / computed:.3f})")
+    rows = [summarise(n, rs, not args.full, bench.n_params, device) for n, rs in results.items() if rs]
+    medians = {row["name"]: row["median"] for row in rows}
+    others = {n: v for n, v in medians.items() if not n.startswith("ours")}
+    strongest = max(others, key=others.get) if others else None
+    for row in rows:
+        row["ours_x"] = medians.get("ours", float("nan")) / row["median"]
+    payload = {**medians, **({"ratio_vs_strongest": medians["ours"] / others[strongest]}
+                             if strongest and "ours" in medians else {})}
+    columns = [("name", "loop"), ("min", "real tok/s min"), ("median", "median"), ("max", "max"),
+               ("computed", "computed tok/s"), ("share", "real share"), ("tokens_per_step", "tokens/step"),
+               ("fixed_s", "fixed s/step"), ("marginal", "marginal tok/s"), ("peak_gb", "peak GiB"),
+               ("ours_x", "ours / it")] + ([("mfu", "MFU")] if device.type == "cuda" else [])
+    notes = "".join(f"{n}: skipped: {why}\n" for n, why in skipped.items())
+    if strongest and "ours" in medians:
+        notes += f"ours / strongest ({strongest}): {payload['ratio_vs_strongest']:.2f}x (medians over rounds)"
+    common.output(args, rows, columns, payload, notes)
     return 0
 
 

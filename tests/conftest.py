@@ -1,15 +1,38 @@
-"""Fixtures shared by the test files: paths and tokenizers (session-scoped: they are slow to build)."""
+"""Fixtures and helpers shared by the test files: paths, tokenizers (session-scoped: slow to build),
+a finished tiny search, the one-line-error check and a reader of Ray's result rows."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
+from tune_llama.cli import run_cli
 from tune_llama.model import load_tokenizer
 from tune_llama.spec import ModelSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY = REPO_ROOT / "search_spaces" / "tiny.yaml"
+
+
+def one_line_error(main: Callable, argv: list[str], capsys, code: int = 2) -> str:
+    """Run a CLI's ``main`` as its ``python -m`` entry does; it must exit ``code`` with one ``error:`` line."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def result_rows(experiment: Path) -> dict[str, list[dict]]:
+    """Trial folder name -> the rows of its ``result.json`` (one per report), read independently of the package."""
+    out = {}
+    for result in sorted(experiment.glob("*/result.json")):
+        out[result.parent.name] = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +82,7 @@ def tiny_search(tmp_path_factory) -> Path:
     """A finished 6-trial search on tiny.yaml, one trial at a time (deterministic), W&B offline,
     with fake secrets in the environment. Returns the experiment folder."""
     storage = tmp_path_factory.mktemp("searches")
-    proc = run_search([str(REPO_ROOT / "search_spaces" / "tiny.yaml"), "--name", "tiny", "--storage", str(storage),
+    proc = run_search([str(TINY), "--name", "tiny", "--storage", str(storage),
                        "--set", "search.max_concurrent=1", "--set", "wandb.mode=offline"],
                       cwd=storage, env_extra=FAKE_SECRETS)
     (storage / "search.log").write_text(proc.stdout + proc.stderr)  # for tests that grep the log lines

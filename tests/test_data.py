@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from tune_llama.errors import UserError
-from tune_llama.data import (IGNORE_INDEX, encode, final_answer, format_prompt, load_splits, load_test,
-                             make_batches, real_token_share)
+from tune_llama.data import (IGNORE_INDEX, Encoded, count_batches, encode, final_answer, format_prompt, load_splits,
+                             load_test, make_batches, real_token_share)
 from tune_llama.data import synthetic
+from tune_llama.data.sources import EMBEDDED, split_train
 from tune_llama.data.__main__ import cli
 from tune_llama.model import char_tokenizer as build_char_tokenizer
 from tune_llama.spec import DataSpec, SpecError
@@ -116,18 +117,75 @@ def test_relative_local_source_resolves_against_the_working_directory(local_sour
     assert len(splits.train) == 40 and splits.val == []
 
 
-def test_missing_local_file_is_a_user_error_naming_data_source_and_the_path(local_source):
+def test_a_local_source_needs_test_jsonl_only_when_the_test_split_is_read(local_source):
     (local_source / "test.jsonl").unlink()
-    with pytest.raises(UserError, match="data.source") as err:
+    data = DataSpec(source=str(local_source), val_size=1)
+    splits = load_splits(data)
+    assert len(splits.train) == 39 and len(splits.val) == 1
+    for read_test in (lambda: splits.test, lambda: load_test(data)):
+        with pytest.raises(UserError, match="^data.source: ") as err:
+            read_test()
+        assert str(local_source / "test.jsonl") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_train_jsonl_or_directory_is_a_user_error_naming_data_source_and_the_path(local_source):
+    (local_source / "train.jsonl").unlink()
+    with pytest.raises(UserError, match="^data.source: ") as err:
         load_splits(DataSpec(source=str(local_source), val_size=1))
-    assert str(local_source / "test.jsonl") in str(err.value)
+    assert str(local_source / "train.jsonl") in str(err.value)
     with pytest.raises(UserError, match=r"data.source: directory not found: .*no-such-dir"):
         load_splits(DataSpec(source="./no-such-dir/gsm8k"))
+
+
+@pytest.mark.parametrize("bad_line", [b"not json", b'["a list"]', b'{"question": 1, "answer": "x"}',
+                                      b'{"question": "no answer"}', b'{"question": "caf\xe9", "answer": "x"}'])
+def test_every_line_is_parsed_and_a_bad_one_is_a_user_error_naming_path_and_line(local_source, bad_line):
+    rows = (local_source / "train.jsonl").read_bytes().splitlines()
+    rows[30] = bad_line  # late in the file: every line is read, not a sample
+    (local_source / "train.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    with pytest.raises(UserError) as err:
+        load_splits(DataSpec(source=str(local_source), val_size=1))
+    assert str(err.value).startswith(f"data.source: {local_source / 'train.jsonl'}:31: ")
 
 
 def test_val_size_that_leaves_no_training_rows_is_a_spec_error(local_source):
     with pytest.raises(SpecError, match="data.val_size"):
         load_splits(DataSpec(source=str(local_source), val_size=40))
+
+
+def test_embedded_gsm8k_mini_is_the_first_400_train_and_100_test_rows_of_gsm8k_unmodified(gsm8k_dir):
+    folder = EMBEDDED["embedded:gsm8k-mini"]
+    for name, count in (("train.jsonl", 400), ("test.jsonl", 100)):
+        shipped = (folder / name).read_bytes().splitlines(keepends=True)
+        assert shipped == (gsm8k_dir / name).read_bytes().splitlines(keepends=True)[:count]
+
+    data = DataSpec(source="embedded:gsm8k-mini", val_size=50, split_seed=3)
+    first_400 = load_splits(DataSpec(source=str(gsm8k_dir), val_size=0, train_size=400)).train
+    splits = load_splits(data)
+    assert (len(splits.train), len(splits.val)) == (350, 50)
+    assert (splits.train, splits.val) == split_train(first_400, data)  # validation carved as for any source
+    assert load_test(data) == splits.test == load_test(DataSpec(source=str(gsm8k_dir)))[:100]
+
+
+def test_embedded_gsm8k_mini_ships_the_mit_licence_and_an_attribution():
+    folder = EMBEDDED["embedded:gsm8k-mini"]
+    licence = (folder / "LICENSE").read_text()
+    assert licence.startswith("MIT License") and "Copyright (c) 2021 OpenAI" in licence
+    readme = (folder / "README.md").read_text()
+    for needed in ("github.com/openai/grade-school-math", "Training Verifiers to Solve Math Word Problems",
+                   "Cobbe", "first 400", "first 100", "LICENSE"):
+        assert needed in readme
+    assert sorted(p.name for p in folder.iterdir()) == ["LICENSE", "README.md", "test.jsonl", "train.jsonl"]
+
+
+def test_unknown_embedded_data_set_is_a_spec_error_naming_data_source():
+    for name in EMBEDDED:  # the spec accepts every shipped name
+        DataSpec(source=name).validate("data")
+    with pytest.raises(SpecError, match="embedded:gsm8k-mini") as err:
+        DataSpec(source="embedded:gsm8k-full").validate("data")
+    assert err.value.path == "data.source"
+    with pytest.raises(SpecError, match="^data.source: unknown embedded data set 'embedded:gsm8k-full'"):
+        load_splits(DataSpec(source="embedded:gsm8k-full"))
 
 
 def test_hub_source_without_datasets_is_a_user_error_naming_the_source(monkeypatch):
@@ -187,24 +245,86 @@ def test_labels_are_ignored_exactly_on_prompt_positions_and_eos_is_the_last_labe
         assert tokenizer.decode(ids[len(prompt):-1]) == p["answer"]
 
 
-def test_prompt_longer_than_max_length_is_a_spec_error_naming_data_max_length(char_tokenizer, problems):
-    longest = max(len(format_prompt(DataSpec().prompt_template, p["question"])) for p in problems)
-    with pytest.raises(SpecError, match="longest prompt") as err:
-        encode(problems, char_tokenizer, DataSpec(max_length=longest))  # no room for one answer token
-    assert err.value.path == "data.max_length"
-    encode(problems, char_tokenizer, DataSpec(max_length=longest + 1))
+def prompt_lengths(problems, data: DataSpec) -> list[int]:
+    """Prompt tokens of each problem under the character tokenizer (one token a character, no BOS)."""
+    return [len(format_prompt(data.prompt_template, p["question"])) for p in problems]
 
 
-def test_truncation_is_counted_and_logged(char_tokenizer, problems, caplog):
-    data = DataSpec(max_length=260)
+def test_truncate_cuts_long_answers_and_drops_prompts_that_leave_no_room_for_an_answer(char_tokenizer, problems):
+    data = DataSpec(max_length=150)  # between the shortest and the longest prompt of the fixture
     full = encode(problems, char_tokenizer, DataSpec(max_length=4096))
-    expected = sum(n > data.max_length for n in full.lengths)
-    assert 0 < expected < len(problems)
+    no_room = [n >= data.max_length for n in prompt_lengths(problems, data)]
+    assert 0 < sum(no_room) < len(problems)
+    encoded = encode(problems, char_tokenizer, data)
+    assert encoded.dropped == sum(no_room)
+    assert encoded.truncated == len(encoded) == len(problems) - sum(no_room)  # every kept answer is cut
+    kept = [ids for ids, dropped in zip(full.input_ids, no_room) if not dropped]
+    assert all(torch.equal(cut, ids[:data.max_length]) for cut, ids in zip(encoded.input_ids, kept))
+
+
+def test_drop_leaves_out_exactly_the_examples_longer_than_max_length(char_tokenizer, problems):
+    data = DataSpec(max_length=260, overlong="drop")
+    full = encode(problems, char_tokenizer, DataSpec(max_length=4096))
+    fits = [n <= data.max_length for n in full.lengths]
+    assert 0 < sum(fits) < len(problems)
+    encoded = encode(problems, char_tokenizer, data)
+    assert (encoded.dropped, encoded.truncated, len(encoded)) == (len(problems) - sum(fits), 0, sum(fits))
+    kept = [i for i, ok in enumerate(fits) if ok]
+    assert all(torch.equal(encoded.input_ids[j], full.input_ids[i]) for j, i in enumerate(kept))
+    assert all(torch.equal(encoded.labels[j], full.labels[i]) for j, i in enumerate(kept))
+
+
+def test_error_policy_is_a_spec_error_naming_the_example_and_data_max_length(char_tokenizer, problems):
+    data = DataSpec(max_length=260, overlong="error")
+    lengths = encode(problems, char_tokenizer, DataSpec(max_length=4096)).lengths
+    first = next(i for i, n in enumerate(lengths) if n > data.max_length)
+    with pytest.raises(SpecError) as err:
+        encode(problems, char_tokenizer, data)
+    message = str(err.value)
+    assert err.value.path == "data.max_length" and "\n" not in message
+    assert f"example {first + 1} of {len(problems)}" in message and f"is {lengths[first]} tokens" in message
+    assert problems[first]["question"][:30] in message
+    assert len(encode(problems, char_tokenizer, dataclasses.replace(data, max_length=max(lengths)))) == len(problems)
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_a_split_left_empty_by_dropping_is_a_one_line_spec_error(char_tokenizer, problems, overlong):
+    shortest_prompt = min(prompt_lengths(problems, DataSpec()))
+    data = DataSpec(max_length=shortest_prompt, overlong=overlong)  # no prompt leaves room for an answer
+    with pytest.raises(SpecError, match="data.overlong") as err:
+        encode(problems, char_tokenizer, data)
+    assert err.value.path == "data.max_length" and "\n" not in str(err.value)
+    assert f"all {len(problems)} examples" in str(err.value)
+    assert len(encode([], char_tokenizer, data)) == 0  # a split that was empty to begin with is no error
+
+
+def test_truncated_and_dropped_examples_are_counted_in_one_warning(char_tokenizer, problems, caplog):
+    data = DataSpec(max_length=150)
     with caplog.at_level(logging.WARNING, logger="tune_llama.data"):
         encoded = encode(problems, char_tokenizer, data)
-    assert encoded.truncated == expected
-    assert max(encoded.lengths) == data.max_length
-    assert f"{expected} of {len(problems)} examples" in caplog.text
+    assert encoded.truncated > 0 and encoded.dropped > 0
+    (record,) = [r for r in caplog.records if "max_length" in r.getMessage()]
+    assert record.getMessage() == (f"{len(problems)} of {len(problems)} examples are longer than data.max_length=150: "
+                                   f"{encoded.truncated} truncated, {encoded.dropped} dropped (data.overlong=truncate)")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tune_llama.data"):
+        encode(problems, char_tokenizer, DataSpec(max_length=4096))
+    assert caplog.records == []
+
+
+def test_unknown_characters_over_one_percent_give_one_warning_with_their_share(char_tokenizer, caplog):
+    def problems(unknown: int) -> list[dict[str, str]]:
+        # 10 + 100 + 9 prompt characters, 1 answer character, EOS: 121 tokens each
+        return [{"question": "\u00e9" * unknown + "a" * (100 - unknown), "answer": "7"}] * 4
+
+    with caplog.at_level(logging.WARNING, logger="tune_llama.data"):
+        encode(problems(3), char_tokenizer, DataSpec())
+    (record,) = caplog.records
+    assert f"{100 * 3 / 121:.1f}% of the encoded tokens are the unknown token <unk>" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tune_llama.data"):
+        encode(problems(1), char_tokenizer, DataSpec())  # 0.8%: below the threshold
+    assert caplog.records == []
 
 
 # ---------------------------------------------------------------- batching
@@ -248,6 +368,56 @@ def test_random_batching_sees_the_same_example_sequence_whatever_the_batch_size(
     assert rows_of(by_four) == rows_of(by_one)
 
 
+BATCHING_CASES = [("length_grouped", None), ("length_grouped", 1024), ("length_grouped", 3000),
+                  ("random", None), ("packed", None)]
+
+
+@pytest.mark.parametrize("mode, budget", BATCHING_CASES)
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 50, 500])
+def test_count_batches_equals_the_number_of_batches_made(encoded, mode, budget, batch_size):
+    for max_length in (300, 1024):  # packed rows depend on max_length
+        data = DataSpec(batching=mode, max_tokens_per_batch=budget, batch_size=4, mega_batch_mult=3,
+                        max_length=max_length)
+        for seed, epoch, shuffle in [(0, 0, True), (1, 2, True), (5, 0, False)]:
+            made = make_batches(encoded, data, 0, seed=seed, epoch=epoch, shuffle=shuffle, batch_size=batch_size)
+            assert count_batches(encoded, data, seed=seed, epoch=epoch, shuffle=shuffle,
+                                 batch_size=batch_size) == len(made)
+        assert count_batches(Encoded(), data, batch_size=batch_size) == 0 == len(
+            make_batches(Encoded(), data, 0, seed=0, epoch=0, batch_size=batch_size))
+
+
+def test_count_batches_defaults_to_data_batch_size(encoded):
+    data = DataSpec(batch_size=7)
+    assert count_batches(encoded, data) == len(make_batches(encoded, data, 0, seed=0, epoch=0)) == 18
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_token_budget_batches_stay_within_budget_and_cover_every_example_once(encoded, shuffle):
+    budget = 2000
+    data = DataSpec(max_tokens_per_batch=budget, batch_size=4, mega_batch_mult=10, max_length=1024)
+    batches = make_batches(encoded, data, 0, seed=1, epoch=0, shuffle=shuffle)
+    assert Counter(rows_of(batches)) == Counter(tuple(ids.tolist()) for ids in encoded.input_ids)
+    assert all(b["input_ids"].numel() <= budget for b in batches)
+    assert max(len(b["input_ids"]) for b in batches) > data.batch_size  # rows follow the budget, not batch_size
+    if not shuffle:  # one global sort: every batch but the last is full (one more row would break the budget)
+        widths = [b["input_ids"].shape[1] for b in batches]
+        assert all((len(b["input_ids"]) + 1) * w > budget for b, w in zip(batches[:-1], widths))
+
+
+def test_token_budget_batching_is_deterministic_for_seed_and_epoch(encoded):
+    data = DataSpec(max_tokens_per_batch=1500, mega_batch_mult=5, max_length=1024)
+    order = lambda seed, epoch: rows_of(make_batches(encoded, data, 0, seed=seed, epoch=epoch))  # noqa: E731
+    assert order(1, 0) == order(1, 0)
+    assert order(1, 0) != order(1, 1) and order(0, 1) != order(1, 0)
+
+
+def test_token_budget_below_max_length_is_a_spec_error_naming_the_field():
+    DataSpec(max_length=512, max_tokens_per_batch=512).validate("data")
+    with pytest.raises(SpecError, match="max_length") as err:
+        DataSpec(max_length=512, max_tokens_per_batch=511).validate("data")
+    assert err.value.path == "data.max_tokens_per_batch"
+
+
 def test_unshuffled_length_grouped_batches_run_longest_first(encoded):
     batches = make_batches(encoded, DataSpec(batch_size=8), 0, seed=0, epoch=0, shuffle=False)
     lengths = [len(r) for r in rows_of(batches)]
@@ -274,6 +444,17 @@ def test_length_grouped_batches_of_16_are_97_percent_real_tokens_on_gsm8k(gsm8k_
     assert share["random"] < 0.65  # about 0.56: random batches are mostly padding-bound
 
 
+def test_shipped_demo_spec_runs_on_full_gsm8k_dropping_only_prompts_that_cannot_fit(gsm8k_dir, repo_root, capsys,
+                                                                                     smollm2_tokenizer):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["stats", str(repo_root / "search_spaces" / "demo.yaml"), "--json", "--set", f"data.source={gsm8k_dir}"])
+    assert exit_.value.code == 0
+    train = json.loads(capsys.readouterr().out)["splits"]["train"]
+    assert 0 < train["dropped"] < 10 and train["truncated"] > 0  # max_length 192: a few prompts are longer
+    assert train["examples"] + train["dropped"] == train["problems"]
+    assert train["tokens"]["max"] <= 192
+
+
 # ---------------------------------------------------------------- stats CLI
 
 @pytest.fixture
@@ -290,14 +471,42 @@ def test_stats_cli_json_output_parses(tiny_spec, capsys):
     assert exit_.value.code == 0
     report = json.loads(capsys.readouterr().out)
     assert {k: v["problems"] for k, v in report["splits"].items()} == {"train": 50, "val": 10, "test": 200}
+    assert all(report["splits"][k]["examples"] == report["splits"][k]["problems"] for k in ("train", "val"))
+    assert all(report["splits"][k]["truncated"] == report["splits"][k]["dropped"] == 0 for k in ("train", "val"))
     assert report["splits"]["train"]["tokens"]["min"] <= report["splits"]["train"]["tokens"]["max"]
     assert set(report["real_token_share"]) == {"packed", "random"}
     assert all(0 < s <= 1 for s in report["real_token_share"].values())
 
 
-def test_stats_cli_bad_set_exits_2_with_one_line_naming_the_field(tiny_spec, capsys):
+def test_stats_cli_counts_truncated_and_dropped_examples_in_text_and_json(tiny_spec, capsys):
+    overrides = ["--set", "data.max_length=150"]  # between the shortest and the longest synthetic prompt
     with pytest.raises(SystemExit) as exit_:
-        cli(["stats", str(tiny_spec), "--set", "data.batch_size=0"])
+        cli(["stats", str(tiny_spec), "--json", *overrides])
+    assert exit_.value.code == 0
+    train = json.loads(capsys.readouterr().out)["splits"]["train"]
+    assert train["dropped"] > 0 and train["truncated"] > 0
+    assert train["examples"] + train["dropped"] == train["problems"] == 50
+    with pytest.raises(SystemExit):
+        cli(["stats", str(tiny_spec), *overrides])
+    assert f"truncated {train['truncated']}  dropped {train['dropped']}" in capsys.readouterr().out
+
+
+def test_stats_cli_runs_on_a_local_source_without_test_jsonl(local_source, tmp_path, capsys):
+    (local_source / "test.jsonl").unlink()
+    spec = tmp_path / "local.yaml"
+    spec.write_text(f"model: {{name: 'random:tiny'}}\ndata: {{source: '{local_source}', val_size: 5}}\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli(["stats", str(spec)])
+    assert exit_.value.code == 0
+    assert "test: no test.jsonl" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting, field", [("data.batch_size=0", "data.batch_size"),
+                                            ("data.max_tokens_per_batch=100", "data.max_tokens_per_batch"),
+                                            ("data.overlong=skip", "data.overlong")])
+def test_stats_cli_bad_set_exits_2_with_one_line_naming_the_field(tiny_spec, capsys, setting, field):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["stats", str(tiny_spec), "--set", setting])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "data.batch_size" in err
+    assert err.count("\n") == 1 and field in err

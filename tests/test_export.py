@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tune_llama.cli import run_cli
+from conftest import one_line_error as cli_error
 from tune_llama.export import EXPORT_FILE, export, main
+from tune_llama.export import choose
 from tune_llama.results import load_search
 from tune_llama.spec import ModelSpec
 
@@ -28,7 +29,7 @@ def exported(tiny_search, fake_secrets, tmp_path_factory) -> Path:
 
 
 def best_reported(experiment: Path) -> tuple[str, dict]:
-    """(trial id, epoch row) with the lowest eval_loss in any trial's result.json: read independently."""
+    """(trial id, report row) with the lowest eval_loss in any trial's result.json: read independently."""
     best = None
     for result in experiment.glob("*/result.json"):
         for line in result.read_text().splitlines():
@@ -39,11 +40,11 @@ def best_reported(experiment: Path) -> tuple[str, dict]:
     return best
 
 
-def test_export_picks_the_best_epoch_of_any_trial_and_records_it(tiny_search, exported):
+def test_export_picks_the_best_report_of_any_trial_and_records_it(tiny_search, exported):
     trial_id, row = best_reported(tiny_search)
     info = json.loads((exported / EXPORT_FILE).read_text())
     assert info["trial_id"] == trial_id
-    assert info["epoch"] == row["epoch"]
+    assert (info["epoch"], info["step"], info["report"]) == (row["epoch"], row["step"], row["report"])
     assert info["metrics"]["eval_loss"] == row["eval_loss"]
     assert info["params"] == row["config"]
     assert info["spec"]["training"]["lr"] == row["config"]["training.lr"]  # the trial's spec, params applied
@@ -52,7 +53,7 @@ def test_export_picks_the_best_epoch_of_any_trial_and_records_it(tiny_search, ex
 
 def test_exported_model_loads_with_plain_transformers_and_reproduces_the_best_eval_loss(tiny_search, exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tune_llama.loop import evaluate, setup
+    from tune_llama.loop import setup, validation_loss
     from tune_llama.spec import spec_from_dict
 
     assert (exported / "model.safetensors").is_file() and (exported / "config.json").is_file()
@@ -61,7 +62,7 @@ def test_exported_model_loads_with_plain_transformers_and_reproduces_the_best_ev
     spec = spec_from_dict(json.loads((exported / EXPORT_FILE).read_text())["spec"])
     run = setup(spec, model=model, tokenizer=tokenizer)
     _, row = best_reported(tiny_search)
-    assert evaluate(run) == pytest.approx(row["eval_loss"], rel=1e-5, abs=1e-6)
+    assert validation_loss(run) == pytest.approx(row["eval_loss"], rel=1e-5, abs=1e-6)
 
     prompt = tokenizer(["Question: 2+3?\nAnswer: "], return_tensors="pt", add_special_tokens=False)
     out = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -93,7 +94,32 @@ def test_export_of_a_folder_that_is_not_a_search_is_a_one_line_error(tmp_path, c
 def test_export_of_a_search_without_results_is_a_one_line_error(tiny_search, tmp_path, capsys):
     (tmp_path / "tune_llama_spec.json").write_text((tiny_search / "tune_llama_spec.json").read_text())
     err = one_line_error(capsys, [str(tmp_path)])
-    assert "no trial has reported" in err
+    assert "no trial has a checkpoint" in err
+
+
+def test_a_checkpoint_ray_has_not_listed_yet_is_still_ranked_by_the_metrics_it_holds(tiny_search, tmp_path):
+    """Right after a kill, result.json can lag behind the checkpoints on disk: export must still see them."""
+    import shutil
+    copy = tmp_path / "killed"
+    shutil.copytree(tiny_search, copy, ignore=shutil.ignore_patterns("wandb", "export", "report"))
+    for result in copy.glob("*/result.json"):
+        result.write_text("")  # Ray never flushed a single row
+    choice = choose(load_search(copy))
+    trial_id, row = best_reported(tiny_search)
+    assert (choice.trial.trial_id, choice.row["step"]) == (trial_id, row["step"])
+
+
+def test_an_interrupted_export_leaves_no_folder_that_looks_complete(tiny_search, tmp_path, monkeypatch):
+    import tune_llama.model as model_module
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "out"))
+
+    monkeypatch.setattr(model_module, "save_hf_model", disk_full)
+    with pytest.raises(OSError):
+        export(tiny_search, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
 
 
 def test_export_without_any_checkpoint_left_is_a_one_line_error(tiny_search, tmp_path, capsys):
@@ -106,17 +132,12 @@ def test_export_without_any_checkpoint_left_is_a_one_line_error(tiny_search, tmp
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
+    return cli_error(main, argv, capsys)
 
 
 def test_evaluate_runs_on_the_export_with_the_prompt_template_it_was_trained_with(exported, tmp_path):
     import shutil
-    from tune_llama.evaluate import evaluate
+    from tune_llama.evaluate import gsm8k_accuracy
 
     model = tmp_path / "model"
     shutil.copytree(exported, model)
@@ -124,7 +145,7 @@ def test_evaluate_runs_on_the_export_with_the_prompt_template_it_was_trained_wit
     info["spec"]["data"]["prompt_template"] = "Q: {question}\nA: "
     (model / EXPORT_FILE).write_text(json.dumps(info))
 
-    summary = evaluate(str(model), data="synthetic", limit=3, batch_size=3, max_new_tokens=8,
+    summary = gsm8k_accuracy(str(model), data="synthetic", limit=3, batch_size=3, max_new_tokens=8,
                        out=tmp_path / "eval.jsonl", device="cpu")
     assert summary["prompt_template"] == "Q: {question}\nA: "
     assert summary["n"] == 3 and len((tmp_path / "eval.jsonl").read_text().splitlines()) == 3

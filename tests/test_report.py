@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import one_line_error
 from tune_llama.cli import run_cli
-from tune_llama.report import main, report, trial_rows
-from tune_llama.results import ASHA_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING, load_search
+from tune_llama.report import main, param_importance, report, trial_rows
+from tune_llama.results import (ASHA_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING, load_search,
+                                write_driver_file)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -35,7 +37,10 @@ def test_report_writes_valid_non_trivial_pngs_including_metric_against_lr(report
 
     experiment, written = reported_search
     pngs = sorted(p.name for p in written if p.suffix == ".png")
-    assert pngs == ["eval_loss.png", "eval_loss_vs_lr.png", "eval_perplexity.png"]
+    assert pngs == ["eval_loss.png", "eval_loss_vs_lr.png", "eval_perplexity.png", "parallel_coordinates.png",
+                    "param_importance.png"]
+    html = (experiment / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(pngs) and "http" not in html.replace("http-equiv", "")
     for path in written:
         assert path.parent == experiment / "report"
         if path.suffix == ".png":
@@ -57,9 +62,9 @@ def test_table_lists_every_trial_with_its_status_epochs_and_best_loss(reported_s
     for trial_id, epochs in truth.items():
         row = rows[trial_id]
         assert trial_id in out
-        assert row["epochs"] == len(epochs)
+        assert row["epochs"] == epochs[-1]["epoch"] and row["reports"] == len(epochs)
         assert row["best_eval_loss"] == min(e["eval_loss"] for e in epochs)
-        assert row["status"] == (FINISHED if len(epochs) == max_epochs else ASHA_STOPPED)
+        assert row["status"] == (FINISHED if epochs[-1]["epoch"] == max_epochs else ASHA_STOPPED)
     assert ASHA_STOPPED in out and FINISHED in out
     losses = [r["best_eval_loss"] for r in trial_rows(search)]
     assert losses == sorted(losses), "best trial first"
@@ -105,9 +110,43 @@ def test_a_trial_still_running_is_reported_as_running(tiny_search, tmp_path):
     trial_id, folder = longest_trial(experiment)
     cut_to_first_epoch(folder, pid=os.getpid())  # a process that is alive
     set_ray_status(experiment, trial_id, "RUNNING")
+    write_driver_file(experiment)  # this test process plays the search's driver
     rows = {r["trial"]: r for r in trial_rows(load_search(experiment))}
     assert rows[trial_id]["status"] == RUNNING and rows[trial_id]["epochs"] == 1
-    assert len(report(experiment)) == 4
+    assert {p.name for p in report(experiment)} >= {"trials.csv", "eval_loss.png", "report.html"}
+
+
+def test_trials_of_a_search_whose_driver_is_gone_are_interrupted_not_running(tiny_search, tmp_path):
+    experiment = copy_search(tiny_search, tmp_path / "driver-gone")
+    trial_id, folder = longest_trial(experiment)
+    cut_to_first_epoch(folder, pid=os.getpid())  # the trial's worker looks alive ...
+    set_ray_status(experiment, trial_id, "RUNNING")
+    (experiment / "driver.json").write_text(json.dumps({"pid": dead_pid(), "hostname": socket.gethostname()}))
+    rows = {r["trial"]: r for r in trial_rows(load_search(experiment))}
+    assert rows[trial_id]["status"] == INTERRUPTED  # ... but nothing drives the search any more
+
+
+def test_a_search_killed_before_its_first_report_says_there_is_nothing_to_plot(tiny_search, tmp_path, capsys):
+    experiment = tmp_path / "early"
+    experiment.mkdir()
+    shutil.copy(tiny_search / "tune_llama_spec.json", experiment)
+    written = report(experiment)
+    assert "nothing to plot yet" in capsys.readouterr().out
+    assert not [p for p in written if p.suffix == ".png"]
+    assert "Nothing to plot yet" in (experiment / "report" / "report.html").read_text()
+
+
+def test_parameter_importance_comes_from_the_searchs_optuna_study(tiny_search):
+    importance = param_importance(load_search(tiny_search))
+    assert set(importance) == {"training.lr", "training.gradient_accumulation_steps", "training.optimizer"}
+    assert sum(importance.values()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_optuna_study_holds_every_report_as_an_intermediate_value(tiny_search):
+    import optuna
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tiny_search / 'optuna.db'}")
+    truth = sorted(len(rows) for rows in reported(tiny_search).values())
+    assert sorted(len(t.intermediate_values) for t in study.trials) == truth
 
 
 def test_an_interrupted_search_without_ray_state_still_reports(tiny_search, tmp_path, capsys):
@@ -141,8 +180,4 @@ def dead_pid() -> int:
 
 
 def test_report_of_a_folder_that_is_not_a_search_is_a_one_line_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, [str(tmp_path)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "not a tune-llama search folder" in err
+    assert "not a tune-llama search folder" in one_line_error(main, [str(tmp_path)], capsys)

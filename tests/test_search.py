@@ -12,11 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, run_search
+from conftest import TINY, one_line_error, result_rows, run_search
 from tune_llama import search
-from tune_llama.cli import run_cli
-
-TINY = REPO_ROOT / "search_spaces" / "tiny.yaml"
 
 
 def trial_dirs(experiment: Path) -> list[Path]:
@@ -24,8 +21,7 @@ def trial_dirs(experiment: Path) -> list[Path]:
 
 
 def epochs_reported(trial: Path) -> list[dict]:
-    text = (trial / "result.json").read_text() if (trial / "result.json").exists() else ""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return result_rows(trial.parent).get(trial.name, [])
 
 
 # ---------------------------------------------------------------- a finished search
@@ -39,10 +35,45 @@ def test_tiny_search_runs_every_trial_and_asha_stops_some_early(tiny_search):
     assert min(epochs_run) < 4, f"ASHA stopped no trial early: {epochs_run}"
 
 
+def test_the_summary_export_report_and_single_run_name_the_same_best_trial_report_and_checkpoint(tiny_search):
+    """One ranking: the best report is not always a trial's last one, and all four readers agree on it."""
+    from tune_llama.export import choose
+    from tune_llama.report import trial_rows
+    from tune_llama.results import load_search
+    from tune_llama.train import run_summary
+
+    search_ = load_search(tiny_search)
+    trial, row = search_.best()
+    rows = [r for rs in result_rows(tiny_search).values() for r in rs]
+    independent = min(rows, key=lambda r: r["eval_loss"])
+    assert (trial.trial_id, row["step"]) == (independent["trial_id"], independent["step"])
+    choice = choose(search_)
+    assert (choice.trial.trial_id, choice.row["step"]) == (trial.trial_id, row["step"])
+    assert choice.checkpoint.name == row["checkpoint_dir_name"]
+    assert trial_rows(search_)[0]["trial"] == trial.trial_id
+    assert f"best trial: {trial.trial_id}" in (tiny_search / "summary.txt").read_text()
+    assert str(choice.checkpoint) in (tiny_search / "summary.txt").read_text()
+    single = run_summary(trial.rows, "completed", "eval_loss", "min")
+    assert (single["best_report"], single["best_step"]) == (row["report"], row["step"])
+
+
+def test_ranking_by_the_best_report_can_pick_a_trial_whose_last_report_is_worse():
+    from tune_llama.results import Trial, rank
+    falls_then_rises = Trial("a", None, {}, [{"step": 1, "eval_loss": 2.0}, {"step": 2, "eval_loss": 1.0},
+                                            {"step": 3, "eval_loss": 3.0}])
+    steady = Trial("b", None, {}, [{"step": 1, "eval_loss": 1.5}, {"step": 2, "eval_loss": 1.2}])
+    ranked = rank([falls_then_rises, steady], "eval_loss", "min", row=lambda t: t.best("eval_loss", "min"))
+    assert [t.trial_id for t in ranked] == ["a", "b"]
+    assert falls_then_rises.best("eval_loss", "min")["step"] == 2
+    assert [t.trial_id for t in rank([falls_then_rises, steady], "eval_loss", "max",
+                                      row=lambda t: t.best("eval_loss", "max"))] == ["a", "b"]
+
+
 def test_every_trial_reported_eval_loss_and_perplexity_each_epoch(tiny_search):
     for trial in trial_dirs(tiny_search):
         rows = epochs_reported(trial)
         assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
+        assert [r["report"] for r in rows] == list(range(1, len(rows) + 1))
         for row in rows:
             assert row["eval_loss"] > 0 and row["eval_perplexity"] == pytest.approx(2.718281828 ** row["eval_loss"])
 
@@ -57,7 +88,7 @@ def test_optuna_study_is_kept_in_sqlite_inside_the_experiment(tiny_search):
 def test_search_prints_the_best_trial_and_next_commands(tiny_search):
     out = (tiny_search / "summary.txt").read_text()
     assert "best trial:" in out and "eval_loss" in out
-    for command in ("tune_llama.export", "tune_llama.report", "--resume"):
+    for command in ("tune-llama export", "tune-llama report", "--resume"):
         assert command in out
 
 
@@ -124,17 +155,12 @@ def test_a_killed_search_resumes_to_exactly_num_samples_without_restarting_check
 
 # ---------------------------------------------------------------- bad input, before Ray starts
 
-def one_line_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(search.main, argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
+def search_error(capsys, argv: list[str]) -> str:
+    return one_line_error(search.main, argv, capsys)
 
 
 def test_a_space_key_that_is_not_a_field_is_rejected_before_ray_starts(capsys, tmp_path):
-    err = one_line_error(capsys, [str(TINY), "--storage", str(tmp_path),
+    err = search_error(capsys, [str(TINY), "--storage", str(tmp_path),
                                   "--set", "search.space={training.learning_rate: {uniform: [0.1, 0.2]}}"])
     assert "search.space.training.learning_rate" in err
     assert not list(tmp_path.iterdir())
@@ -142,25 +168,25 @@ def test_a_space_key_that_is_not_a_field_is_rejected_before_ray_starts(capsys, t
 
 
 def test_an_empty_space_is_rejected_before_ray_starts(capsys, tmp_path):
-    err = one_line_error(capsys, [str(TINY), "--storage", str(tmp_path), "--set", "search.space={}"])
+    err = search_error(capsys, [str(TINY), "--storage", str(tmp_path), "--set", "search.space={}"])
     assert "search.space" in err
     assert not search_started_ray()
 
 
 def test_resume_of_a_missing_folder_is_rejected(capsys, tmp_path):
-    err = one_line_error(capsys, ["--resume", str(tmp_path / "nope")])
+    err = search_error(capsys, ["--resume", str(tmp_path / "nope")])
     assert str(tmp_path / "nope") in err
     assert not search_started_ray()
 
 
 def test_resume_of_a_folder_that_is_not_a_search_is_rejected(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("not a search")
-    err = one_line_error(capsys, ["--resume", str(tmp_path)])
+    err = search_error(capsys, ["--resume", str(tmp_path)])
     assert "not a tune-llama search" in err
 
 
 def test_a_bad_distribution_names_its_field(capsys, tmp_path):
-    err = one_line_error(capsys, [str(TINY), "--storage", str(tmp_path),
+    err = search_error(capsys, [str(TINY), "--storage", str(tmp_path),
                                   "--set", "search.space={training.lr: {loguniform: [0, 1]}}"])
     assert "search.space.training.lr.loguniform" in err
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
+import sys
 from pathlib import Path
 
 import pytest
 
 from tune_llama.redact import REDACTED, SECRET_NAME, scrub
 from tune_llama.spec import Spec, WandbSpec
-from tune_llama.tracking import TrialRunsCallback, callbacks, wandb_mode
+from tune_llama.tracking import TrialRunsCallback, add_run_summary, callbacks, wandb_mode
 
 
 # ---------------------------------------------------------------- reading offline runs
@@ -40,8 +42,13 @@ def wandb_records(path: Path):
 
 
 def read_run(run_dir: Path) -> dict:
+    """An offline run as W&B wrote it: the run record, config, history rows, summary, whether it was closed.
+
+    Offline W&B (0.31) writes no ``files/config.yaml`` or ``files/wandb-summary.json``: everything is in
+    ``run-ID.wandb``, a log of protobuf records (the summary as a series of updates, the last one wins).
+    """
     (log,) = run_dir.glob("run-*.wandb")
-    run, config, history = None, {}, []
+    run, config, history, summary, closed = None, {}, [], {}, False
     for record in wandb_records(log):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -51,8 +58,13 @@ def read_run(run_dir: Path) -> dict:
             config.update({item_key(u): json.loads(u.value_json) for u in record.config.update})
         elif kind == "history":
             history.append({item_key(item): json.loads(item.value_json) for item in record.history.item})
+        elif kind == "summary":
+            summary.update({item_key(u): json.loads(u.value_json) for u in record.summary.update})
+        elif kind == "exit":
+            closed = True
     assert run is not None, f"{log} holds no run record"
-    return {"run": run, "config": config, "history": history}
+    config.pop("_wandb", None)  # W&B's own bookkeeping
+    return {"run": run, "config": config, "history": history, "summary": summary, "closed": closed}
 
 
 def item_key(item) -> str:
@@ -85,6 +97,44 @@ def test_every_trial_has_one_offline_run_in_the_search_folder_with_every_epoch(t
         assert all("eval_loss" in h and "eval_perplexity" in h for h in logged["history"])
         assert {k: logged["config"][k] for k in params[trial_id]} == params[trial_id]
         assert not any(k.startswith("config/") for h in logged["history"] for k in h), "params logged as metrics"
+        assert logged["closed"], f"run {trial_id} was not finished: its last records may be missing"
+
+
+def test_each_run_config_is_the_flat_sampled_params_with_numbers_kept_numbers(tiny_search):
+    for run_dir in (tiny_search / "wandb").glob("offline-run-*"):
+        config = read_run(run_dir)["config"]
+        assert set(config) == {"training.lr", "training.gradient_accumulation_steps", "training.optimizer"}
+        assert type(config["training.lr"]) is float and type(config["training.gradient_accumulation_steps"]) is int
+        assert config["training.optimizer"] in ("sgd", "adamw")
+
+
+def test_each_run_logs_every_report_and_keeps_the_best_eval_loss_in_its_summary(tiny_search):
+    for run_dir in (tiny_search / "wandb").glob("offline-run-*"):
+        logged = read_run(run_dir)
+        for row in logged["history"]:
+            assert {"epoch", "train_loss", "eval_loss", "eval_perplexity", "tokens_per_s"} <= set(row)
+            assert all(isinstance(v, (int, float)) for v in row.values()), f"a non-number logged as a metric: {row}"
+        summary = logged["summary"]
+        losses = [h["eval_loss"] for h in logged["history"] if math.isfinite(h["eval_loss"])]
+        assert isinstance(summary["best_eval_loss"], float) and summary["best_eval_loss"] == min(losses)
+        assert summary["status"] == read_status(tiny_search, logged["run"].run_id)
+
+
+def test_runs_are_tagged_with_the_spec_name(tiny_search):
+    # tiny_search runs search_spaces/tiny.yaml: search.py passes the spec's stem to callbacks(spec_name=...).
+    for run_dir in (tiny_search / "wandb").glob("offline-run-*"):
+        tags = list(read_run(run_dir)["run"].tags)
+        assert "tiny" in tags, (f"run tags {tags} lack the spec name: tune_llama.search must call "
+                                "tracking.callbacks(spec, name, spec_name=Path(SPEC).stem)")
+
+
+def read_status(experiment: Path, trial_id: str) -> str:
+    """The loop's status in the trial's last report."""
+    for result in experiment.glob("*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if rows[0]["trial_id"] == trial_id:
+            return rows[-1]["status"]
+    raise AssertionError(f"no result.json for trial {trial_id}")
 
 
 def test_runs_are_written_into_the_search_folder_not_the_working_directory(tiny_search):
@@ -119,6 +169,50 @@ def test_online_without_an_api_key_falls_back_to_offline_with_a_one_line_notice(
     capsys.readouterr()
     assert isinstance(callback, TrialRunsCallback) and callback.mode == "offline"
     callback.setup()  # Ray's own callback raises here without a key; offline needs none
+
+
+def test_the_spec_name_is_a_tag_besides_the_specs_tags():
+    spec = Spec(wandb=WandbSpec(mode="offline", tags=["lora", "tiny"]))
+    (callback,) = callbacks(spec, "search-name", spec_name="tiny")
+    assert callback.tags == ["lora", "tiny"] and callback.group == "search-name"
+    (callback,) = callbacks(spec, "search-name", spec_name="sgd")
+    assert callback.tags == ["lora", "tiny", "sgd"]
+
+
+def test_the_summary_keeps_the_best_of_the_search_metric_too_when_it_is_not_eval_loss():
+    callback = TrialRunsCallback(mode="offline", project="p", group="g", metric="eval_accuracy", metric_mode="max")
+    callback.best_so_far("t", {"eval_loss": 2.0, "eval_accuracy": 0.1})
+    best = callback.best_so_far("t", {"eval_loss": float("inf"), "eval_accuracy": 0.3})
+    assert best == {"best_eval_loss": 2.0, "best_eval_accuracy": 0.3}
+    assert callback.best_so_far("t", {"eval_loss": 1.5, "eval_accuracy": 0.2}) == {
+        "best_eval_loss": 1.5, "best_eval_accuracy": 0.3}
+    assert callback.best_so_far("other", {"eval_loss": 3.0}) == {"best_eval_loss": 3.0}
+
+
+def test_values_added_later_reach_the_runs_summary_offline_without_an_api_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    experiment = tmp_path / "my-search"
+    experiment.mkdir()
+    add_run_summary(Spec(wandb=WandbSpec(mode="online", project="p")), experiment, "abc12345",
+                    {"test_accuracy": 0.25, "test_examples": 200})
+    (run_dir,) = (experiment / "wandb").glob("offline-run-*-abc12345")
+    logged = read_run(run_dir)
+    assert logged["run"].run_id == "abc12345" and logged["run"].run_group == "my-search" and logged["run"].resume
+    assert logged["summary"]["test_accuracy"] == 0.25 and logged["summary"]["test_examples"] == 200
+    assert logged["closed"]
+
+
+def test_a_secret_on_the_command_line_does_not_reach_the_runs_metadata(monkeypatch, tmp_path):
+    secret = "hf_commandLINEsecret0123"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setattr(sys, "argv", ["tune-llama", "search", "--set", f"data.source=https://u:{secret}@host/x"])
+    add_run_summary(Spec(wandb=WandbSpec(mode="offline", project="p")), tmp_path, "abc12345", {"x": 1})
+    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-abc12345.wandb")
+    data = log.read_bytes()
+    assert b"data.source=https://u:" in data, "W&B no longer records the command line: this test proves nothing"
+    assert secret.encode() not in data
+    assert sys.argv[-1].endswith(f"{secret}@host/x"), "the process's own argv must be left as it was"
 
 
 def test_disabled_mode_adds_no_callback():

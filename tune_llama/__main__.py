@@ -16,7 +16,7 @@ COMMANDS = {
     "search": ("tune_llama.search", "search a spec's hyperparameters (Optuna + ASHA on Ray Tune); --resume"),
     "report": ("tune_llama.report", "compare a search's trials: table, plots, parameter importance, report.html"),
     "export": ("tune_llama.export", "write a search's best trial as a ready-to-use Hugging Face model"),
-    "evaluate": ("tune_llama.evaluate", "GSM8K accuracy of a model (strict and flexible, 95% interval)"),
+    "evaluate": ("tune_llama.evaluate", "GSM8K accuracy of a model (strict and flexible, with 95 percent intervals)"),
     "train": ("tune_llama.train", "fine-tune one configuration of a spec, without Ray"),
     "data": ("tune_llama.data.__main__", "split sizes, token lengths and padding of a spec's data"),
 }

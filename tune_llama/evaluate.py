@@ -1,14 +1,18 @@
 """GSM8K accuracy of a model: ``python -m tune_llama.evaluate MODEL [--data SOURCE] [--limit N] [--shots K] ...``.
 
 MODEL is an exported directory (``python -m tune_llama.export``), a hub id or
-local model directory, ``embedded:smollm2`` or ``random:SHAPE``. Greedy,
-batched, left-padded generation with the training prompt template (the one in
-the export's ``export.json`` when there is one), optionally after K worked
-examples from the train split. Answers are extracted as lm-evaluation-harness
-does for GSM8K: strict (the number after ``####``) and flexible (the last
-number in the output), both normalised (commas, ``$``, a trailing ``.``).
-Accuracies come with a 95% Wilson score interval; one JSONL line per problem
-goes to ``--out``.
+local model directory, ``embedded:smollm2`` or ``random:SHAPE``; ``score``
+does the same for a model already in memory. Greedy, batched, left-padded
+generation with the training prompt template (the one in the export's
+``export.json`` when there is one), optionally after K worked examples from
+the train split. A row stops at EOS, at a new ``Question:`` or after its first
+``#### N`` line. With ``--calculator`` the arithmetic in ``<<EXPR=`` is done
+by ``tune_llama.calculator`` and written in for the model, as in Cobbe et al.
+(2021). Answers are extracted as lm-evaluation-harness does for GSM8K: strict
+(the number after ``####``) and flexible (the last number in the output), both
+normalised (commas, ``$``, a trailing ``.``). Accuracies come with a 95% Wilson
+score interval; one JSONL line per problem goes to ``--out``. SOURCE defaults
+to ``$TUNE_LLAMA_GSM8K`` when set, else the hub's ``openai/gsm8k``.
 """
 
 from __future__ import annotations
@@ -16,21 +20,28 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from tune_llama.errors import UserError
+from tune_llama.calculator import calculate
 from tune_llama.cli import run_cli
-from tune_llama.spec import DataSpec, ModelSpec, SpecError, spec_from_dict
+from tune_llama.errors import SpecError, UserError
+from tune_llama.spec import DataSpec, ModelSpec, spec_from_dict
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_VARIABLE = "TUNE_LLAMA_GSM8K"
+HUB_GSM8K = "openai/gsm8k"
 STOP_STRINGS = ("Question:",)  # a new few-shot question: the answer is over (lm-eval's `until`)
 # lm-evaluation-harness gsm8k filters: "strict-match" and "flexible-extract".
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+# The whole first answer line: whatever follows it is never read by either extraction.
+ANSWER_LINE = re.compile(STRICT.pattern + r"[ \t]*\n")
+CALL = re.compile(r"<<([^<>=\n]*)=$")  # GSM8K's calculator annotation <<48/2=24>>, cut after its "="
+TAIL_TOKENS = 64  # enough generated tokens to hold a stop string, an answer line or a whole <<EXPR=
 Z95 = 1.959964
 
 
@@ -69,8 +80,12 @@ def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, fl
 
 
 def truncate_at_stop(text: str) -> str:
-    cut = min((i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0), default=len(text))
-    return text[:cut].strip()
+    """The output up to a stop string or through its first complete ``#### N`` line, whichever comes first."""
+    cuts = [i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0]
+    answer = ANSWER_LINE.search(text)
+    if answer:
+        cuts.append(answer.end())
+    return text[:min(cuts, default=len(text))].strip()
 
 
 # ---------------------------------------------------------------- model and prompts
@@ -109,7 +124,6 @@ def load(name: str, device) -> Loaded:
         except OSError as err:
             raise UserError(f"MODEL: cannot load {name!r}: {str(err).splitlines()[0]}") from None
     model.to(device).eval()
-    model.config.use_cache = True  # training turns the KV cache off; generation needs it
     return Loaded(model, tokenizer, template, train_spec.data if train_spec else None)
 
 
@@ -139,11 +153,8 @@ def read_export_spec(path: Path):
 
 
 def default_data_source() -> str:
-    """``../shared/gsm8k`` (from the working directory or the repository) if present, else the hub."""
-    for candidate in (Path("../shared/gsm8k"), REPO_ROOT.parent / "shared" / "gsm8k"):
-        if (candidate / "test.jsonl").is_file():
-            return str(candidate)
-    return "openai/gsm8k"
+    """``$TUNE_LLAMA_GSM8K`` when set (a local copy), else the hub's GSM8K."""
+    return os.environ.get(DATA_VARIABLE) or HUB_GSM8K
 
 
 def data_spec(source: str, template: str, trained_on: Optional[DataSpec]) -> DataSpec:
@@ -174,49 +185,157 @@ def few_shot_prefix(data: DataSpec, shots: int) -> str:
 
 # ---------------------------------------------------------------- generation
 
-def stop_criterion(tokenizer, prompt_length: int):
-    """Stop each row once its generated text holds a stop string (EOS is handled by generate itself)."""
-    import torch
-    from transformers import StoppingCriteria
-
-    class StopAtString(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            start = max(prompt_length, input_ids.shape[1] - 16)  # the tail is enough to see a new stop string
-            tails = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
-            return torch.tensor([any(s in t for s in STOP_STRINGS) for t in tails], device=input_ids.device)
-
-    return StopAtString()
+@dataclass
+class Row:
+    prompt: list[int]
+    new: list[int] = field(default_factory=list)
+    """Tokens after the prompt: the model's and the calculator's."""
+    done: bool = False
 
 
-def generate_batch(loaded: Loaded, prompts: list[str], max_new_tokens: int, device) -> list[str]:
-    """Greedy continuations of ``prompts``, left-padded into one batch, cut at a stop string."""
-    import torch
-    from transformers import GenerationConfig, StoppingCriteriaList
+class RowWatch:
+    """Per-row stopping for one ``generate`` call: EOS, the token budget, a stop string, the first
+    ``#### N`` line and, with the calculator, a ``<<EXPR=`` it can compute (kept in ``results``)."""
+
+    def __init__(self, tokenizer, rows: list[Row], width: int, max_new_tokens: int, calculator: bool):
+        self.tokenizer, self.rows, self.width = tokenizer, rows, width
+        self.max_new_tokens, self.calculator = max_new_tokens, calculator
+        self.stopped_at: list[Optional[int]] = [None] * len(rows)
+        self.results: list[Optional[str]] = [None] * len(rows)
+
+    def __call__(self, input_ids):
+        import torch
+
+        length = input_ids.shape[1]
+        start = max(0, length - TAIL_TOKENS)
+        tails = input_ids[:, start:].tolist()
+        for i, row in enumerate(self.rows):
+            if self.stopped_at[i] is not None:
+                continue
+            generated = len(row.new) + length - self.width
+            own = tails[i][max(0, self.width - len(row.new) - start):]  # never the prompt's few-shot answers
+            if (own and own[-1] == self.tokenizer.eos_token_id) or generated >= self.max_new_tokens:
+                self.stopped_at[i] = length
+                continue
+            text = self.tokenizer.decode(own, skip_special_tokens=True)
+            call = CALL.search(text) if self.calculator else None
+            self.results[i] = calculate(call.group(1)) if call else None
+            if self.results[i] is not None or ANSWER_LINE.search(text) or any(s in text for s in STOP_STRINGS):
+                self.stopped_at[i] = length
+        return torch.tensor([s is not None for s in self.stopped_at], device=input_ids.device)
+
+
+def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, calculator: bool = False) -> list[str]:
+    """Greedy continuations of ``prompts`` in one left-padded batch, cut by ``truncate_at_stop``.
+
+    With ``calculator``, a row that stops at a ``<<EXPR=`` the calculator computes gets ``RESULT>>``
+    appended and is generated further (the others wait finished), until every row is done.
+    """
     from tune_llama.data.examples import adds_bos
 
-    tok = loaded.tokenizer
-    bos = [tok.bos_token_id] if adds_bos(tok) else []  # as in training: BOS + prompt tokens
-    ids = [bos + row for row in tok(prompts, add_special_tokens=False).input_ids]
-    width = max(map(len, ids))
-    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(row)) + row for row in ids], device=device)
-    attention = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=device)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                              bos_token_id=tok.bos_token_id, use_cache=True)
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []  # as in training: BOS + prompt tokens
+    rows = [Row(bos + ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
+    while active := [row for row in rows if not row.done]:
+        watch = generate_once(model, tokenizer, active, max_new_tokens, calculator)
+        for row, result in zip(active, watch.results):
+            if result is not None:
+                row.new += answer_ids(tokenizer, result + ">>")  # closed as GSM8K closes it: <<48/2=24>>
+            row.done = result is None or len(row.new) >= max_new_tokens
+            row.new = row.new[:max_new_tokens]
+    return [truncate_at_stop(tokenizer.decode(row.new, skip_special_tokens=True)) for row in rows]
+
+
+def generate_once(model, tokenizer, rows: list[Row], max_new_tokens: int, calculator: bool) -> RowWatch:
+    """One batched ``generate`` over ``rows`` (prompt + tokens so far); adds what each row generated."""
+    import torch
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+    class Criterion(StoppingCriteria):  # transformers wants the subclass; RowWatch does the work
+        def __call__(self, input_ids, scores, **kwargs):
+            return watch(input_ids)
+
+    device = next(model.parameters()).device
+    sequences = [row.prompt + row.new for row in rows]
+    width = max(map(len, sequences))
+    watch = RowWatch(tokenizer, rows, width, max_new_tokens, calculator)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=device)
+    attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
+    config = GenerationConfig(max_new_tokens=max(max_new_tokens - len(row.new) for row in rows), do_sample=False,
+                              num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                              bos_token_id=tokenizer.bos_token_id, use_cache=True)
     with torch.no_grad():
-        out = loaded.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
-                                    stopping_criteria=StoppingCriteriaList([stop_criterion(tok, width)]))
-    return [truncate_at_stop(text) for text in tok.batch_decode(out[:, width:], skip_special_tokens=True)]
+        out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
+                             stopping_criteria=StoppingCriteriaList([Criterion()]))
+    for i, row in enumerate(rows):
+        row.new += out[i, width:watch.stopped_at[i]].tolist()  # after a row stops, generate only pads it
+    return watch
 
 
-# ---------------------------------------------------------------- the evaluation
+def answer_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` written mid-answer, after ``=``: a SentencePiece tokenizer encoding it
+    alone would put a word-start space in front."""
+    anchor = tokenizer("=", add_special_tokens=False).input_ids
+    ids = tokenizer("=" + text, add_special_tokens=False).input_ids
+    return ids[len(anchor):] if ids[:len(anchor)] == anchor else tokenizer(text, add_special_tokens=False).input_ids
 
-def evaluate(model: str, data: Optional[str] = None, split: str = "test", limit: Optional[int] = None,
-             batch_size: int = 8, shots: int = 0, max_new_tokens: int = 256, out: Optional[Path] = None,
-             device: str = "auto") -> dict[str, Any]:
-    """Generate, extract, score; write the JSONL; return the summary (also printed)."""
+
+# ---------------------------------------------------------------- scoring
+
+def score(model, tokenizer, problems: list[dict[str, str]], prompt_template: str, *, batch_size: int = 8,
+          max_new_tokens: int = 256, calculator: bool = False, prefix: str = "",
+          out: Optional[Path] = None) -> dict[str, Any]:
+    """GSM8K accuracy of a model in memory on ``problems`` (``{"question", "answer"}`` dicts).
+
+    Each prompt is ``prefix`` (worked examples) + ``prompt_template`` filled with the question.
+    Returns n, strict and flexible ``{correct, accuracy, ci95}``, seconds, problems_per_s,
+    calculator, max_new_tokens, prompt_template and out; writes one JSONL line per problem to
+    ``out`` when given. The model is put in eval mode with its KV cache on for the call only.
+    """
     from tqdm.auto import tqdm
     from tune_llama.data import final_answer, format_prompt
+
+    if out is not None:
+        out = Path(out)
+        check_writable(out)  # before the slow part, not after it
+    prompts = [prefix + format_prompt(prompt_template, p["question"]) for p in problems]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
+    outputs: list[str] = [""] * len(prompts)
+    was_training, used_cache = model.training, model.config.use_cache
+    model.eval()
+    model.config.use_cache = True  # training turns the KV cache off; generation needs it
+    start = time.perf_counter()
+    try:
+        with tqdm(total=len(prompts), desc="generating", unit="problem", mininterval=10) as bar:
+            for i in range(0, len(order), batch_size):
+                batch = order[i:i + batch_size]
+                texts = generate_texts(model, tokenizer, [prompts[j] for j in batch], max_new_tokens, calculator)
+                for index, text in zip(batch, texts):
+                    outputs[index] = text
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+        model.config.use_cache = used_cache
+    elapsed = time.perf_counter() - start
+
+    rows = []
+    for index, (problem, text) in enumerate(zip(problems, outputs)):
+        gold = normalize(final_answer(problem["answer"]))
+        strict, flexible = extract_strict(text), extract_flexible(text)
+        rows.append({"index": index, "question": problem["question"], "generated": text,
+                     "strict": strict, "flexible": flexible, "gold": gold,
+                     "correct_strict": strict == gold, "correct_flexible": flexible == gold})
+    if out is not None:
+        out.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return summarize(rows, calculator=calculator, max_new_tokens=max_new_tokens, prompt_template=prompt_template,
+                     seconds=elapsed, out=out)
+
+
+def gsm8k_accuracy(model: str, data: Optional[str] = None, split: str = "test", limit: Optional[int] = None,
+                   batch_size: int = 8, shots: int = 0, max_new_tokens: int = 256, out: Optional[Path] = None,
+                   device: str = "auto", calculator: bool = False) -> dict[str, Any]:
+    """Load MODEL, score it on a split of ``data`` (default ``default_data_source()``), write the JSONL,
+    print and return the summary (``score``'s, plus model, data, split and shots)."""
     from tune_llama.loop import pick_device, seed_everything
 
     seed_everything(0)
@@ -224,42 +343,31 @@ def evaluate(model: str, data: Optional[str] = None, split: str = "test", limit:
     source = data or default_data_source()
     loaded = load(model, torch_device)
     dspec = data_spec(source, loaded.prompt_template, loaded.data)
-    problems = problems_for(dspec, split)[:limit]
+    try:
+        problems = problems_for(dspec, split)[:limit]
+        prefix = few_shot_prefix(dspec, shots)
+    except UserError as err:  # the loaders name the spec field; here the user set a flag or the variable
+        flag = DATA_VARIABLE if not data and os.environ.get(DATA_VARIABLE) else "--data"
+        raise UserError(re.sub(r"^data\.source:", f"{flag}:", str(err))) from None
     if not problems:
         raise UserError(f"--split: {source} has no {split} problems")
-    prefix = few_shot_prefix(dspec, shots)
-    prompts = [prefix + format_prompt(dspec.prompt_template, p["question"]) for p in problems]
-
-    lengths = [len(p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # similar lengths share a batch: less padding
-    outputs: list[Optional[str]] = [None] * len(prompts)
-    start = time.perf_counter()
-    bar = tqdm(total=len(prompts), desc="generating", unit="problem", mininterval=10)
-    for i in range(0, len(order), batch_size):
-        batch = order[i:i + batch_size]
-        for index, text in zip(batch, generate_batch(loaded, [prompts[j] for j in batch], max_new_tokens,
-                                                     torch_device)):
-            outputs[index] = text
-        bar.update(len(batch))
-    bar.close()
-    elapsed = time.perf_counter() - start
-
-    out = out or default_out(model, source, split)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    with out.open("w", encoding="utf-8") as f:
-        for index, (problem, text) in enumerate(zip(problems, outputs)):
-            gold = normalize(final_answer(problem["answer"]))
-            strict, flexible = extract_strict(text), extract_flexible(text)
-            row = {"index": index, "question": problem["question"], "generated": text,
-                   "strict": strict, "flexible": flexible, "gold": gold,
-                   "correct_strict": strict == gold, "correct_flexible": flexible == gold}
-            rows.append(row)
-            f.write(json.dumps(row) + "\n")
-    summary = summarize(rows, model=model, data=source, split=split, shots=shots, max_new_tokens=max_new_tokens,
-                        prompt_template=dspec.prompt_template, seconds=elapsed, out=out)
+    summary = {"model": model, "data": source, "split": split, "shots": shots,
+               **score(loaded.model, loaded.tokenizer, problems, dspec.prompt_template, batch_size=batch_size,
+                       max_new_tokens=max_new_tokens, calculator=calculator, prefix=prefix,
+                       out=out or default_out(model, source, split))}
     print_summary(summary)
     return summary
+
+
+evaluate = gsm8k_accuracy  # the old name, until tests/test_export.py imports the new one
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.open("a").close()
+    except OSError as err:
+        raise UserError(f"--out: cannot write {out}: {err.strerror or err}") from None
 
 
 def summarize(rows: list[dict], **info) -> dict[str, Any]:
@@ -274,7 +382,8 @@ def summarize(rows: list[dict], **info) -> dict[str, Any]:
 
 
 def print_summary(s: dict[str, Any]) -> None:
-    print(f"{s['model']} on {s['data']} {s['split']} ({s['n']} problems, {s['shots']}-shot, "
+    calculator = ", calculator" if s.get("calculator") else ""
+    print(f"{s['model']} on {s['data']} {s['split']} ({s['n']} problems, {s['shots']}-shot{calculator}, "
           f"{s['seconds']:.0f} s, {s['problems_per_s']:.2f} problems/s)")
     for kind, label in (("strict", "strict-match (#### N)"), ("flexible", "flexible-extract (last number)")):
         m = s[kind]
@@ -290,22 +399,34 @@ def default_out(model: str, source: str, split: str) -> Path:
     return Path("results") / "eval" / f"{slug(name)}-{slug(Path(source).name or source)}-{split}.jsonl"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_llama.evaluate", description=__doc__.splitlines()[0])
+# ---------------------------------------------------------------- command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m tune_llama.evaluate`` (and of ``tune-llama evaluate``)."""
     parser.add_argument("model", help="exported directory, hub id, embedded:smollm2 or random:tiny")
     parser.add_argument("--data", help="synthetic, a directory with test.jsonl/train.jsonl, or a hub id "
-                                       "(default: ../shared/gsm8k if present, else openai/gsm8k)")
+                                       f"(default: ${DATA_VARIABLE} if set, else {HUB_GSM8K})")
     parser.add_argument("--split", choices=("test", "validation", "train"), default="test")
     parser.add_argument("--limit", type=positive, help="only the first N problems")
     parser.add_argument("--batch-size", type=positive, default=8)
     parser.add_argument("--shots", type=non_negative, default=0, help="worked train examples before each question")
     parser.add_argument("--max-new-tokens", type=positive, default=256)
+    parser.add_argument("--calculator", action="store_true",
+                        help="compute each <<EXPR= the model writes and write the result in for it")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", type=Path, help="JSONL file (default results/eval/MODEL-DATA-SPLIT.jsonl)")
-    args = parser.parse_args(argv)
-    evaluate(args.model, args.data, args.split, args.limit, args.batch_size, args.shots, args.max_new_tokens,
-             args.out, args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    gsm8k_accuracy(args.model, args.data, args.split, args.limit, args.batch_size, args.shots, args.max_new_tokens,
+                   args.out, args.device, calculator=args.calculator)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune_llama.evaluate", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 def positive(text: str) -> int:

@@ -1,7 +1,8 @@
-"""Export a search's best model: ``python -m tune_llama.export results/NAME [--out DIR] [--adapter-only]``.
+"""Export a search's best model: ``tune-llama export results/NAME [--out DIR] [--by finalists|loss] [--adapter-only]``.
 
-Picks the trial with the best ``search.metric`` at any epoch and that trial's
-best checkpoint, rebuilds the model on CPU, and writes a standard Hugging Face
+Picks the finalists' winner (GSM8K accuracy) when the search scored finalists,
+else the best checkpoint on disk by ``search.metric`` (any report, not only
+the last), rebuilds the model on CPU, and writes a standard Hugging Face
 directory (safetensors weights, LoRA merged into the base unless
 ``--adapter-only``, the tokenizer) plus ``export.json``: trial id, params,
 epoch, metrics, the trial's spec and package versions. The result loads with
@@ -13,18 +14,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tune_llama.errors import UserError
 from tune_llama.cli import run_cli
+from tune_llama.errors import UserError
 from tune_llama.loop import METRIC_NAMES
 from tune_llama.redact import scrub
-from tune_llama.results import Search, Trial, load_search
+from tune_llama.results import FINALISTS_FILE, Search, Trial, load_search, read_json
 from tune_llama.spec import Spec, spec_from_dict
 
 EXPORT_FILE = "export.json"
@@ -33,64 +37,74 @@ PACKAGES = ("tune-llama", "torch", "transformers", "peft", "safetensors", "token
 
 @dataclasses.dataclass
 class Choice:
-    """What gets exported: a trial, its checkpoint folder, and the epoch row that checkpoint holds."""
+    """What gets exported: a trial, its checkpoint, the report that checkpoint holds, and why it was chosen."""
     trial: Trial
     checkpoint: Path
     row: dict[str, Any]
     spec: Spec
+    reason: str
 
 
-def choose(search: Search) -> Choice:
-    """The best trial that has a checkpoint on disk, and its best checkpoint."""
-    metric, mode = search.spec.search.metric, search.spec.search.mode
-    if search.best() is None:
-        raise UserError(f"{search.path}: no trial has reported a finite {metric} yet; nothing to export")
-    ranked = sorted((t for t in search.trials if t.best_checkpoint(metric, mode)),
-                    key=lambda t: t.best_epoch(metric, mode)[metric] * (1 if mode == "min" else -1))
-    if not ranked:
-        raise UserError(f"{search.path}: no trial has a checkpoint (checkpoint_*/trainable.safetensors) to export")
-    best_trial = search.best()[0]
-    trial = ranked[0]
-    if trial is not best_trial:
-        print(f"notice: the best trial {best_trial.trial_id} has no checkpoint on disk; "
-              f"exporting {trial.trial_id}, the best one that has", file=sys.stderr)
-    checkpoint, row = trial.best_checkpoint(metric, mode)
+def choose(search: Search, by: str = "finalists") -> Choice:
+    """The finalists' winner when the search scored finalists (and ``by`` is ``finalists``), else the best
+    checkpoint on disk by ``search.metric``: each checkpoint is ranked by the metrics it holds itself, so
+    one written just before a kill, that Ray's result files do not list yet, still counts."""
+    winner = search.finalists().get("winner") if by == "finalists" and search.finalists() else None
+    if winner:
+        trial = next((t for t in search.trials if t.trial_id == winner["trial_id"]), None)
+        checkpoint = Path(winner["checkpoint"])
+        if trial is None or not (checkpoint / "trainable.safetensors").is_file():
+            raise UserError(f"{search.path / FINALISTS_FILE}: the winner's checkpoint {checkpoint} is gone; "
+                            "export with --by loss")
+        metrics = read_json(checkpoint / "metrics.json") or {}
+        reason = f"finalists' winner by GSM8K strict accuracy ({winner['strict_accuracy']:.1%})"
+    else:
+        best = search.best_checkpoint()
+        if best is None:
+            raise UserError(f"{search.path}: no trial has a checkpoint with a finite {search.metric} "
+                            "(checkpoint_*/trainable.safetensors); nothing to export")
+        trial, found = best
+        checkpoint, metrics = found.path, found.metrics
+        reason = f"best checkpoint by {search.metric} ({search.mode})"
+        best_trial = search.best()
+        if best_trial and best_trial[0] is not trial:
+            print(f"notice: the best trial {best_trial[0].trial_id} has no checkpoint of its best report on disk; "
+                  f"exporting {trial.trial_id}, the best checkpoint there is", file=sys.stderr)
     spec_file = checkpoint / "spec.json"  # the trial's full spec, sampled params applied
     spec = spec_from_dict(json.loads(spec_file.read_text())) if spec_file.is_file() else search.trial_spec(trial)
-    return Choice(trial, checkpoint, row, spec)
+    return Choice(trial, checkpoint, metrics, spec, reason)
 
 
-def rebuild(spec: Spec, checkpoint: Path):
-    """(model, tokenizer) of a trial on CPU with the checkpoint's trainable weights loaded."""
+def export(experiment: Path, out: Path | None = None, adapter_only: bool = False, by: str = "finalists") -> Path:
+    """Write the chosen trial's model to ``out`` (default ``EXPERIMENT/export``); returns ``out``.
+
+    Written into a temporary sibling folder and renamed at the end: an interrupted export never leaves a
+    folder that looks complete, and a finished one replaces the previous export whole.
+    """
     import torch
-    from safetensors.torch import load_file
-    from tune_llama.model import load_model, load_tokenizer, load_trainable_state
-
-    # Quantization and checkpointing are training-time choices; export merges into full-precision weights.
-    model_spec = dataclasses.replace(spec.model, quantization="none", gradient_checkpointing=False)
-    tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec, tokenizer, torch.device("cpu"), seed=spec.training.seed)
-    load_trainable_state(model, load_file(checkpoint / "trainable.safetensors"))
-    model.eval()
-    return model, tokenizer
-
-
-def export(experiment: Path, out: Path | None = None, adapter_only: bool = False) -> Path:
-    """Write the best trial's model to ``out`` (default ``EXPERIMENT/export``); returns ``out``."""
-    from tune_llama.model import save_hf_model
+    from tune_llama.model import model_from_checkpoint, save_hf_model
 
     search = load_search(experiment)
-    choice = choose(search)
+    choice = choose(search, by)
     if adapter_only and not choice.spec.model.lora.enabled:
         raise UserError(f"--adapter-only: trial {choice.trial.trial_id} trained every weight "
                         "(model.lora.enabled=false), so there is no adapter; export without --adapter-only")
     out = (out or search.path / "export").expanduser().resolve()
     if out.is_file():
         raise UserError(f"--out: {out} is a file; give a directory")
-    model, tokenizer = rebuild(choice.spec, choice.checkpoint)
-    save_hf_model(model, tokenizer, out, merge=not adapter_only)
-    info = export_info(search, choice, adapter_only)
-    (out / EXPORT_FILE).write_text(json.dumps(scrub(info), indent=1))
+    model, tokenizer = model_from_checkpoint(choice.spec.model, choice.checkpoint, torch.device("cpu"),
+                                             seed=choice.spec.training.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        save_hf_model(model, tokenizer, partial, merge=not adapter_only)
+        info = export_info(search, choice, adapter_only)
+        (partial / EXPORT_FILE).write_text(json.dumps(scrub(info), indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return out
 
 
@@ -100,10 +114,14 @@ def export_info(search: Search, choice: Choice, adapter_only: bool) -> dict[str,
         "trial_id": choice.trial.trial_id,
         "params": choice.trial.params,
         "checkpoint": str(choice.checkpoint),
-        "epoch": choice.row["epoch"],
+        "reason": choice.reason,
+        "report": choice.row.get("report"),
+        "step": choice.row.get("step"),
+        "epoch": choice.row.get("epoch"),
         "metric": {"name": search.spec.search.metric, "mode": search.spec.search.mode,
-                   "value": choice.row[search.spec.search.metric]},
+                   "value": choice.row.get(search.spec.search.metric)},
         "metrics": {k: choice.row[k] for k in METRIC_NAMES if k in choice.row},
+        "finalists": search.finalists(),
         "adapter_only": adapter_only,
         "spec": choice.spec.to_dict(),
         "versions": package_versions(),
@@ -121,19 +139,30 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_llama.export", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("search", type=Path, help="search folder, e.g. results/NAME")
     parser.add_argument("--out", type=Path, help="output directory (default: SEARCH/export)")
+    parser.add_argument("--by", choices=("finalists", "loss"), default="finalists",
+                        help="pick the finalists' winner by GSM8K accuracy when there is one (default), "
+                             "or the best checkpoint by the search metric")
     parser.add_argument("--adapter-only", action="store_true",
                         help="write the LoRA adapter alone instead of merging it into the base weights")
-    args = parser.parse_args(argv)
-    out = export(args.search, args.out, args.adapter_only)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export(args.search, args.out, args.adapter_only, args.by)
     info = json.loads((out / EXPORT_FILE).read_text())
-    print(f"exported trial {info['trial_id']} (epoch {info['epoch']}, {info['metric']['name']}="
-          f"{info['metric']['value']:.4f}) to {out}")
-    print(f"evaluate: python -m tune_llama.evaluate {out}")
+    value = info["metric"]["value"]
+    print(f"exported trial {info['trial_id']} (report {info['report']}, epoch {info['epoch']}, "
+          f"{info['metric']['name']}={value:.4f}; {info['reason']}) to {out}")
+    print(f"evaluate: tune-llama evaluate {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune_llama.export", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ warning line with exit 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -297,8 +298,11 @@ def run(args: argparse.Namespace) -> int:
     tuner.fit()
     code = summarize(experiment)
     if code == 0 and spec.search.finalists.top_k > 0:
-        from tune_llama.finalists import score_finalists
-        score_finalists(experiment)
+        from tune_llama.finalists import print_finalists, score_finalists
+        record = score_finalists(experiment, trial_resources(spec))
+        with (experiment / SUMMARY_FILE).open("a") as summary:
+            with contextlib.redirect_stdout(summary):
+                print_finalists(record)
     return code
 
 

@@ -16,8 +16,9 @@ internals are involved:
   ``wandb sync results/NAME/wandb/offline-run-*`` uploads them later;
 * a trial continued by ``--resume`` or retried after a failure continues its own
   run: the run id is the trial id and ``resume="allow"``;
-* configs and logged values are scrubbed of secrets (``tune_llama.redact``), and
-  git metadata (remote URLs can hold tokens) and code are not recorded;
+* configs, logged values and the command line W&B records are scrubbed of
+  secrets (``tune_llama.redact``); git metadata (remote URLs can hold tokens)
+  and code are not recorded;
 * each run is finished (flushed and closed) when its trial ends, and any still
   open when the search ends.
 """
@@ -36,7 +37,8 @@ from ray.tune.logger import LoggerCallback
 from tune_llama.redact import scrub
 from tune_llama.spec import Spec
 
-WANDB_SETTINGS = {"console": "off", "disable_git": True, "disable_code": True, "save_code": False, "quiet": True}
+# silent: W&B's per-run banner would interleave with the search's progress table; errors still raise.
+WANDB_SETTINGS = {"console": "off", "disable_git": True, "disable_code": True, "save_code": False, "silent": True}
 BEST_LOSS = "best_eval_loss"
 # Tune's bookkeeping in each result that is not a metric of the trial.
 NOT_METRICS = {"config", "done", "pid", "timestamp", "should_checkpoint"}
@@ -79,13 +81,9 @@ class TrialRunsCallback(LoggerCallback):
     def log_trial_start(self, trial) -> None:
         if trial.trial_id in self._runs:
             return  # a restarted trial keeps its open run
-        import wandb
-        self._runs[trial.trial_id] = wandb.init(
+        self._runs[trial.trial_id] = open_run(
             project=self.project, entity=self.entity, group=self.group, tags=self.tags, mode=self.mode,
-            id=trial.trial_id, name=str(trial), dir=str(run_dir(trial)),
-            resume="allow",  # same id on restore/retry: continue the run, not replace it
-            reinit="create_new",  # several trials run at once, each with its own run
-            config=scrub(flatten(trial.config)), settings=wandb.Settings(**WANDB_SETTINGS))
+            id=trial.trial_id, name=str(trial), dir=str(run_dir(trial)), config=scrub(flatten(trial.config)))
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         self.log_trial_start(trial)
@@ -147,12 +145,23 @@ def add_run_summary(spec: Spec, experiment: Path, trial_id: str, values: dict[st
     mode = wandb_mode(spec)
     if mode == "disabled":
         return
-    import wandb
-    run = wandb.init(project=spec.wandb.project, entity=spec.wandb.entity, group=Path(experiment).name,
-                     mode=mode, id=trial_id, dir=str(experiment), resume="allow", reinit="create_new",
-                     settings=wandb.Settings(**WANDB_SETTINGS))
+    run = open_run(project=spec.wandb.project, entity=spec.wandb.entity, group=Path(experiment).name, mode=mode,
+                   id=trial_id, dir=str(experiment))
     run.summary.update(scrub(values))
     run.finish()
+
+
+def open_run(**init_kwargs):
+    """``wandb.init`` for one trial's run, continued if it exists, beside any other open run."""
+    import wandb
+    argv = sys.argv
+    sys.argv = scrub(argv)  # W&B records the command line (a --set value can hold a token) in the run's metadata
+    try:
+        return wandb.init(**init_kwargs, settings=wandb.Settings(**WANDB_SETTINGS),
+                          resume="allow",  # same id on restore/retry: continue the run, not replace it
+                          reinit="create_new")  # several trials run at once, each with its own run
+    finally:
+        sys.argv = argv
 
 
 def _finite(value: Any) -> bool:

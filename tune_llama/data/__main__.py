@@ -81,21 +81,27 @@ def print_report(report: dict) -> None:
     print(f"real-token share of train batches: {shares}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_llama.data", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="data_command", required=True)
     stats_parser = commands.add_parser("stats", help="split sizes, token lengths, padding")
     stats_parser.add_argument("spec", help="YAML spec file")
     add_set_argument(stats_parser)
     stats_parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
     report = stats(args.spec, args.overrides)
     if args.json:
         print(json.dumps(report))
     else:
         print_report(report)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune_llama.data", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -50,8 +50,8 @@ def count_batches(encoded: Encoded, data: DataSpec, *, seed: int = 0, epoch: int
                   batch_size: int | None = None) -> int:
     """``len(make_batches(...))`` with the same arguments, without building a tensor.
 
-    Only a token budget (``max_tokens_per_batch``) makes the count depend on
-    ``seed``, ``epoch`` and ``shuffle``: the windows then hold other examples.
+    With a token budget (``max_tokens_per_batch``) the batches come from one
+    global sort by length, so the count is the same for every seed and epoch.
     """
     batch_size = batch_size or data.batch_size
     if data.batching == "packed":
@@ -79,11 +79,12 @@ def index_batches(encoded: Encoded, data: DataSpec, *, seed: int, epoch: int, sh
     if data.batching != "length_grouped":
         return chunks(order, batch_size)
     if data.max_tokens_per_batch is None:
-        cut = partial(chunks, size=batch_size)
+        cut, window = partial(chunks, size=batch_size), batch_size * data.mega_batch_mult
     else:
-        cut = partial(budget_chunks, lengths=encoded.lengths, budget=data.max_tokens_per_batch)
-    return length_grouped(order, encoded.lengths, batch_size * data.mega_batch_mult, cut,
-                          rng if shuffle else None)
+        # As fairseq does: batches cut from one global sort, only their order shuffled each epoch. Every
+        # epoch then has the same number of batches, so steps per epoch and the schedule are exact.
+        cut, window = partial(budget_chunks, lengths=encoded.lengths, budget=data.max_tokens_per_batch), len(order)
+    return length_grouped(order, encoded.lengths, max(window, 1), cut, rng if shuffle else None)
 
 
 def chunks(order: list[int], size: int) -> list[list[int]]:

@@ -78,8 +78,10 @@ def encode(problems: list[dict[str, str]], tokenizer, data: DataSpec) -> Encoded
         labels += ([IGNORE_INDEX] * len(prompt) + target)[:n]
         lengths.append(n)
     if not lengths:
+        hint = " or set data.overlong=truncate" if data.overlong == "drop" else ""
         raise SpecError("data.max_length", f"all {len(problems)} examples are longer than {data.max_length} tokens "
-                                           f"and were dropped (data.overlong={data.overlong}); raise data.max_length")
+                                           f"and were dropped (data.overlong={data.overlong}); "
+                                           f"raise data.max_length{hint}")
     # One tensor split into per-example views: far faster than a torch.tensor call per example.
     flat_ids = torch.tensor(ids)
     out = Encoded(list(flat_ids.split(lengths)), list(torch.tensor(labels).split(lengths)), truncated, dropped)

@@ -1,0 +1,206 @@
+"""The report's pictures (matplotlib, written as PNG) and its one self-contained ``report.html``."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from tune_llama.results import ASHA_STOPPED, FINISHED, Search, Trial
+
+STATUS_STYLE = {FINISHED: "-", ASHA_STOPPED: "--"}  # anything else (running, errored, ...) is dotted
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def save(fig, out: Path) -> Path:
+    plt = pyplot()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def short_params(trial: Trial) -> str:
+    return " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                    for k, v in trial.params.items())
+
+
+def all_plots(search: Search, importance: Optional[dict[str, float]], out: Path) -> list[Path]:
+    written = [curves(search, "eval_loss", out / "eval_loss.png"),
+               curves(search, "eval_perplexity", out / "eval_perplexity.png", log_y=True)]
+    for path in (metric_vs_lr(search, out / f"{search.metric}_vs_lr.png"),
+                 parallel_coordinates(search, out / "parallel_coordinates.png"),
+                 importance_bars(importance, out / "param_importance.png") if importance else None):
+        if path:
+            written.append(path)
+    return written
+
+
+def curves(search: Search, key: str, out: Path, log_y: bool = False) -> Path:
+    """``key`` against the fractional epoch, one line per trial; ASHA-stopped trials dashed, ending in x."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for trial in search.trials:
+        points = [(r["epoch"], r[key]) for r in trial.rows if finite(r.get(key))]
+        if not points:
+            continue
+        status = search.status(trial)
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, STATUS_STYLE.get(status, ":"), marker="o", markersize=3,
+                label=f"{trial.trial_id} ({status}) {short_params(trial)}")
+        ax.plot(xs[-1], ys[-1], "x" if status == ASHA_STOPPED else "o", color=ax.lines[-1].get_color(), markersize=8)
+    ax.set_xlim(0, search.spec.training.epochs + 0.1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title(f"{search.name}: {key} per report (dashed, x: stopped by ASHA)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7, loc="best")
+    return save(fig, out)
+
+
+def best_points(search: Search) -> list[tuple[Trial, float, str]]:
+    """(trial, its best metric, status) for every trial with a finite metric."""
+    return [(t, row[search.metric], search.status(t)) for t, row in search.ranked()]
+
+
+def metric_vs_lr(search: Search, out: Path) -> Optional[Path]:
+    """Each trial's best metric against its learning rate (log x); None when lr was not searched."""
+    if "training.lr" not in search.spec.search.space:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    by_status: dict[str, list[tuple[float, float]]] = {}
+    for trial, value, status in best_points(search):
+        if finite(trial.params.get("training.lr")):
+            by_status.setdefault(status, []).append((trial.params["training.lr"], value))
+    for status, points in sorted(by_status.items()):
+        xs, ys = zip(*points)
+        ax.scatter(xs, ys, label=status, marker="x" if status == ASHA_STOPPED else "o")
+    ax.set_xscale("log")
+    ax.set_xlabel("training.lr")
+    ax.set_ylabel(f"best {search.metric}")
+    ax.set_title(f"{search.name}: best {search.metric} against learning rate")
+    ax.grid(alpha=0.3, which="both")
+    if by_status:
+        ax.legend(fontsize=8)
+    return save(fig, out)
+
+
+def axis_values(search: Search, key: str, trials: list[Trial]) -> tuple[list[float], list[str], list[float]]:
+    """A param's values scaled to [0, 1] (log for loguniform, by position for choices), with tick labels."""
+    dist = search.spec.search.space[key]
+    (kind, args), = dist.items()
+    values = [t.params.get(key) for t in trials]
+    if kind == "choice":
+        positions = {str(c): i for i, c in enumerate(args)}
+        top = max(len(args) - 1, 1)
+        return ([positions.get(str(v), 0) / top for v in values], [str(a) for a in args],
+                [i / top for i in range(len(args))])
+    low, high = float(args[0]), float(args[1])
+    scale = (lambda v: math.log(v)) if kind == "loguniform" else (lambda v: float(v))  # noqa: E731
+    span = (scale(high) - scale(low)) or 1.0
+    return ([(scale(v) - scale(low)) / span if finite(v) else 0.0 for v in values], [f"{low:.3g}", f"{high:.3g}"],
+            [0.0, 1.0])
+
+
+def parallel_coordinates(search: Search, out: Path) -> Optional[Path]:
+    """One line per trial through its searched params and its best metric, coloured by the metric."""
+    points = best_points(search)
+    keys = list(search.spec.search.space)
+    if not points or not keys:
+        return None
+    plt = pyplot()
+    trials = [t for t, _, _ in points]
+    metric_values = [v for _, v, _ in points]
+    low, high = min(metric_values), max(metric_values)
+    columns = [axis_values(search, key, trials) for key in keys]
+    metric_axis = [(v - low) / ((high - low) or 1.0) for v in metric_values]
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * (len(keys) + 1)), 5), dpi=100)
+    cmap = plt.get_cmap("viridis_r" if search.mode == "min" else "viridis")
+    for i, trial in enumerate(trials):
+        ys = [column[0][i] for column in columns] + [metric_axis[i]]
+        ax.plot(range(len(ys)), ys, color=cmap(1 - metric_axis[i]), alpha=0.8, marker="o", markersize=3)
+    for x, (_, labels, ticks) in enumerate(columns):
+        ax.axvline(x, color="grey", lw=0.5)
+        for label, tick in zip(labels, ticks):
+            ax.annotate(label, (x, tick), fontsize=7, xytext=(3, 0), textcoords="offset points")
+    ax.axvline(len(keys), color="grey", lw=0.5)
+    ax.annotate(f"{low:.4g}", (len(keys), 0), fontsize=7, xytext=(3, 0), textcoords="offset points")
+    ax.annotate(f"{high:.4g}", (len(keys), 1), fontsize=7, xytext=(3, 0), textcoords="offset points")
+    ax.set_xticks(range(len(keys) + 1), [k.split(".")[-1] for k in keys] + [f"best {search.metric}"])
+    ax.set_yticks([])
+    ax.set_title(f"{search.name}: searched params against best {search.metric} (dark = better)")
+    return save(fig, out)
+
+
+def importance_bars(importance: dict[str, float], out: Path) -> Path:
+    plt = pyplot()
+    names = sorted(importance, key=importance.get)
+    fig, ax = plt.subplots(figsize=(7, 1 + 0.5 * len(names)), dpi=100)
+    ax.barh(names, [importance[n] for n in names])
+    ax.set_xlabel("importance (Optuna fANOVA)")
+    ax.set_title("which searched parameter mattered")
+    return save(fig, out)
+
+
+# ---------------------------------------------------------------- report.html
+
+def html_table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_html(search: Search, rows: list[dict[str, Any]], finalists: Optional[dict], importance: Optional[dict],
+               images: list[Path], out: Path) -> Path:
+    """One file, images inline as data URIs: it opens anywhere, offline, and can be mailed as is."""
+    keys = list(search.spec.search.space)
+    parts = [f"<h1>{html.escape(search.name)}</h1>",
+             f"<p>metric <b>{html.escape(search.metric)}</b> ({search.mode}); {len(rows)} trials of "
+             f"{search.spec.search.num_samples}; training.epochs={search.spec.training.epochs}</p>",
+             "<h2>Trials</h2>",
+             html_table(["trial", *keys, "status", "epochs", "best eval_loss", "best ppl", "best@epoch", "error"],
+                        [[r["trial"], *[r[k] for k in keys], r["status"], r["epochs"], r["best_eval_loss"],
+                          r["best_eval_perplexity"], r["best_epoch"], r["error"]] for r in rows])]
+    if finalists:
+        parts += ["<h2>Finalists (GSM8K accuracy)</h2>", html_table(
+            ["trial", "strict", "strict 95% CI", "flexible", search.metric],
+            [[f["trial_id"], f"{f['strict_accuracy']:.1%}", f"{f['strict_ci95'][0]:.1%} - {f['strict_ci95'][1]:.1%}",
+              f"{f['flexible_accuracy']:.1%}", f["metric_value"]] for f in finalists.get("finalists", [])])]
+    if importance:
+        parts += ["<h2>Parameter importance</h2>",
+                  html_table(["param", "importance"], [[k, v] for k, v in importance.items()])]
+    pngs = [p for p in images if p.suffix == ".png"]
+    if pngs:
+        parts.append("<h2>Plots</h2>")
+        parts += [f'<figure><img alt="{p.stem}" src="data:image/png;base64,'
+                  f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{p.stem}</figcaption></figure>'
+                  for p in pngs]
+    else:
+        parts.append("<p>Nothing to plot yet: no trial has reported a result.</p>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}")
+    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(search.name)}</title>"
+                   f"<style>{style}</style></head><body>{''.join(parts)}</body></html>", encoding="utf-8")
+    return out
