@@ -6,6 +6,7 @@ import json
 import math
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,18 @@ def read_run(run_dir: Path) -> dict:
     assert run is not None, f"{log} holds no run record"
     config.pop("_wandb", None)  # W&B's own bookkeeping
     return {"run": run, "config": config, "history": history, "summary": summary, "closed": closed}
+
+
+def wait_until_closed(run_dir: Path, timeout_s: float = 30.0) -> Path:
+    """``run.finish()`` returns before W&B's service has written the run's last records (they reach the file
+    within a second, or at the latest when the process exits): wait for the exit record."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        logs = list(run_dir.glob("run-*.wandb"))
+        if logs and any(r.WhichOneof("record_type") == "exit" for r in wandb_records(logs[0])):
+            return run_dir
+        time.sleep(0.2)
+    raise AssertionError(f"{run_dir}: no exit record {timeout_s:.0f} s after the run was finished")
 
 
 def item_key(item) -> str:
@@ -197,7 +210,7 @@ def test_values_added_later_reach_the_runs_summary_offline_without_an_api_key(mo
     add_run_summary(Spec(wandb=WandbSpec(mode="online", project="p")), experiment, "abc12345",
                     {"test_accuracy": 0.25, "test_examples": 200})
     (run_dir,) = (experiment / "wandb").glob("offline-run-*-abc12345")
-    logged = read_run(run_dir)
+    logged = read_run(wait_until_closed(run_dir))
     assert logged["run"].run_id == "abc12345" and logged["run"].run_group == "my-search" and logged["run"].resume
     assert logged["summary"]["test_accuracy"] == 0.25 and logged["summary"]["test_examples"] == 200
     assert logged["closed"]
@@ -208,8 +221,8 @@ def test_a_secret_on_the_command_line_does_not_reach_the_runs_metadata(monkeypat
     monkeypatch.setenv("HF_TOKEN", secret)
     monkeypatch.setattr(sys, "argv", ["tune-llama", "search", "--set", f"data.source=https://u:{secret}@host/x"])
     add_run_summary(Spec(wandb=WandbSpec(mode="offline", project="p")), tmp_path, "abc12345", {"x": 1})
-    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-abc12345.wandb")
-    data = log.read_bytes()
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*-abc12345")
+    data = (wait_until_closed(run_dir) / "run-abc12345.wandb").read_bytes()
     assert b"data.source=https://u:" in data, "W&B no longer records the command line: this test proves nothing"
     assert secret.encode() not in data
     assert sys.argv[-1].endswith(f"{secret}@host/x"), "the process's own argv must be left as it was"

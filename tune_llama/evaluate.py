@@ -359,7 +359,6 @@ def gsm8k_accuracy(model: str, data: Optional[str] = None, split: str = "test", 
     return summary
 
 
-evaluate = gsm8k_accuracy  # the old name, until tests/test_export.py imports the new one
 
 
 def check_writable(out: Path) -> None:

@@ -153,7 +153,7 @@ def importance_bars(importance: dict[str, float], out: Path) -> Path:
     names = sorted(importance, key=importance.get)
     fig, ax = plt.subplots(figsize=(7, 1 + 0.5 * len(names)), dpi=100)
     ax.barh(names, [importance[n] for n in names])
-    ax.set_xlabel("importance (Optuna fANOVA)")
+    ax.set_xlabel("importance (Optuna PED-ANOVA)")
     ax.set_title("which searched parameter mattered")
     return save(fig, out)
 

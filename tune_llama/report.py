@@ -86,29 +86,30 @@ def format_finalists(finalists: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- parameter importance
 
 def param_importance(search: Search) -> Optional[dict[str, float]]:
-    """Each searched param's importance for the metric (Optuna's fANOVA on the search's study), or None
+    """Each searched param's importance for the metric (Optuna PED-ANOVA on the search's study), or None
     while the study has fewer than two finished trials or the search varied fewer than two params."""
     if len(search.spec.search.space) < 2 or not (search.path / OPTUNA_DB).is_file():
         return None
     import optuna
     from optuna.trial import TrialState
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        study = optuna.load_study(study_name=search.name, storage=f"sqlite:///{search.path / OPTUNA_DB}")
-    except KeyError:  # no study of that name in the database
+    storage = f"sqlite:///{search.path / OPTUNA_DB}"
+    names = optuna.get_all_study_names(storage)  # one study per search; the folder may have been renamed
+    if len(names) != 1:
         return None
+    study = optuna.load_study(study_name=names[0], storage=storage)
     if sum(t.state == TrialState.COMPLETE for t in study.trials) < 2:
         return None
     try:
         importance = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
     except (RuntimeError, ValueError):  # e.g. every complete trial has the same params
         return None
     return {k: float(v) for k, v in importance.items()}
 
 
 def format_importance(importance: dict[str, float]) -> str:
-    return "parameter importance (Optuna fANOVA):\n" + "\n".join(
+    return "parameter importance (Optuna PED-ANOVA):\n" + "\n".join(
         f"  {name:<40} {value:6.3f}" for name, value in sorted(importance.items(), key=lambda kv: -kv[1]))
 
 
