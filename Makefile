@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m tune_llama.search search_spaces/demo.yaml --name demo
+	$(PY) -m tune_llama.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

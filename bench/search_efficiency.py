@@ -1,76 +1,100 @@
-"""ASHA + Optuna TPE against FIFO random search, same trials budget, same seeds, one invocation.
+"""ASHA + Optuna TPE against FIFO random search: same spec, trials and budget, one invocation.
 
-    python bench/search_efficiency.py [--spec search_spaces/tiny.yaml] [--samples 16] [--epochs 8]
+    .venv/bin/python bench/search_efficiency.py --samples 12 --epochs 4 --eval-every 0.25
+    .venv/bin/python bench/search_efficiency.py --reduction-factor 4 --brackets 2 --json
 
-Prints the trial-epochs each search used and the best eval loss each found.
-The goal: ASHA + Optuna uses at most 40% of the epochs, with a best eval loss
-within 2% of random search's.
+asha: the real search, ``tune_llama.search.main`` (Optuna TPE proposes, ASHA stops at each report).
+random: the same trainable, parameter space, ``num_samples``, ``max_concurrent`` and ``training.epochs``
+(``tune_llama.search.trainable`` / ``param_space``), with Ray's random ``BasicVariantGenerator`` and no
+early stopping. Both read back with ``tune_llama.results.load_search``. Trial-steps = the sum over trials of
+the last optimizer step each reported; best = the best ``search.metric`` any report reached.
+Goal: asha_trial_steps <= 40% of random_trial_steps, asha_best within 2% of random_best (or better).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (puts the repo on sys.path)
 
-import ray  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune.schedulers import FIFOScheduler  # noqa: E402
-from ray.tune.search import BasicVariantGenerator  # noqa: E402
-
-from tune_llama.search import param_space, trainable, tune_config  # noqa: E402
+from tune_llama import search  # noqa: E402
+from tune_llama.results import SPEC_FILE, load_search  # noqa: E402
 from tune_llama.spec import load_spec  # noqa: E402
 
 
-def run(name: str, spec, storage: Path, config) -> dict:
-    start = time.perf_counter()
-    tuner = tune.Tuner(trainable(spec), param_space=param_space(spec), tune_config=config,
-                       run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
-    results = tuner.fit()
-    frames = [r.metrics_dataframe for r in results if r.metrics_dataframe is not None]
-    return {
-        "trials": len(results),
-        "trial_epochs": sum(len(f) for f in frames),
-        "best_eval_loss": min(f[spec.search.metric].min() for f in frames),
-        "wall_s": time.perf_counter() - start,
-    }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", default=str(ROOT / "search_spaces" / "tiny.yaml"))
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--reduction-factor", type=int, default=3)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args()
-    spec = load_spec(args.spec, [f"search.num_samples={args.samples}", f"training.epochs={args.epochs}",
-                                 f"search.asha.reduction_factor={args.reduction_factor}", *args.overrides])
-    storage = Path(tempfile.mkdtemp(prefix="search-efficiency-")).resolve()
-    ray.init(include_dashboard=False, logging_level="ERROR")
+def random_search(spec, storage: Path) -> None:
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+    (storage / "random").mkdir()
+    (storage / "random" / SPEC_FILE).write_text(json.dumps(spec.to_dict()))  # what load_search reads
     s = spec.search
-
-    (storage / "asha_optuna").mkdir()  # the Optuna study's SQLite file lives there
-    asha = run("asha_optuna", spec, storage, tune_config(spec, storage / "asha_optuna"))
-    fifo = run("fifo_random", spec, storage, tune.TuneConfig(
+    tune.Tuner(search.trainable(spec), param_space=search.param_space(spec), tune_config=tune.TuneConfig(
         metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=FIFOScheduler(),
-        search_alg=BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent)))
+        search_alg=BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent)),
+        run_config=tune.RunConfig(name="random", storage_path=str(storage), verbose=0)).fit()
 
-    print(f"\nspec {args.spec}: {args.samples} trials x up to {args.epochs} epochs, "
-          f"ASHA grace {s.asha.grace_period}, reduction factor {s.asha.reduction_factor}")
-    print(f"{'search':<14}{'trials':>8}{'trial-epochs':>14}{'best eval_loss':>16}{'wall s':>9}")
-    for name, r in (("asha+optuna", asha), ("fifo random", fifo)):
-        print(f"{name:<14}{r['trials']:>8}{r['trial_epochs']:>14}{r['best_eval_loss']:>16.4f}{r['wall_s']:>9.0f}")
-    epochs_share = asha["trial_epochs"] / fifo["trial_epochs"]
-    loss_gap = asha["best_eval_loss"] / fifo["best_eval_loss"] - 1
-    print(f"epochs used: {epochs_share:.0%} of random search (goal <= 40%)")
-    print(f"best eval loss: {loss_gap:+.2%} against random search (goal within 2%)")
+
+def figures(folder: Path, seconds: float) -> dict:
+    found = load_search(folder)
+    best = found.best()
+    return {"trials": len(found.trials), "trial_steps": sum(t.rows[-1]["step"] for t in found.trials if t.rows),
+            "best": best[1][found.metric] if best else float("nan"), "wall_s": seconds}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", nargs="?", default=str(common.REPO / "search_spaces" / "tiny.yaml"))
+    p.add_argument("--samples", type=int, default=12, help="search.num_samples (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=4, help="training.epochs, ASHA's max_t (default %(default)s)")
+    p.add_argument("--eval-every", type=float, default=0.25, help="training.eval_every (default %(default)s)")
+    options = {"--max-concurrent": "search.max_concurrent", "--reduction-factor": "search.asha.reduction_factor",
+               "--grace-period": "search.asha.grace_period", "--brackets": "search.asha.brackets"}
+    for flag, field in options.items():
+        p.add_argument(flag, help=f"{field} (default: the spec's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args(argv)
+    overrides = [f"search.num_samples={args.samples}", f"training.epochs={args.epochs}",
+                 f"training.eval_every={args.eval_every}", *args.overrides]
+    overrides += [f"{field}={getattr(args, flag[2:].replace('-', '_'))}" for flag, field in options.items()
+                  if getattr(args, flag[2:].replace("-", "_")) is not None]
+    storage = Path(tempfile.mkdtemp(prefix="bench-search-")).resolve()
+    common.say(f"{args.spec} with {' '.join(overrides)}; searches in {storage}")
+    spec = search.absolute_paths(load_spec(args.spec, overrides))
+    results = {}
+    with contextlib.redirect_stdout(sys.stderr):  # the search's summary and progress table: not the result
+        start = time.perf_counter()
+        code = search.main([args.spec, "--name", "asha", "--storage", str(storage),
+                            *[x for o in overrides for x in ("--set", o)]])
+        if code:
+            sys.exit(f"the ASHA search exited {code}; see {storage / 'asha'}")
+        results["asha"] = figures(storage / "asha", time.perf_counter() - start)
+        start = time.perf_counter()
+        random_search(spec, storage)
+        results["random"] = figures(storage / "random", time.perf_counter() - start)
+    asha, rand = results["asha"], results["random"]
+    steps_share, loss_gap = asha["trial_steps"] / rand["trial_steps"], asha["best"] / rand["best"] - 1
+    s = spec.search
+    common.output(args, [{"search": k, **v} for k, v in results.items()],
+                  [("search", "search"), ("trials", "trials"), ("trial_steps", "trial-steps"),
+                   ("best", f"best {s.metric}"), ("wall_s", "wall s")],
+                  {"asha_trial_steps": asha["trial_steps"], "random_trial_steps": rand["trial_steps"],
+                   "asha_best": asha["best"], "random_best": rand["best"]},
+                  f"ASHA: reduction factor {s.asha.reduction_factor}, grace period {search.grace_period(spec):g} "
+                  f"epoch(s), {s.asha.brackets} bracket(s), max_t {spec.training.epochs} epochs\n"
+                  f"trial-steps: ASHA used {steps_share:.0%} of random search's (goal <= 40%)\n"
+                  f"best {s.metric}: ASHA {loss_gap:+.2%} against random search (goal <= +2%)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

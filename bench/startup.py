@@ -11,25 +11,24 @@
    ``time_total_s`` of that report (the trial function's own time) splits it into before the trial
    function ran (CLI imports, preflight, ray.init, the worker) and inside it. The search is then stopped
    with SIGTERM (it saves its state and exits). Its preflight fills the encode cache, as in a real search.
-2. trial_start_s: in this process, afterwards, as a fresh trial worker would: ``setup(spec)`` (its
+2. trial_start_s: afterwards, in a fresh process, as a trial worker would: ``setup(spec)`` (its
    ``timings``: tokenizer, data, model incl. the lazy transformers/peft imports, optimizer) plus the first
    ``train_step``. The imports of torch, transformers and the loop are shown apart, not included.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
 import time
-
-
-import json  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (imports no torch)
+import common  # noqa: E402  (imports torch only when asked)
 
 
 def search_first_step(spec: dict, folder: Path) -> dict:
@@ -58,7 +57,8 @@ def search_first_step(spec: dict, folder: Path) -> dict:
             "after the step: eval + checkpoint (left out)": after_step}
 
 
-def trial_start(args) -> dict:
+def trial_start(args) -> None:
+    """In a fresh process (``--trial``): print the figures as JSON."""
     tick = time.perf_counter()
     import torch  # noqa: F401
     import transformers  # noqa: F401
@@ -66,19 +66,25 @@ def trial_start(args) -> dict:
     imports = time.perf_counter() - tick
     run = setup(common.make_spec(args))
     first_step, _ = common.train_steps(run, 1)
-    return {"trial_start_s": sum(run.timings.values()) + first_step,
-            **{f"  setup: {name}": s for name, s in run.timings.items()}, "  first train_step": first_step,
-            "imports before it (torch, transformers, tune_llama.loop; not included)": imports}
+    print(json.dumps({"trial_start_s": sum(run.timings.values()) + first_step,
+                      **{f"  setup: {name}": s for name, s in run.timings.items()}, "  first train_step": first_step,
+                      "imports before it (torch, transformers, tune_llama.loop; not included)": imports}))
 
 
 def main(argv=None) -> int:
     p = common.parser(__doc__)
     p.add_argument("--val-size", type=int, default=8)
+    p.add_argument("--trial", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.trial:
+        return trial_start(args)
     spec = common.make_spec(args, "training.eval_every=0.0001").to_dict()  # the first report: after step 1
     folder = Path(tempfile.mkdtemp(prefix="bench-startup-")).resolve()
     common.say(f"{args.model}, {args.data}: {args.examples or 'all'} problems; the search runs in {folder}")
-    figures = {**search_first_step(spec, folder), **trial_start(args)}
+    figures = search_first_step(spec, folder)
+    trial = subprocess.run([sys.executable, __file__, "--trial", *(sys.argv[1:] if argv is None else argv)],
+                           stdout=subprocess.PIPE, check=True, text=True)
+    figures.update(json.loads(trial.stdout.splitlines()[-1]))
     common.start(args)
     rows = [{"what": k, "s": v} for k, v in figures.items()]
     common.output(args, rows, [("what", "to the first optimizer step"), ("s", "s")],

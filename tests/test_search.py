@@ -194,3 +194,31 @@ def test_a_bad_distribution_names_its_field(capsys, tmp_path):
 def search_started_ray() -> bool:
     import ray
     return ray.is_initialized()
+
+
+# ---------------------------------------------------------------- finalists
+
+def test_finalists_are_scored_on_gsm8k_accuracy_and_export_follows_their_winner(tmp_path):
+    from tune_llama.export import EXPORT_FILE, export
+    from tune_llama.results import load_search
+
+    proc = run_search([str(TINY), "--name", "fin", "--storage", str(tmp_path), "--set", "search.num_samples=3",
+                       "--set", "training.epochs=2", "--set", "search.finalists.top_k=2",
+                       "--set", "search.finalists.limit=4", "--set", "search.finalists.max_new_tokens=8"],
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    experiment = tmp_path / "fin"
+    record = json.loads((experiment / "finalists.json").read_text())
+    ranked = [t.trial_id for t, _ in load_search(experiment).ranked()]
+    assert [f["trial_id"] for f in record["finalists"]] == ranked[:2], "the top 2 by validation loss"
+    for entry in record["finalists"]:
+        assert entry["n"] == 4 and 0 <= entry["strict_accuracy"] <= 1
+        assert entry["strict_ci95"][0] <= entry["strict_accuracy"] <= entry["strict_ci95"][1]
+    best = min(record["finalists"], key=lambda e: (-e["strict_accuracy"], e["eval_loss"]))
+    assert record["winner"]["trial_id"] == best["trial_id"]
+    assert "finalists" in (experiment / "summary.txt").read_text()
+
+    info = json.loads((export(experiment, tmp_path / "by-finalists") / EXPORT_FILE).read_text())
+    assert info["trial_id"] == record["winner"]["trial_id"] and "finalists" in info["reason"]
+    by_loss = json.loads((export(experiment, tmp_path / "by-loss", by="loss") / EXPORT_FILE).read_text())
+    assert by_loss["trial_id"] == ranked[0]

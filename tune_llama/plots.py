@@ -151,7 +151,7 @@ def parallel_coordinates(search: Search, out: Path) -> Optional[Path]:
 def importance_bars(importance: dict[str, float], out: Path) -> Path:
     plt = pyplot()
     names = sorted(importance, key=importance.get)
-    fig, ax = plt.subplots(figsize=(7, 1 + 0.5 * len(names)), dpi=100)
+    fig, ax = plt.subplots(figsize=(7, max(3.5, 1 + 0.5 * len(names))), dpi=100)
     ax.barh(names, [importance[n] for n in names])
     ax.set_xlabel("importance (Optuna PED-ANOVA)")
     ax.set_title("which searched parameter mattered")

@@ -82,7 +82,7 @@ class ProgressTable(_callback_base()):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._entry(trial)["status"] = "errored"
 
-    def on_step(self, iteration, trials, **info):
+    def on_step_end(self, iteration, trials, **info):
         if time.monotonic() - self.last_print >= self.every:
             self.print()
 

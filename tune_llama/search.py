@@ -82,6 +82,7 @@ def tune_config(spec: Spec, experiment: Path):
     from tune_llama.searcher import ResumableOptunaSearch
 
     s = spec.search
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(f"sqlite:///{experiment / OPTUNA_DB}")
     searcher = ResumableOptunaSearch(sampler=optuna.samplers.TPESampler(seed=s.seed), storage=storage,
                                      study_name=experiment.name)
@@ -123,8 +124,11 @@ def init_ray(spec: Spec, verbose: bool) -> None:
     import ray
     if ray.is_initialized():
         return
-    # One line per failed trial (its error file keeps the traceback), not a traceback per retry.
+    # One line per failed trial (its error file keeps the traceback), not a traceback per retry; and
+    # our progress table instead of Ray's (the legacy reporter is the one verbose=0 silences).
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "1" if verbose else "0")
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     address = os.environ.get("RAY_ADDRESS")
     ray.init(address=address or None, include_dashboard=False, log_to_driver=verbose,
              configure_logging=True, logging_level="INFO" if verbose else "ERROR")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from optuna.exceptions import UpdateFinishedTrialError
 from ray.tune.search.optuna import OptunaSearch
 
@@ -24,6 +26,12 @@ class ResumableOptunaSearch(OptunaSearch):
             pass  # a replayed epoch of a trial Optuna already closed
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # Tune hands the last report only to on_trial_complete; record it as an intermediate value too, so
+        # the study (and optuna-dashboard) holds every report and shows exactly where ASHA cut a trial.
+        if result and result.get(self.metric) is not None and "training_iteration" in result:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "already reported at this step" when Tune sent it twice
+                self.on_trial_result(trial_id, result)
         try:
             super().on_trial_complete(trial_id, result, error)
         except UpdateFinishedTrialError:

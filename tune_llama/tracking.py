@@ -139,8 +139,8 @@ def flatten(config: dict, sep: str = ".", prefix: str = "") -> dict[str, Any]:
 def add_run_summary(spec: Spec, experiment: Path, trial_id: str, values: dict[str, Any]) -> None:
     """Add ``values`` (e.g. a finalist's test accuracy) to the summary of a trial's W&B run.
 
-    Continues the run (same id, ``resume="allow"``). Offline, this writes a second
-    ``offline-run-*-TRIALID`` folder under ``results/NAME/wandb/``; ``wandb sync`` applies it to the same run.
+    Continues the run (same id, ``resume="allow"``). Offline, this writes a second ``offline-run-*-TRIALID``
+    folder under ``results/NAME/wandb/``, which ``wandb sync`` uploads under the same run id.
     """
     mode = wandb_mode(spec)
     if mode == "disabled":

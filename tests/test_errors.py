@@ -1,0 +1,136 @@
+"""Errors: the exception types survive Ray's trip between processes, bad input is one line (exit 2) from both
+the single-run and the search command, and a search whose trials all fail says so in one line per trial."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, one_line_error, run_search
+from tune_llama import errors, search, train
+
+
+# ---------------------------------------------------------------- the exception types
+
+def sample(kind: type) -> BaseException:
+    """An instance of each type in ``errors.ALL``, built the way the package raises it."""
+    if kind is errors.SpecError:
+        return errors.SpecError("training.lr", "must be > 0, got -1")
+    return kind(f"a {kind.__name__} message: /some/path/checkpoint_000002")
+
+
+@pytest.mark.parametrize("kind", errors.ALL, ids=lambda k: k.__name__)
+@pytest.mark.parametrize("how", ["pickle", "copy", "deepcopy"])
+def test_every_error_type_survives_pickle_and_copy_with_its_type_and_message(kind, how):
+    original = sample(kind)
+    again = {"pickle": lambda e: pickle.loads(pickle.dumps(e)), "copy": copy.copy, "deepcopy": copy.deepcopy}[how](
+        original)
+    assert type(again) is kind
+    assert str(again) == str(original)
+    assert again.args == original.args
+    if isinstance(original, errors.SpecError):
+        assert (again.path, again.message) == ("training.lr", "must be > 0, got -1")
+
+
+def test_a_spec_error_without_a_path_survives_pickle_as_its_bare_message():
+    again = pickle.loads(pickle.dumps(errors.SpecError("", "spec file not found: x.yaml")))
+    assert (str(again), again.path, again.message) == ("spec file not found: x.yaml", "", "spec file not found: x.yaml")
+
+
+def test_every_user_facing_error_type_is_in_all():
+    """A type added to errors.py but not to ALL would escape the pickle test above."""
+    defined = {v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, BaseException)
+               and v.__module__ == errors.__name__}
+    assert defined == set(errors.ALL)
+
+
+# ---------------------------------------------------------------- bad input: same line from train and search
+
+def ray_started() -> bool:
+    import ray
+    return ray.is_initialized()
+
+
+def both_commands_fail_alike(capsys, tmp_path: Path, spec: Path, overrides: list[str]) -> str:
+    """The one-line error of ``train`` and of ``search`` for the same input; they must be equal, start no
+    Ray and write nothing."""
+    sets = [a for o in overrides for a in ("--set", o)]
+    train_err = one_line_error(train.main, [str(spec), "--output", str(tmp_path / "run"), *sets], capsys)
+    search_err = one_line_error(search.main, [str(spec), "--name", "s", "--storage", str(tmp_path / "searches"),
+                                              *sets], capsys)
+    assert train_err == search_err
+    assert not ray_started()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "searches").exists()
+    return train_err
+
+
+def test_a_broken_line_in_local_train_data_is_the_same_one_line_error_from_train_and_search(capsys, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    good = '{"question": "What is 1 + 1?", "answer": "1 + 1 = 2\\n#### 2"}'
+    (data / "train.jsonl").write_text("\n".join([good] * 20 + ['{"question": "cut off', good]) + "\n")
+    err = both_commands_fail_alike(capsys, tmp_path, TINY, [f"data.source={data}"])
+    assert f"{data / 'train.jsonl'}:21" in err and "data.source" in err
+
+
+def test_an_unknown_random_model_shape_is_the_same_one_line_error_from_train_and_search(capsys, tmp_path):
+    err = both_commands_fail_alike(capsys, tmp_path, TINY, ["model.name=random:nope"])
+    assert "model.name" in err and "random:nope" in err
+
+
+def test_an_empty_spec_file_is_a_one_line_error_naming_the_file_and_model_name(capsys, tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here yet\n")
+    err = both_commands_fail_alike(capsys, tmp_path, empty, [])
+    assert str(empty) in err and "model.name" in err
+
+
+def test_a_spec_without_model_name_is_a_one_line_error_naming_model_name_and_the_file(capsys, tmp_path):
+    nameless = tmp_path / "nameless.yaml"
+    nameless.write_text(re.sub(r"(?m)^model:\n  name: random:tiny\n", "", TINY.read_text()))
+    assert "model:" not in nameless.read_text()
+    err = both_commands_fail_alike(capsys, tmp_path, nameless, [])
+    assert err.startswith("error: model.name") and str(nameless) in err
+
+
+# ---------------------------------------------------------------- errors found once Ray runs
+
+def test_a_trial_no_node_can_hold_is_a_one_line_error_and_not_an_endless_pending_search(tmp_path):
+    began = time.monotonic()
+    proc = run_search([str(TINY), "--name", "huge", "--storage", str(tmp_path),
+                       "--set", "search.num_samples=2", "--set", "search.resources.cpu=64"], cwd=tmp_path, timeout=120)
+    took = time.monotonic() - began
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: search.resources") and "cpu=64" in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not list((tmp_path / "huge").glob("*/params.json")), "a trial was started"
+    assert took < 100, f"took {took:.0f} s"
+
+
+def test_a_search_whose_every_trial_fails_at_runtime_exits_4_with_one_line_per_trial_and_no_traceback(tmp_path):
+    # A LoRA target the model lacks passes preflight (which loads no weights) and fails in each trial's setup.
+    proc = run_search([str(TINY), "--name", "allfail", "--storage", str(tmp_path),
+                       "--set", "search.num_samples=2", "--set", "training.epochs=1", "--set", "search.max_failures=0",
+                       "--set", "model.lora.enabled=true", "--set", "model.lora.target_modules=[nope]"],
+                      cwd=tmp_path, timeout=300)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 4, console[-3000:]
+    assert "Traceback" not in console and 'File "' not in console, console[-3000:]
+    assert "error: every trial errored (2)" in proc.stderr
+    message = "model.lora.target_modules: no module named nope in random:tiny"
+    lines = [line for line in console.splitlines() if message in line]
+    assert len(lines) == 2, lines  # once per trial: no retry, no per-trial traceback echo
+    experiment = tmp_path / "allfail"
+    trials = sorted(p.parent for p in experiment.glob("*/params.json"))
+    assert len(trials) == 2
+    for trial in trials:
+        error_file = trial / "error.txt"
+        (line,) = [line for line in lines if str(error_file) in line]
+        assert error_file.read_text().strip().splitlines()[-1].endswith(message)
+        assert line.startswith("errored trial ")
