@@ -2,10 +2,11 @@
 # Sourced by tune_single_node.sbatch, tune_multi_node.sbatch and ray_node.sh, never run.
 # One private Ray cluster per job: the head on the batch host, a worker on every other node, the
 # search as its driver; Slurm's signals passed on to the search, and at the end everything the job
-# started (and nothing else) stopped. The settings are in slurm/README.md.
+# started (and nothing else) stopped. prepare.sh checks the job's input before any of it starts.
 #
 # Bad input ends the job at once with ONE line "error: ..." and exit code 2, so that a bad
 # submission fails in seconds, not at the wall time; a Ray that does not come up, with exit code 1.
+# The settings are in slurm/README.md.
 
 # This file is always sourced from the checkout itself (the sbatch scripts found it), never a copy.
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -17,55 +18,6 @@ die() {
 
 log() {
     printf '[%s %s] %s\n' "$(date +%H:%M:%S)" "${SLURMD_NODENAME:-$(hostname -s)}" "$*"
-}
-
-# ---------------------------------------------------------------- before Ray: environment and arguments
-
-# Module loads and/or a virtual environment, then a python that imports ray and tune_llama.
-activate_env() {
-    if [[ -n ${TUNE_MODULES:-} ]]; then
-        local init modules
-        for init in /etc/profile.d/lmod.sh /etc/profile.d/modules.sh /usr/share/lmod/lmod/init/bash; do
-            type module >/dev/null 2>&1 && break
-            # shellcheck disable=SC1090
-            [[ -f $init ]] && source "$init"
-        done
-        type module >/dev/null 2>&1 || die "TUNE_MODULES=$TUNE_MODULES but this node has no 'module' command"
-        read -r -a modules <<<"$TUNE_MODULES"
-        module load "${modules[@]}" >&2 || die "module load $TUNE_MODULES failed"
-    fi
-    # Unset: the checkout's .venv if there is one; set but empty: the python on PATH (TUNE_MODULES').
-    local venv=${TUNE_VENV-}
-    [[ -z ${TUNE_VENV+set} && -f $REPO/.venv/bin/activate ]] && venv=$REPO/.venv
-    if [[ -n $venv ]]; then
-        [[ -f $venv/bin/activate ]] || die "TUNE_VENV=$venv is not a virtual environment (no bin/activate)"
-        # shellcheck disable=SC1091
-        source "$venv/bin/activate"
-    fi
-    export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-    python -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("ray") and u.find_spec("tune_llama")))' \
-        2>/dev/null || die "$(command -v python || echo 'no python on PATH'): cannot import ray and tune_llama (TUNE_VENV, TUNE_MODULES)"
-    command -v ray >/dev/null 2>&1 || die "no 'ray' command next to $(command -v python)"
-}
-
-# SEARCH_ARGS and EXPERIMENT from the script's arguments. The search itself parses and checks them
-# and prints its folder (--print-experiment): the job never reads its arguments. The environment's
-# settings go first, so that the command line's own --name and --storage win (argparse keeps the
-# last), except TUNE_SEARCH_ARGS, which comes last.
-resolve_search() {
-    SEARCH_ARGS=()
-    # TUNE_SPEC stands in for the first argument when that is not a spec (an option, or nothing).
-    [[ -n ${TUNE_SPEC:-} && ${1:--} == -* ]] && SEARCH_ARGS+=("$TUNE_SPEC")
-    [[ -n ${TUNE_NAME:-} ]] && SEARCH_ARGS+=(--name "$TUNE_NAME")
-    [[ -n ${TUNE_RESULTS:-} ]] && SEARCH_ARGS+=(--storage "$TUNE_RESULTS")
-    SEARCH_ARGS+=("$@")
-    local extra
-    read -r -a extra <<<"${TUNE_SEARCH_ARGS:-}"
-    SEARCH_ARGS+=("${extra[@]}")
-    EXPERIMENT=$(python -m tune_llama.search "${SEARCH_ARGS[@]}" --print-experiment) || exit
-    EXPERIMENT=${EXPERIMENT##*$'\n'}
-    # The same folder for the search itself: without --name it would name itself by the time it starts.
-    SEARCH_ARGS+=(--name "${EXPERIMENT##*/}" --storage "${EXPERIMENT%/*}")
 }
 
 # ---------------------------------------------------------------- Ray
@@ -208,13 +160,7 @@ cleanup() {
     exit "$rc"
 }
 
-# Before anything starts: the environment, then the search's own check of its arguments.
-prepare_search() {
-    activate_env
-    resolve_search "$@"
-}
-
-# The rest of the job, both scripts: run_job SCRIPT NODES (after prepare_search).
+# The job once prepare.sh has checked its input, both scripts: run_job SCRIPT NODES.
 run_job() {
     local script=$1 nodes=$2
     ((nodes >= 1)) || die "not inside a Slurm allocation (SLURM_JOB_NUM_NODES is unset): submit with sbatch"

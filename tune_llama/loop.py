@@ -33,6 +33,7 @@ from tune_llama.data import Encoded, load_splits, make_batches
 from tune_llama.data.batching import Batch, count_batches
 from tune_llama.data.cache import encode_cached
 from tune_llama.errors import CheckpointError, SpecError
+from tune_llama.loss import answer_only_loss
 from tune_llama.model import load_model, load_tokenizer, load_trainable_state, trainable_state
 from tune_llama.spec import Spec, TrainingSpec
 
@@ -227,13 +228,21 @@ def train_step(run: Run, window: Window, interval: Optional[Interval] = None) ->
         run.examples_seen += batch["input_ids"].shape[0]
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
         with autocast(run):
-            loss = run.model(**batch, num_items_in_batch=n_items).loss
+            loss = batch_loss(run, batch, n_items)
         (run.scaler.scale(loss) if run.scaler else loss).backward()
         interval.loss_sum += loss.detach().float() * n_items
     optimizer_step(run)
     interval.label_tokens += n_items
     run.step += 1
     return interval
+
+
+def batch_loss(run: Run, batch: Batch, n_items: int) -> torch.Tensor:
+    """The step-normalised loss of one micro-batch: answer-only logits unless the spec turns them off."""
+    t = run.spec.training
+    if t.answer_only_logits:
+        return answer_only_loss(run.model, batch, n_items, chunk=t.loss_chunk_tokens)
+    return run.model(**batch, num_items_in_batch=n_items).loss
 
 
 def optimizer_step(run: Run) -> None:
@@ -267,7 +276,7 @@ def validation_loss(run: Run, encoded: Optional[Encoded] = None) -> float:
         n = label_count(batch)
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
         with autocast(run):
-            total += run.model(**batch, num_items_in_batch=n).loss.float() * n
+            total += batch_loss(run, batch, n).float() * n
         tokens += n
     return (total / max(tokens, 1)).item()
 

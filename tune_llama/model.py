@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from tune_llama.spec import ModelSpec, SpecError
+from tune_llama.errors import SpecError
+from tune_llama.paths import cache_dir
+from tune_llama.spec import ModelSpec
 
 EMBEDDED = "embedded:smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,11 +35,6 @@ SHAPES: dict[str, dict] = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $TUNE_LLAMA_CACHE or ~/.cache/tune_llama."""
-    return Path(os.environ.get("TUNE_LLAMA_CACHE", Path.home() / ".cache" / "tune_llama")).expanduser()
 
 
 # ---------------------------------------------------------------- tokenizers

@@ -186,6 +186,12 @@ class TrainingSpec:
     """Optimizer steps between progress-bar updates (each one syncs the device)."""
     compile: bool = False
     """torch.compile the model (GPU; slow to start, faster steps)."""
+    answer_only_logits: bool = True
+    """Run the LM head and the loss only on positions that carry a label (the
+    answer), in chunks, so the full ``[tokens x vocab]`` logits never exist at
+    once. Same loss and gradients as the plain path; false runs the model's own loss."""
+    loss_chunk_tokens: int = 1024
+    """Rows of logits computed at once by ``answer_only_logits``."""
 
     def validate(self, path: str) -> None:
         _require(self.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {self.epochs}")
@@ -207,6 +213,7 @@ class TrainingSpec:
             _require(self.early_stopping_patience >= 1, f"{path}.early_stopping_patience",
                      f"must be >= 1, got {self.early_stopping_patience}")
         _require(self.log_every >= 1, f"{path}.log_every", f"must be >= 1, got {self.log_every}")
+        _require(self.loss_chunk_tokens >= 1, f"{path}.loss_chunk_tokens", f"must be >= 1, got {self.loss_chunk_tokens}")
 
 
 SPACE_KINDS = ("loguniform", "uniform", "int", "choice", "quniform")

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from tune_llama.data import examples
+from tune_llama.paths import cache_dir
 from tune_llama.data.examples import Encoded, adds_bos, encode, warn_if_overlong, warn_if_unknown
 from tune_llama.spec import DataSpec
 
@@ -33,8 +34,7 @@ _TOKENIZER_KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def cache_root() -> Path:
     """``$TUNE_LLAMA_CACHE/encoded`` (default ``~/.cache/tune_llama/encoded``), next to the converted model."""
-    root = os.environ.get("TUNE_LLAMA_CACHE", Path.home() / ".cache" / "tune_llama")
-    return Path(root).expanduser() / "encoded"
+    return cache_dir() / "encoded"
 
 
 def fingerprint(problems: list[dict[str, str]], tokenizer, data: DataSpec) -> Optional[str]:
