@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, ensure_packages
+from slurm_cluster import SlurmCluster, ensure_packages, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SINGLE = REPO / "slurm" / "tune_single_node.sbatch"
@@ -53,6 +53,49 @@ def ray_tmp() -> Path:
     path = Path(tempfile.mkdtemp(prefix="tlray", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def other_ray(tmp_path):
+    """Another Ray on this machine for the test's duration, as shared nodes often have one (another
+    user's): `ray start --head` with its own temp folder and ports, left with `ray start`'s default
+    worker ports (10002-19999). Stopped through its own process only, never a blanket `ray stop`."""
+    temp = Path(tempfile.mkdtemp(prefix="tlother", dir="/tmp"))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TUNE_", "RAY_"))},
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    address = f"127.0.0.1:{free_port()}"
+    log = open(tmp_path / "other-ray.log", "w")
+    proc = subprocess.Popen([str(Path(sys.prefix, "bin", "ray")), "start", "--head", "--block", f"--temp-dir={temp}",
+                             "--node-ip-address=127.0.0.1", f"--port={address.split(':')[1]}", "--num-cpus=1",
+                             f"--dashboard-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (temp / "ray_current_cluster").exists():  # written once its GCS and raylet run
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "other-ray.log").read_text()
+            time.sleep(0.5)
+        yield address, proc, temp, env
+    finally:
+        proc.terminate()  # `ray start --block` stops its own processes on SIGTERM
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for line in ray_processes(temp):
+            os.kill(int(line.split(":")[0]), 9)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def ray_daemons(temp: Path) -> set[str]:
+    """The pids of the GCS and raylet of the Ray whose temp folder is ``temp``."""
+    pids = set()
+    for line in ray_processes(temp):
+        pid, command = line.split(": ", 1)
+        if Path(command.split()[0]).name in ("gcs_server", "raylet"):
+            pids.add(pid)
+    return pids
 
 
 def job_env(ray_tmp: Path, **extra: str) -> dict[str, str]:
@@ -114,6 +157,28 @@ def test_single_node_job_runs_the_whole_search_on_what_slurm_granted(slurm, tmp_
     assert trial_statuses(experiment) == ["TERMINATED"] * 2, describe(job)
     assert all(rows and rows[-1]["epoch"] >= 1 for rows in trial_rows(experiment).values())
     assert_ray_gone(ray_tmp)
+
+
+def test_a_job_leaves_another_ray_on_the_node_alone(slurm, tmp_path, ray_tmp, other_ray):
+    address, proc, other_temp, other_env = other_ray
+    others = ray_daemons(other_temp)
+    assert len(others) == 2, ray_processes(other_temp)
+
+    job = slurm.wait_job(slurm.submit(SINGLE, [TINY, "--name", "beside", *SMALL, "--set", "search.num_samples=1"],
+                                      ["--cpus-per-task=2"], job_env(ray_tmp, TUNE_RESULTS=str(tmp_path / "results")),
+                                      cwd=REPO), JOB_TIMEOUT)
+
+    assert (job.state, job.exit_code) == ("COMPLETED", "0:0"), describe(job)
+    # The job's own cluster (2 CPUs), not the other one (1 CPU).
+    assert "resources: CPU=2 " in job.output, describe(job)
+    assert trial_statuses(tmp_path / "results" / "beside") == ["TERMINATED"], describe(job)
+    assert_ray_gone(ray_tmp)
+    # The other Ray runs on: the same GCS and raylet processes, and its GCS answers.
+    assert proc.poll() is None, (tmp_path / "other-ray.log").read_text()[-3000:]
+    assert ray_daemons(other_temp) == others
+    health = subprocess.run([str(Path(sys.prefix, "bin", "ray")), "health-check", "--address", address],
+                            env=other_env, capture_output=True, text=True, timeout=60)
+    assert health.returncode == 0, health.stdout + health.stderr
 
 
 def test_a_search_stopped_by_sigterm_is_finished_by_resubmitting_with_resume(slurm, tmp_path, ray_tmp):

@@ -28,6 +28,14 @@ def accuracy_line(before: dict, after: dict) -> str:
             f"({after['n']} GSM8K test problems)")
 
 
+def format_line(before: Path, after: Path) -> str:
+    """How many outputs end in GSM8K's answer format (``#### N``): what a small model learns first."""
+    def count(path: Path) -> str:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return f"{sum(r['strict'] is not None for r in rows)}/{len(rows)}"
+    return f"answers in GSM8K's '#### N' format before -> after: {count(before)} -> {count(after)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from tune_llama import search
     from tune_llama.evaluate import gsm8k_accuracy
@@ -69,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         f"its validation loss: {info['metric']['value']:.4f} at epoch {info['epoch']:g} "
         f"(perplexity {info['metrics']['eval_perplexity']:.2f})",
         accuracy_line(scores["base"], scores["fine-tuned"]),
+        format_line(experiment / "eval-base.jsonl", experiment / "eval-fine-tuned.jsonl"),
         f"report: {where}/report/report.html  (table: tune-llama report {where})",
         f"exported model: {os.path.relpath(out)}",
         f"resume:   tune-llama search --resume {where}",

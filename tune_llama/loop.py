@@ -64,6 +64,9 @@ class Run:
     """Optimizer steps (counted from the start of training) after which the run reports."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds each part of ``setup`` took (tokenizer, data, model, optimizer)."""
+    sum_across_workers: Callable[[int], int] = lambda n: n
+    """Sums a count over the workers of a data-parallel trial (identity for one process), so an
+    optimizer step's loss is normalised by the real tokens of the whole step across all workers."""
     step: int = 0
     """Optimizer steps taken."""
     examples_seen: int = 0
@@ -220,7 +223,7 @@ def train_step(run: Run, window: Window, interval: Optional[Interval] = None) ->
     """One optimizer step over ``window``; the loss is normalised by the real tokens of the whole step."""
     interval = interval or Interval.start(run.device)
     run.model.train()
-    n_items = sum(label_count(b) for b in window)
+    n_items = run.sum_across_workers(sum(label_count(b) for b in window))
     for batch in window:
         real = int(batch["attention_mask"].sum())  # counted on the host: on the GPU it would sync
         interval.real_tokens += real
@@ -287,12 +290,14 @@ SaveCheckpoint = Callable[[Run], Optional[Path]]
 Report = Callable[[dict, Optional[Path]], None]
 
 
-def fit(run: Run, save_checkpoint: Optional[SaveCheckpoint] = None, report: Optional[Report] = None) -> Run:
+def fit(run: Run, save_checkpoint: Optional[SaveCheckpoint] = None, report: Optional[Report] = None,
+        on_step: Optional[Callable[[Run], None]] = None) -> Run:
     """Train from ``run.step`` to the end of ``training.epochs``.
 
     At each report point: validate, update best / early stopping, call
     ``save_checkpoint(run)`` (timed, into ``checkpoint_time_s``), then
-    ``report(metrics, checkpoint_dir)``. Stops on divergence or patience.
+    ``report(metrics, checkpoint_dir)``. ``on_step(run)`` follows every optimizer
+    step (a progress bar). Stops on divergence or patience.
     """
     t = run.spec.training
     due = set(run.report_at)
@@ -307,6 +312,8 @@ def fit(run: Run, save_checkpoint: Optional[SaveCheckpoint] = None, report: Opti
             if run.device.type == "cuda" and (diverged or run.step in due):
                 torch.cuda.synchronize()
             interval.seconds += time.perf_counter() - tick
+            if on_step is not None:
+                on_step(run)
             if diverged or run.step in due:
                 report_now(run, interval, diverged, save_checkpoint, report)
                 interval = Interval.start(run.device)

@@ -66,8 +66,26 @@ def restore(run: Run, newest: Path) -> None:
                           f"(delete the trial's checkpoint_* folders to restart it from scratch)")
 
 
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def staging_dir(run: Run) -> Optional[Path]:
+    """Where a checkpoint is written before Ray persists (copies) it: shared memory when it has room.
+
+    Ray always copies the folder it is handed into the trial's storage; staged in RAM, the checkpoint
+    reaches the disk once (Ray's copy) instead of twice.
+    """
+    needed = 4 * sum(p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad)
+    try:
+        if SHARED_MEMORY.is_dir() and shutil.disk_usage(SHARED_MEMORY).free > 2 * needed:
+            return SHARED_MEMORY
+    except OSError:
+        pass
+    return None
+
+
 def save_to_temp(run: Run) -> Path:
-    return save_state(run, Path(tempfile.mkdtemp(prefix="tune-llama-ckpt-")))
+    return save_state(run, Path(tempfile.mkdtemp(prefix="tune-llama-ckpt-", dir=staging_dir(run))))
 
 
 def report_to_tune(metrics: dict, checkpoint_dir: Optional[Path]) -> None:
