@@ -1,0 +1,66 @@
+"""The package's shape: each module imports only modules before it in the pipeline, and knows nothing of
+this checkout's layout."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "tune_llama"
+
+# The pipeline, bottom first. A module may import any module in an earlier (or its own) layer.
+LAYERS = [
+    ["errors", "paths", "redact", "calculator"],
+    ["spec", "cli"],
+    ["data"],
+    ["model", "loss"],
+    ["loop"],
+    ["ray_private", "results"],
+    ["trainable", "distributed", "evaluate"],
+    ["finalists"],
+    ["preflight", "progress", "searcher", "tracking"],
+    ["search", "train", "data.__main__"],  # data.__main__: the `data stats` command needs the tokenizer
+    ["export", "plots"],
+    ["report", "demo", "__main__"],
+]
+LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def module_of(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return "data.__main__" if parts == ("data", "__main__") else parts[0]
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tune_llama."):
+            names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.ImportFrom) and node.module == "tune_llama":
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("tune_llama."))
+    return names
+
+
+def test_every_module_has_a_place_in_the_pipeline():
+    modules = {module_of(p) for p in PACKAGE.rglob("*.py")} - {"__init__"}
+    assert modules <= set(LAYER), f"add to LAYERS: {sorted(modules - set(LAYER))}"
+
+
+def test_no_module_imports_one_above_it_in_the_pipeline():
+    upward = []
+    for path in PACKAGE.rglob("*.py"):
+        here = module_of(path)
+        if here == "__init__":
+            continue
+        for name in imported_modules(path) - {here}:
+            if LAYER.get(name, -1) > LAYER[here]:
+                upward.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert not upward, upward
+
+
+def test_the_package_knows_nothing_of_this_checkouts_layout():
+    offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "../shared" in p.read_text()
+                 or "shared/gsm8k" in p.read_text()]
+    assert not offenders
