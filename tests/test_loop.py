@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from tune_llama.errors import CheckpointError
+from conftest import TINY
 from tune_llama.loop import (METRIC_NAMES, epoch_windows, fit, load_state, report_steps, save_state, setup,
                              train_step, validation_loss)
 from tune_llama.model import trainable_state
 from tune_llama.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "search_spaces" / "tiny.yaml"
 
 
 def tiny(*overrides: str):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import TINY
 from tune_llama.loop import setup
 from tune_llama.spec import SpecError, load_spec
 
-TINY = REPO_ROOT / "search_spaces" / "tiny.yaml"
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -32,11 +31,12 @@ def test_quantization_without_lora_is_rejected_by_the_schema():
 
 
 def test_gradient_checkpointing_with_lora_still_trains():
-    from tune_llama.loop import train_epoch
+    from tune_llama.loop import epoch_windows, train_step
     run = setup(load_spec(TINY, ["model.lora.enabled=true", "model.gradient_checkpointing=true",
                                  "data.synthetic_size=16", "data.val_size=4"]))
     before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
-    train_epoch(run)
+    for window in epoch_windows(run, 0):
+        train_step(run, window)
     assert any(not torch.equal(before[n], p) for n, p in run.model.named_parameters() if p.requires_grad)
 
 
@@ -52,3 +52,9 @@ def test_a_cuda_out_of_memory_trial_fails_with_advice_naming_the_batch_size(monk
         trainable.train_trial({"training.gradient_accumulation_steps": 2}, spec=spec)
     message = str(err.value)
     assert "data.batch_size=16" in message and "gradient_accumulation_steps (now 2)" in message
+
+
+def test_liger_kernels_on_a_machine_without_cuda_fail_naming_the_field():
+    from tune_llama.loop import setup
+    with pytest.raises(SpecError, match="model.kernels"):
+        setup(load_spec(TINY, ["model.kernels=liger"]))

@@ -8,12 +8,9 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, TINY, one_line_error
 from tune_llama import train
-from tune_llama.cli import run_cli
 from tune_llama.spec import SpecError, apply_params, load_spec, spec_from_dict
-
-TINY = REPO_ROOT / "search_spaces" / "tiny.yaml"
 
 
 def test_every_shipped_spec_loads():
@@ -65,12 +62,7 @@ def test_sampled_params_are_applied_with_the_fields_types():
 
 
 def cli_error(capsys, main, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    return err
+    return one_line_error(main, argv, capsys)
 
 
 @pytest.mark.parametrize("override, field", [

@@ -244,7 +244,8 @@ def batch_loss(run: Run, batch: Batch, n_items: int) -> torch.Tensor:
     """The step-normalised loss of one micro-batch: answer-only logits unless the spec turns them off."""
     t = run.spec.training
     if t.answer_only_logits:
-        return answer_only_loss(run.model, batch, n_items, chunk=t.loss_chunk_tokens)
+        return answer_only_loss(run.model, batch, n_items, chunk=t.loss_chunk_tokens,
+                                fused=run.spec.model.kernels == "liger")
     return run.model(**batch, num_items_in_batch=n_items).loss
 
 

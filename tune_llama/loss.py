@@ -35,7 +35,14 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def answer_only_loss(model, batch: dict[str, torch.Tensor], num_items: int, chunk: int = 1024) -> torch.Tensor:
+def fused_linear_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Liger's fused linear cross-entropy (CUDA): head and loss in one kernel, chunked inside."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, hidden, targets)
+
+
+def answer_only_loss(model, batch: dict[str, torch.Tensor], num_items: int, chunk: int = 1024,
+                     fused: bool = False) -> torch.Tensor:
     """Mean next-token loss over the labelled tokens, normalised by ``num_items`` (the optimizer step's
     label count), as ``model(**batch, num_items_in_batch=num_items).loss`` computes it."""
     parts = decoder_and_head(model)
@@ -46,6 +53,8 @@ def answer_only_loss(model, batch: dict[str, torch.Tensor], num_items: int, chun
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[:, :-1][keep], targets[keep]
+    if fused and getattr(head, "bias", None) is None and hasattr(head, "weight"):
+        return fused_linear_loss(head, hidden, targets) / max(num_items, 1)
     total = hidden.new_zeros((), dtype=torch.float32)
     for h, t in zip(hidden.split(chunk), targets.split(chunk)):
         if torch.is_grad_enabled():

@@ -140,7 +140,25 @@ def load_model(spec: ModelSpec, tokenizer, device: torch.device, seed: int = 0):
         if spec.quantization == "none":
             model.to(device)
     model.config.use_cache = False
+    if spec.kernels == "liger":
+        apply_liger(model, device)
     return prepare_for_training(model, spec)
+
+
+def apply_liger(model, device: torch.device) -> None:
+    """Liger's RMSNorm, SwiGLU and RoPE kernels, patched into this model instance (its fused linear
+    cross-entropy is used by ``tune_llama.loss``)."""
+    if device.type != "cuda":
+        raise SpecError("model.kernels", "liger's Triton kernels need CUDA; use model.kernels=none on this machine")
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except ImportError:
+        raise SpecError("model.kernels", "liger needs the liger-kernel package: pip install 'tune-llama[kernels]'") \
+            from None
+    if model.config.model_type != "llama":
+        raise SpecError("model.kernels", f"liger is wired for Llama models here, not {model.config.model_type!r}")
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model)
 
 
 def random_model(spec: ModelSpec, tokenizer, device: torch.device, seed: int):

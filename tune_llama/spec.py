@@ -65,6 +65,10 @@ class ModelSpec:
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel; ``sdpa`` uses PyTorch's fused scaled-dot-product attention."""
+    kernels: Literal["none", "liger"] = "none"
+    """``liger`` swaps in Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, and
+    the fused linear cross-entropy for the answer-only loss): CUDA only, needs
+    ``pip install 'tune-llama[kernels]'``."""
     trust_remote_code: bool = False
     """Allow a hub model to run its own modelling code. Off unless you trust it."""
 
