@@ -48,8 +48,8 @@ SPACES = common.REPO / "search_spaces"
 DATA_DEFAULT = str(common.GSM8K) if (common.GSM8K / "train.jsonl").is_file() else "embedded:gsm8k-mini"
 PRESETS = {
     # 2 CPU cores: sized so the whole bench fits in an hour (see bench/README.md).
-    "cpu": dict(train=40, val=8, test=40, epochs=1, eval_every=0.5, max_length=320, max_new_tokens=160,
-                batch_size=8, gen_batch=8, samples=4, concurrent=1, cpus=2, gpu_share=0.0, top_k=2),
+    "cpu": dict(train=32, val=8, test=32, epochs=1, eval_every=0.5, max_length=320, max_new_tokens=192,
+                batch_size=8, gen_batch=16, samples=4, concurrent=1, cpus=2, gpu_share=0.0, top_k=2),
     # One GPU: the whole train and test split, four trials at a time, each on a quarter of the card.
     "gpu": dict(train=0, val=200, test=0, epochs=2, eval_every=0.25, max_length=512, max_new_tokens=256,
                 batch_size=8, gen_batch=64, samples=16, concurrent=4, cpus=4, gpu_share=0.25, top_k=3),
@@ -92,7 +92,9 @@ def class_project(args):
 
 def describe(spec) -> str:
     t, lora = spec.training, spec.model.lora
-    parts = [f"{t.optimizer} lr {t.lr:.2g}"]
+    mantissa, exponent = f"{t.lr:.1e}".split("e")
+    name = "AdamW" if t.optimizer == "adamw" else t.optimizer.upper()
+    parts = [f"{name} lr {mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"]
     if t.optimizer == "sgd":
         parts[0] += f" m {t.momentum:g}{' nesterov' if t.nesterov else ''}"
     if t.gradient_accumulation_steps > 1:
@@ -120,7 +122,7 @@ def train_run(spec, folder: Path) -> dict:
         sys.exit(f"{folder}: the run ended {summary['status']} with no finite validation loss")
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return {"model": summary["best_model"], "config": describe(spec), "wall_s": time.perf_counter() - start,
-            "steps": history[-1]["step"], "best_eval_loss": summary["best_eval_loss"],
+            "steps": history[-1]["step"], "epochs": history[-1]["epoch"], "best_eval_loss": summary["best_eval_loss"],
             "best_step": summary["best_step"], "params": None}
 
 
@@ -159,7 +161,8 @@ def run_search(args, spec, folder: Path) -> dict:
     from tune_llama.spec import spec_from_dict
     return {"model": str(out), "config": describe(spec_from_dict(info["spec"])),
             "wall_s": (search_s or 0.0) + export_s, "search_s": search_s, "export_s": export_s,
-            "steps": sum(max(r["step"] for r in t.rows) for t in trials), "trials": len(trials),
+            "steps": sum(max(r["step"] for r in t.rows) for t in trials),
+            "epochs": sum(max(r["epoch"] for r in t.rows) for t in trials), "trials": len(trials),
             "statuses": {s: sum(found.status(t) == s for t in trials) for s in {found.status(t) for t in trials}},
             "trial_time_s": sum(t.time_s for t in trials),
             "finalists_s": sum(s["seconds"] for e in finalists.get("finalists", []) for s in e["scores"]),
@@ -181,6 +184,7 @@ def answer_loss(measure_spec, model, tokenizer, problems) -> tuple[float, int]:
 
 
 def evaluate(args, name: str, measure_spec, problems, folder: Path, key: str) -> dict:
+    """Gold-answer loss, then accuracy without and with the calculator; every model with the training template."""
     import torch
     from tune_llama.evaluate import load, score
     from tune_llama.loop import pick_device
@@ -192,8 +196,8 @@ def evaluate(args, name: str, measure_spec, problems, folder: Path, key: str) ->
     result["answer_loss_s"] = time.perf_counter() - start
     for calculator in (False, True):
         with torch.no_grad():
-            s = score(loaded.model, loaded.tokenizer, problems, loaded.prompt_template, batch_size=args.gen_batch,
-                      max_new_tokens=args.max_new_tokens, calculator=calculator,
+            s = score(loaded.model, loaded.tokenizer, problems, measure_spec.data.prompt_template,
+                      batch_size=args.gen_batch, max_new_tokens=args.max_new_tokens, calculator=calculator,
                       out=folder / f"{key}{'-calculator' if calculator else ''}.jsonl")
         suffix = "_calc" if calculator else ""
         result.update({f"strict{suffix}": s["strict"], f"flexible{suffix}": s["flexible"],
@@ -212,13 +216,14 @@ def acc(m: dict, ci: bool = True) -> str:
 
 def table(rows: dict) -> tuple[list[dict], list[tuple[str, str]]]:
     lines = [{"row": f"({k}) {METHODS[k]}", "config": r.get("config", "untrained"),
-              "steps": r.get("steps", 0), "train": f"{r.get('wall_s', 0):.0f}",
+              "steps": r.get("steps", 0), "epochs": f"{r.get('epochs', 0):.3g}", "train": f"{r.get('wall_s', 0):.0f}",
               "loss": f"{r['answer_loss']:.4f}", "strict": acc(r["strict"]), "flexible": acc(r["flexible"], False),
-              "strict_calc": acc(r["strict_calc"]), "flexible_calc": acc(r["flexible_calc"], False)}
+              "strict_calc": acc(r["strict_calc"])}
              for k, r in rows.items()]
-    return lines, [("row", "method"), ("config", "config"), ("steps", "opt. steps"), ("train", "train s"),
+    return lines, [("row", "method"), ("config", "config"), ("epochs", "epochs trained"), ("steps", "opt. steps"),
+                   ("train", "train s"),
                    ("loss", "test answer loss"), ("strict", "strict [95% CI]"), ("flexible", "flexible"),
-                   ("strict_calc", "strict, calculator [95% CI]"), ("flexible_calc", "flexible, calc.")]
+                   ("strict_calc", "strict, calculator [95% CI]")]
 
 
 def machine() -> str:
@@ -291,7 +296,7 @@ def main(argv=None) -> int:
             continue
         common.say(f"--- ({key}) {METHODS[key]}")
         if key == "a":
-            rows[key] = {"model": specs["c"].model.name, "config": "untrained", "steps": 0, "wall_s": 0.0}
+            rows[key] = {"model": specs["c"].model.name, "config": "untrained", "steps": 0, "epochs": 0, "wall_s": 0.0}
         elif key == "d":
             rows[key] = run_search(args, specs["d"], out / "d")
         else:
@@ -311,9 +316,10 @@ def main(argv=None) -> int:
         ratio = f" = {r['steps'] / one_run:.1f}x one run's {one_run}" if one_run else ""
         wall = f"{r['search_s']:.0f} s search (incl. {r['finalists_s']:.0f} s finalists) + " \
             if r["search_s"] is not None else f"(reused {r['folder']}) "
-        notes.append(f"(d) search cost: {r['trials']} trials ({', '.join(f'{n} {s}' for s, n in r['statuses'].items())}),"
-                     f" {r['steps']} trial-steps{ratio}; {wall}{r['export_s']:.0f} s export; winner "
-                     f"{r['winner']} {json.dumps(r['params'])}, {r['reason']}")
+        statuses = ", ".join(f"{n} {s}" for s, n in sorted(r["statuses"].items()))
+        notes.append(f"(d) search cost: {r['trials']} trials ({statuses}), {r['steps']} trial-steps{ratio}, "
+                     f"{r['epochs']:.3g} trial-epochs; {wall}{r['export_s']:.0f} s export; winner {r['winner']} "
+                     f"{json.dumps(r['params'])}, {r['reason']}")
     notes.append(f"generation: greedy, {args.max_new_tokens} new tokens at most; per-problem outputs in {out}")
     payload = {"machine": machine(), "command": command, "preset": args.preset, "data": args.data,
                "test_problems": len(test), "sizes": {k: getattr(args, k) for k in PRESETS["cpu"]}, "out": str(out),

@@ -7,7 +7,8 @@ asha: the real search, ``tune_llama.search.main`` (Optuna TPE proposes, ASHA sto
 random: the same trainable, parameter space, ``num_samples``, ``max_concurrent`` and ``training.epochs``
 (``tune_llama.search.trainable`` / ``param_space``), with Ray's random ``BasicVariantGenerator`` and no
 early stopping. Both read back with ``tune_llama.results.load_search``. Trial-steps = the sum over trials of
-the last optimizer step each reported; best = the best ``search.metric`` any report reached.
+the last optimizer step each reported (trial-epochs: the same in epochs, which
+``gradient_accumulation_steps`` does not shrink); best = the best ``search.metric`` any report reached.
 Goal: asha_trial_steps <= 40% of random_trial_steps, asha_best within 2% of random_best (or better).
 """
 
@@ -45,7 +46,9 @@ def random_search(spec, storage: Path) -> None:
 def figures(folder: Path, seconds: float) -> dict:
     found = load_search(folder)
     best = found.best()
-    return {"trials": len(found.trials), "trial_steps": sum(t.rows[-1]["step"] for t in found.trials if t.rows),
+    ended = [t.rows[-1] for t in found.trials if t.rows]
+    return {"trials": len(found.trials), "trial_steps": sum(r["step"] for r in ended),
+            "trial_epochs": sum(r["epoch"] for r in ended),
             "best": best[1][found.metric] if best else float("nan"), "wall_s": seconds}
 
 
@@ -86,6 +89,7 @@ def main(argv=None) -> int:
     s = spec.search
     common.output(args, [{"search": k, **v} for k, v in results.items()],
                   [("search", "search"), ("trials", "trials"), ("trial_steps", "trial-steps"),
+                   ("trial_epochs", "trial-epochs"),
                    ("best", f"best {s.metric}"), ("wall_s", "wall s")],
                   {"asha_trial_steps": asha["trial_steps"], "random_trial_steps": rand["trial_steps"],
                    "asha_best": asha["best"], "random_best": rand["best"]},

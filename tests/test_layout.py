@@ -11,14 +11,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tune_llama"
 # The pipeline, bottom first. A module may import any module in an earlier (or its own) layer.
 LAYERS = [
     ["errors", "paths", "redact", "calculator"],
-    ["spec", "cli"],
+    ["spec", "cli", "progress"],
     ["data"],
     ["model", "loss"],
     ["loop"],
     ["ray_private", "results"],
     ["trainable", "distributed", "evaluate"],
     ["finalists"],
-    ["preflight", "progress", "searcher", "tracking"],
+    ["preflight", "searcher", "tracking"],
     ["search", "train", "data.__main__"],  # data.__main__: the `data stats` command needs the tokenizer
     ["export", "plots"],
     ["report", "demo", "__main__"],

@@ -292,8 +292,8 @@ def score(model, tokenizer, problems: list[dict[str, str]], prompt_template: str
     calculator, max_new_tokens, prompt_template and out; writes one JSONL line per problem to
     ``out`` when given. The model is put in eval mode with its KV cache on for the call only.
     """
-    from tqdm.auto import tqdm
     from tune_llama.data import final_answer, format_prompt
+    from tune_llama.progress import Progress
 
     if out is not None:
         out = Path(out)
@@ -306,7 +306,7 @@ def score(model, tokenizer, problems: list[dict[str, str]], prompt_template: str
     model.config.use_cache = True  # training turns the KV cache off; generation needs it
     start = time.perf_counter()
     try:
-        with tqdm(total=len(prompts), desc="generating", unit="problem", mininterval=10) as bar:
+        with Progress(len(prompts), "generating", "problem") as bar:  # plain lines when not a terminal
             for i in range(0, len(order), batch_size):
                 batch = order[i:i + batch_size]
                 texts = generate_texts(model, tokenizer, [prompts[j] for j in batch], max_new_tokens, calculator)
@@ -327,7 +327,7 @@ def score(model, tokenizer, problems: list[dict[str, str]], prompt_template: str
                      "correct_strict": strict == gold, "correct_flexible": flexible == gold})
     if out is not None:
         out.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return summarize(rows, calculator=calculator, max_new_tokens=max_new_tokens, prompt_template=prompt_template,
+    return accuracy_summary(rows, calculator=calculator, max_new_tokens=max_new_tokens, prompt_template=prompt_template,
                      seconds=elapsed, out=out)
 
 
@@ -369,7 +369,7 @@ def check_writable(out: Path) -> None:
         raise UserError(f"--out: cannot write {out}: {err.strerror or err}") from None
 
 
-def summarize(rows: list[dict], **info) -> dict[str, Any]:
+def accuracy_summary(rows: list[dict], **info) -> dict[str, Any]:
     n = len(rows)
     summary: dict[str, Any] = {**{k: str(v) if isinstance(v, Path) else v for k, v in info.items()}, "n": n}
     for kind in ("strict", "flexible"):

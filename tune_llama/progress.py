@@ -1,62 +1,232 @@
-"""A compact, readable progress table for a search, in place of Ray's own (``--verbose`` brings that back).
+"""Progress people can read: a compact table for a search, a bar with an ETA for one long run.
 
-Every few seconds on a terminal (every 30 s in a log file) it prints one line
-per trial: its params, how far it got, its latest and best validation loss,
-and its status; it fits 100 columns.
+A search prints, in place of Ray's own output (``--verbose`` brings that back), a
+table every few seconds on a terminal (every 30 s in a log file): one line per
+trial with its params, how far it got, its latest and best validation loss and
+its status, in 100 columns. ``Progress`` is the bar of a long single run
+(``train``, ``evaluate``): a tqdm bar with an ETA on a terminal; elsewhere
+(Slurm logs, ``nohup``) a plain line every 30 s and one at the end, since a
+redrawn bar is one endless line of carriage returns in a file.
+
+Ray is imported only when a search asks for its table: ``train`` and
+``evaluate`` run without it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
-from typing import Any
+from collections import Counter
+from typing import Any, Callable, Iterable, Optional, TextIO
 
 from tune_llama.spec import Spec
 
 WIDTH = 100
+TABLE_EVERY_TTY_S = 5.0
+PLAIN_EVERY_S = 30.0
+MAX_ROWS = 20
+"""Trials shown per table: the running ones, then the best; the rest are counted in one line."""
 
+
+def is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def terminal_columns(stream: TextIO) -> int:
+    """The terminal's width, or 0 when it cannot be told (a pty nobody sized, a stream without a file)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError
+        return 0
+
+
+# ---------------------------------------------------------------- one long run: a bar or plain lines
+
+def format_duration(seconds: float) -> str:
+    """``MM:SS``, or ``H:MM:SS`` from an hour on (tqdm's format)."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:d}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def eta_seconds(done: int, left: int, elapsed: float) -> Optional[float]:
+    """Seconds for ``left`` more units at the average rate of the ``done`` ones; None before the first."""
+    if done <= 0:
+        return None
+    return max(left, 0) * elapsed / done
+
+
+def plain_line(desc: str, position: int, total: int, unit: str, elapsed: float, done: int,
+               final: bool = False) -> str:
+    """``desc: 120/400 steps (30%), 02:01 elapsed, ETA 04:42``; at the end ``... in 06:43``.
+    ``done`` counts the units of this process only (a resumed run's ETA is not flattered by its start)."""
+    percent = f" ({position / total:.0%})" if total > 0 else ""
+    head = f"{desc}: {position}/{total} {unit}s{percent}"
+    if final:
+        return f"{head} in {format_duration(elapsed)}"
+    eta = eta_seconds(done, total - position, elapsed)
+    return f"{head}, {format_duration(elapsed)} elapsed, ETA {format_duration(eta) if eta is not None else '?'}"
+
+
+class Progress:
+    """``Progress(total, desc, unit)``; ``update(n)`` as work is done, ``close()`` (or ``with``) at the end.
+
+    On a terminal it is a tqdm bar with rate and ETA. Elsewhere it prints ``plain_line`` at most every
+    ``every`` seconds (when an update comes) and once more at ``close``. ``write`` prints a line without
+    tearing the bar.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str = "it", *, initial: int = 0,
+                 every: float = PLAIN_EVERY_S, stream: Optional[TextIO] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock
+        self.position = self.initial = initial
+        self.start = self.last_line = clock()
+        self.closed = False
+        self.bar = None
+        if is_tty(self.stream):
+            from tqdm.auto import tqdm
+            # Follow the terminal's size; where it has none (an unsized pty), tqdm would draw nothing.
+            width = {"dynamic_ncols": True} if terminal_columns(self.stream) > 0 else {"ncols": WIDTH, "nrows": 24}
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream,
+                            mininterval=1.0, **width)
+
+    def update(self, n: int = 1) -> None:
+        self.position += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.clock() - self.last_line >= self.every:
+            self._line()
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            self._line(final=True)
+
+    def _line(self, final: bool = False) -> None:
+        now = self.clock()
+        self.last_line = now
+        print(plain_line(self.desc, self.position, self.total, self.unit, now - self.start,
+                         self.position - self.initial, final), file=self.stream, flush=True)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- a search: the trial table
 
 def progress_callbacks(spec: Spec, verbose: bool) -> list:
-    return [] if verbose else [ProgressTable(spec)]
+    return [] if verbose else [progress_table_class()(spec)]
 
 
-def format_params(params: dict[str, Any], keys: list[str]) -> str:
-    cells = []
-    for key in keys:
-        value = params.get(key)
-        cells.append(f"{key.split('.')[-1]}={value:.3g}" if isinstance(value, float) else
-                     f"{key.split('.')[-1]}={value}")
-    return " ".join(cells)
+def format_value(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def format_params(params: dict[str, Any], keys: list[str], key_chars: Optional[int] = None) -> str:
+    """``lr=0.00229 optimizer=sgd``: each searched param by its last name, cut to ``key_chars``."""
+    return " ".join(f"{key.split('.')[-1][:key_chars]}={format_value(params.get(key))}" for key in keys)
+
+
+def value_width(dist: dict[str, list]) -> int:
+    """The widest a sampled value of a search-space distribution prints as."""
+    (kind, args), = dist.items()
+    if kind == "choice":
+        return max(len(format_value(choice)) for choice in args)
+    if kind == "int":
+        return max(len(str(int(bound))) for bound in args)
+    return 8 + (min(args[:2]) < 0)  # a float in 3 digits: 0.000123, 1.23e-05, 1.23e+04; a sign
+
+
+def key_chars_that_fit(space: dict[str, dict[str, list]], width: int) -> int:
+    """How many characters of each param's name the params column has room for, whatever values the
+    trials draw (the same for every refresh, so the column does not change shape as trials come)."""
+    names = [key.split(".")[-1] for key in space]
+    values = sum(value_width(dist) + 2 for dist in space.values()) - 1  # "=" and a space each, less one
+    for key_chars in range(max(map(len, names), default=0), 2, -1):
+        if values + sum(min(len(name), key_chars) for name in names) <= width:
+            return key_chars
+    return 3
+
+
+def cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def format_loss(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
 
 
+def shown_trials(trials: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """At most ``MAX_ROWS`` trials: the running ones first, then the rest best first."""
+    if len(trials) <= MAX_ROWS:
+        return trials
+    sign = 1 if mode == "min" else -1
+    finite = lambda t: isinstance(t["best"], (int, float)) and math.isfinite(t["best"])  # noqa: E731
+    rest = sorted((t for t in trials if t["status"] != "running"),
+                  key=lambda t: (not finite(t), sign * t["best"] if finite(t) else 0.0))
+    return ([t for t in trials if t["status"] == "running"] + rest)[:MAX_ROWS]
+
+
+def status_counts(trials: Iterable[dict[str, Any]]) -> str:
+    """``4 done, 2 stopped early``."""
+    return ", ".join(f"{n} {status}" for status, n in sorted(Counter(t["status"] for t in trials).items()))
+
+
 def table(spec: Spec, trials: list[dict[str, Any]]) -> str:
-    """The lines to print for ``trials`` (dicts with id, params, epoch, latest, best, status)."""
+    """The lines to print for ``trials`` (dicts with id, params, epoch, latest, best, status), each at most
+    ``WIDTH`` characters; past ``MAX_ROWS`` trials, a last line counts the ones not shown by status."""
     keys = list(spec.search.space)
-    lines = [f"{'trial':<10} {'params':<46} {'epoch':>6} {'latest':>8} {'best':>8}  status"]
-    for t in trials:
-        params = format_params(t["params"], keys)
-        params = params if len(params) <= 46 else params[:45] + "…"
-        lines.append(f"{t['id'][:10]:<10} {params:<46} {t['epoch']:>6.2f} {format_loss(t['latest']):>8} "
-                     f"{format_loss(t['best']):>8}  {t['status']}"[:WIDTH])
-    return "\n".join(lines)
+    shown = shown_trials(trials, spec.search.mode)
+    epochs = spec.training.epochs
+    id_width = min(max([5, *(len(t["id"]) for t in shown)]), 14)  # Ray's ids: 8 hex digits, or 8 + _NNNNN
+    progress_width = max(len("epoch"), len(f"{epochs:.2f}/{epochs:g}"))
+    status_width = len("stopped early")
+    params_width = WIDTH - id_width - progress_width - 2 * 8 - status_width - 6
+    key_chars = key_chars_that_fit(spec.search.space, params_width)
+    params = [cut(format_params(t["params"], keys, key_chars), params_width) for t in shown]
+    lines = [f"{'trial':<{id_width}} {'params':<{params_width}} {'epoch':>{progress_width}} {'latest':>8} "
+             f"{'best':>8}  status"]
+    for t, cell in zip(shown, params):
+        progress = f"{t['epoch']:.2f}/{epochs:g}"
+        lines.append(f"{t['id'][:id_width]:<{id_width}} {cell:<{params_width}} {progress:>{progress_width}} "
+                     f"{format_loss(t['latest']):>8} {format_loss(t['best']):>8}  {t['status']}")
+    shown_ids = {t["id"] for t in shown}
+    hidden = [t for t in trials if t["id"] not in shown_ids]
+    if hidden:
+        lines.append(f"... {len(hidden)} more: {status_counts(hidden)}")
+    return "\n".join(line[:WIDTH] for line in lines)
 
 
-def _callback_base():
-    from ray.tune import Callback
-    return Callback
+class TrialTable:
+    """The table's state, kept from Ray Tune's callback events (``ProgressTable`` is it as a Ray Callback)."""
 
-
-class ProgressTable(_callback_base()):
-    def __init__(self, spec: Spec):
+    def __init__(self, spec: Spec, stream: Optional[TextIO] = None):
         self.spec = spec
         self.metric, self.mode = spec.search.metric, spec.search.mode
         self.trials: dict[str, dict[str, Any]] = {}
-        self.every = 5.0 if sys.stdout.isatty() else 30.0
+        self.stream = stream
+        self.every = TABLE_EVERY_TTY_S if is_tty(stream or sys.stdout) else PLAIN_EVERY_S
         self.last_print = 0.0
 
     def _entry(self, trial) -> dict[str, Any]:
@@ -91,6 +261,25 @@ class ProgressTable(_callback_base()):
 
     def print(self) -> None:
         self.last_print = time.monotonic()
-        if self.trials:
-            print(f"\n[{time.strftime('%H:%M:%S')}] {len(self.trials)} trials\n"
-                  + table(self.spec, list(self.trials.values())), flush=True)
+        if not self.trials:
+            return
+        title = (f"[{time.strftime('%H:%M:%S')}] {len(self.trials)} of {self.spec.search.num_samples} trials: "
+                 f"{status_counts(self.trials.values())}")
+        print(f"\n{title[:WIDTH]}\n" + table(self.spec, list(self.trials.values())), file=self.stream or sys.stdout,
+              flush=True)
+
+
+def progress_table_class() -> type:
+    """``TrialTable`` as a Ray Tune Callback, made on first use so that importing this module does not
+    import Ray; it is the module's ``ProgressTable`` (found by name, so it pickles)."""
+    if "ProgressTable" not in globals():
+        from ray.tune import Callback
+        globals()["ProgressTable"] = type("ProgressTable", (TrialTable, Callback),
+                                          {"__module__": __name__, "__doc__": TrialTable.__doc__})
+    return globals()["ProgressTable"]
+
+
+def __getattr__(name: str):
+    if name == "ProgressTable":
+        return progress_table_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

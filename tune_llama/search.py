@@ -63,7 +63,11 @@ def trial_resources(spec: Spec) -> dict[str, float]:
 def trainable(spec: Spec):
     from ray import tune
     from tune_llama.trainable import train_trial
-    return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict()), trial_resources(spec))
+    # With workers > 1 the trial only drives Ray Train, whose workers take trial_resources each (in their own
+    # placement group): the driver holds nothing (Tune refuses an all-zero request, hence one byte of memory),
+    # and concurrent_trials caps how many trials run at once.
+    resources = trial_resources(spec) if spec.search.resources.workers == 1 else {"cpu": 0, "gpu": 0, "memory": 1}
+    return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict()), resources)
 
 
 def grace_period(spec: Spec) -> float:
@@ -76,9 +80,11 @@ def grace_period(spec: Spec) -> float:
 
 def tune_config(spec: Spec, experiment: Path):
     import optuna
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
+    from tune_llama.distributed import concurrent_trials
     from tune_llama.searcher import ResumableOptunaSearch
 
     s = spec.search
@@ -90,7 +96,8 @@ def tune_config(spec: Spec, experiment: Path):
     scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.training.epochs, grace_period=grace_period(spec),
                               reduction_factor=s.asha.reduction_factor, brackets=s.asha.brackets)
     return tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
-                           search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent))
+                           search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent_trials(
+                               spec, ray.cluster_resources())))
 
 
 def run_config(spec: Spec, experiment: Path, verbose: bool):
@@ -248,7 +255,7 @@ def summary_lines(search: Search) -> tuple[list[str], dict[str, int]]:
     return lines, counts
 
 
-def summarize(experiment: Path) -> int:
+def write_summary(experiment: Path) -> int:
     """Print what the search came to and the commands that follow (also into summary.txt); the exit code."""
     search = load_search(experiment)
     search.driver_alive = False  # this process is the driver, and its search is over
@@ -300,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         tuner = start(spec, experiment, args.spec, args.verbose)
     tuner.fit()
-    code = summarize(experiment)
+    code = write_summary(experiment)
     if code == 0 and spec.search.finalists.top_k > 0:
         from tune_llama.finalists import print_finalists, score_finalists
         record = score_finalists(experiment, trial_resources(spec))

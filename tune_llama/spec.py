@@ -196,6 +196,11 @@ class TrainingSpec:
     once. Same loss and gradients as the plain path; false runs the model's own loss."""
     loss_chunk_tokens: int = 1024
     """Rows of logits computed at once by ``answer_only_logits``."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How the ``search.resources.workers`` of a trial share the work: ``ddp`` replicates the model on
+    every worker; ``fsdp`` (PyTorch FSDP2) shards parameters, gradients and optimizer state over them, for
+    models whose training state does not fit on one device. Either way a step's loss is normalised by the
+    label tokens of all workers, so batch 4 on each of 2 workers is the update of batch 8 on one."""
 
     def validate(self, path: str) -> None:
         _require(self.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {self.epochs}")
@@ -229,6 +234,10 @@ class ResourcesSpec:
     """CPUs per trial."""
     gpu: Optional[float] = None
     """GPUs per trial; None means 1 when CUDA is there, else 0."""
+    workers: int = 1
+    """Data-parallel workers per trial (``training.parallel`` says how), each with ``cpu`` CPUs and ``gpu``
+    GPUs of its own, launched by Ray Train inside the Tune trial and placed with one placement group;
+    ``data.batch_size`` is per worker. 1 trains in the trial's own process, without Ray Train."""
 
 
 @dataclass
@@ -294,6 +303,8 @@ class SearchSpec:
         _require(self.num_samples >= 1, f"{path}.num_samples", f"must be >= 1, got {self.num_samples}")
         _require(self.max_concurrent >= 1, f"{path}.max_concurrent", f"must be >= 1, got {self.max_concurrent}")
         _require(self.resources.cpu > 0, f"{path}.resources.cpu", f"must be > 0, got {self.resources.cpu}")
+        _require(self.resources.workers >= 1, f"{path}.resources.workers",
+                 f"must be >= 1, got {self.resources.workers}")
         if self.resources.gpu is not None:
             _require(self.resources.gpu >= 0, f"{path}.resources.gpu", f"must be >= 0, got {self.resources.gpu}")
         if self.asha.grace_period is not None:
@@ -345,6 +356,9 @@ class Spec:
         if self.training.precision == "fp16":
             _require(self.model.dtype != "bfloat16", "training.precision",
                      "fp16 autocast with bfloat16 weights; use bf16 or float32 weights")
+        if self.training.parallel == "fsdp":
+            _require(self.model.quantization == "none", "training.parallel",
+                     f"fsdp cannot shard {self.model.quantization} quantized weights; use ddp for QLoRA")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from tune_llama.cli import add_set_argument, run_cli
 from tune_llama.loop import Run, fit, load_state, save_state, setup
 from tune_llama.model import save_hf_model
 from tune_llama.preflight import preflight
+from tune_llama.progress import Progress
 from tune_llama.results import best_row
 from tune_llama.spec import Spec, load_spec
 
@@ -63,11 +64,12 @@ def train(spec: Spec, output: Path) -> dict:
     def report(metrics: dict, checkpoint: Optional[Path]) -> None:
         with metrics_file.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
-              flush=True)
+        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 
     run = setup(spec)
-    fit(run, save_checkpoint=save_if_best, report=report)
+    # A bar (plain lines in a log) over optimizer steps: an epoch can take many minutes between reports.
+    with Progress(run.total_steps, "train", "step", initial=run.step) as bar:
+        fit(run, save_checkpoint=save_if_best, report=report, on_step=lambda _: bar.update(1))
     summary = run_summary(run.history, run.status, metric, mode)
     if best_state.exists():
         load_state(run, best_state, weights_only=True)

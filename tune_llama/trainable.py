@@ -25,6 +25,9 @@ from tune_llama.spec import apply_params, spec_from_dict
 def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     """One trial: ``spec`` is the search's spec as a dict, ``config`` the sampled ``section.field`` values."""
     trial_spec = apply_params(spec_from_dict(spec), config)
+    if trial_spec.search.resources.workers > 1:  # Ray Train workers; this process only drives them
+        from tune_llama.distributed import train_trial_on_workers
+        return train_trial_on_workers(trial_spec)
     run: Optional[Run] = None
     try:
         run = setup(trial_spec)

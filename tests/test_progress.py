@@ -1,0 +1,223 @@
+"""Progress people can read: the search's trial table in 100 columns, and the bar of a long run that
+becomes a plain line every interval (and one at the end) when the output is not a terminal."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+
+from conftest import TINY
+from tune_llama.progress import (MAX_ROWS, WIDTH, Progress, eta_seconds, format_duration, plain_line,
+                                 table)
+from tune_llama.spec import load_spec, spec_from_dict
+
+PLAIN = re.compile(r"^(?P<desc>[\w ]+): (?P<position>\d+)/(?P<total>\d+) (?P<unit>\w+)s \((?P<pct>\d+)%\)"
+                   r"(, (?P<elapsed>[\d:]+) elapsed, ETA (?P<eta>[\d:?]+)| in (?P<took>[\d:]+))$")
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def seconds(text: str) -> int:
+    parts = [int(p) for p in text.split(":")]
+    return sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+
+
+# ---------------------------------------------------------------- ETA and plain lines
+
+def test_eta_is_the_units_left_at_the_average_rate_so_far():
+    assert eta_seconds(25, 75, 50.0) == 150.0
+    assert eta_seconds(100, 0, 80.0) == 0.0
+    assert eta_seconds(0, 100, 5.0) is None  # no rate yet
+    assert format_duration(150) == "02:30" and format_duration(3725) == "1:02:05" and format_duration(0) == "00:00"
+    assert plain_line("train", 25, 100, "step", 50.0, 25) == "train: 25/100 steps (25%), 00:50 elapsed, ETA 02:30"
+    assert plain_line("train", 100, 100, "step", 200.0, 100, final=True) == "train: 100/100 steps (100%) in 03:20"
+
+
+def test_a_resumed_runs_eta_counts_only_the_steps_done_since_it_resumed():
+    clock, out = Clock(), io.StringIO()
+    progress = Progress(100, "train", "step", initial=50, every=10, stream=out, clock=clock)
+    for _ in range(10):
+        clock.now += 2.0  # 2 s a step: 40 steps left take 80 s, whatever the first 50 took
+        progress.update(1)
+    assert out.getvalue().splitlines()[-1] == "train: 60/100 steps (60%), 00:20 elapsed, ETA 01:20"
+
+
+def test_off_a_terminal_it_prints_a_plain_line_at_most_every_interval_and_one_at_the_end():
+    clock, out = Clock(), io.StringIO()
+    elapsed_after = [0.0]  # seconds since the start when n units are done
+    with Progress(500, "generating", "problem", every=30, stream=out, clock=clock) as progress:
+        for step in range(500):
+            clock.now += 0.5 if step % 7 else 3.1  # uneven work
+            elapsed_after.append(clock.now - 1000.0)
+            progress.update(1)
+    lines = out.getvalue().splitlines()
+    matches = [PLAIN.match(line) for line in lines]
+    assert all(matches), lines
+    assert "\r" not in out.getvalue()
+    *middle, last = matches
+    elapsed = [seconds(m["elapsed"]) for m in middle]
+    assert len(middle) >= 10
+    assert all(b - a >= 30 for a, b in zip([0] + elapsed, elapsed)), elapsed
+    assert all(b - a <= 34 for a, b in zip([0] + elapsed, elapsed)), "one per interval, not fewer"
+    assert (last["position"], last["total"], last["pct"]) == ("500", "500", "100") and last["took"]
+    assert seconds(last["took"]) == round(clock.now - 1000.0)
+    for m in middle:  # each ETA is the rest at the average rate so far
+        done = int(m["position"])
+        assert seconds(m["eta"]) == round(elapsed_after[done] / done * (500 - done))
+
+
+def test_a_short_run_prints_only_its_final_line_and_closing_twice_prints_it_once():
+    clock, out = Clock(), io.StringIO()
+    progress = Progress(4, "train", "step", every=30, stream=out, clock=clock)
+    for _ in range(3):
+        clock.now += 1.0
+        progress.update(1)
+    progress.close()
+    progress.close()
+    assert out.getvalue() == "train: 3/4 steps (75%) in 00:03\n"  # stopped early: it says where
+
+
+def test_on_a_terminal_it_is_a_bar_with_rate_and_eta():
+    out = Terminal()
+    with Progress(10, "train", "step", stream=out) as progress:
+        for _ in range(10):
+            progress.update(1)
+    text = out.getvalue()
+    assert "\r" in text and "train" in text and "10/10" in text
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", text), text  # tqdm's [elapsed<remaining]
+    assert not PLAIN.search(text.splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the search's table
+
+def trial(i: int, params: dict, status: str = "done", best: float | None = None, epoch: float = 4.0) -> dict:
+    loss = 3.0 + i / 100 if best is None else best
+    return {"id": f"{i:08x}_{i:05d}", "params": params, "epoch": epoch, "latest": loss, "best": loss,
+            "status": status}
+
+
+def test_the_table_fits_100_columns_and_shows_every_param_when_short_names_make_them_fit():
+    spec = load_spec(TINY)
+    trials = [trial(1, {"training.lr": 0.000164, "training.gradient_accumulation_steps": 2,
+                        "training.optimizer": "adamw"}, "stopped early", epoch=1.0),
+              trial(2, {"training.lr": 0.0266, "training.gradient_accumulation_steps": 1,
+                        "training.optimizer": "sgd"}, "running", epoch=2.5)]
+    lines = table(spec, trials).splitlines()
+    assert max(map(len, lines)) <= WIDTH
+    assert "optimizer=adamw" in lines[1] and "optimizer=sgd" in lines[2]  # the last param is not cut off
+    assert "lr=0.000164" in lines[1] and re.search(r"gradient_accum\w*=2", lines[1])
+    assert "1.00/4" in lines[1] and "stopped early" in lines[1] and "2.50/4" in lines[2]
+    alone = table(spec, trials[1:]).splitlines()[1]  # a refresh with other trials: the same column shape
+    assert alone.split()[2].split("=")[0] == lines[2].split()[2].split("=")[0] and alone == lines[2]
+
+
+def test_the_table_fits_100_columns_with_many_long_params_and_a_hundred_trials():
+    space = {"training.gradient_accumulation_steps": {"choice": [1, 2, 4, 8]},
+             "training.early_stopping_patience": {"choice": [1, 2, 3]},
+             "training.warmup_ratio": {"uniform": [0.0, 0.2]},
+             "training.lr_schedule": {"choice": ["constant", "linear", "cosine"]},
+             "training.weight_decay": {"loguniform": [1e-5, 1e-1]},
+             "data.max_tokens_per_batch": {"choice": [1024, 2048]},
+             "training.optimizer": {"choice": ["sgd", "adamw"]}}
+    spec = spec_from_dict({"model": {"name": "random:tiny"}, "training": {"epochs": 10},
+                           "search": {"num_samples": 100, "space": space}})
+    params = {"training.gradient_accumulation_steps": 8, "training.early_stopping_patience": 3,
+              "training.warmup_ratio": 0.123456, "training.lr_schedule": "constant",
+              "training.weight_decay": 0.000123456, "data.max_tokens_per_batch": 2048,
+              "training.optimizer": "adamw"}
+    trials = [trial(i, params, "running" if i % 25 == 0 else "stopped early" if i % 3 else "done",
+                    best=float("nan") if i == 7 else None, epoch=i % 10 + 0.25)
+              for i in range(100)]
+    trials[50]["status"] = "errored"
+    lines = table(spec, trials).splitlines()
+    assert max(map(len, lines)) <= WIDTH, max(lines, key=len)
+    assert len(lines) == 1 + MAX_ROWS + 1  # header, the rows shown, the count of the rest
+    shown = [line.split()[0] for line in lines[1:-1]]
+    running = [t["id"] for t in trials if t["status"] == "running"]
+    assert shown[:len(running)] == running  # what is moving first
+    finished = sorted((t for t in trials if t["status"] != "running" and t["best"] == t["best"]),
+                      key=lambda t: t["best"])
+    assert shown[len(running):] == [t["id"] for t in finished[:MAX_ROWS - len(running)]]  # then the best
+    hidden = {t["id"] for t in trials} - set(shown)
+    counts = dict((status, int(n)) for n, status in re.findall(r"(\d+) ([a-z ]+?)(?:,|$)", lines[-1]))
+    assert lines[-1].startswith(f"... {len(hidden)} more: ") and sum(counts.values()) == len(hidden)
+    assert counts["errored"] == 1
+    assert all(line.split()[1].startswith("gra") for line in lines[1:-1])
+
+
+def test_the_search_printed_the_table_in_100_columns_with_each_trials_final_status(tiny_search):
+    truth = {}
+    for result in tiny_search.glob("*/result.json"):
+        reports = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        truth[reports[0]["trial_id"]] = reports
+    lines = (tiny_search.parent / "search.log").read_text().splitlines()
+    titles = [i for i, line in enumerate(lines) if re.match(r"\[\d\d:\d\d:\d\d\] \d+ of 6 trials: ", line)]
+    assert titles, "\n".join(lines[-50:])
+    tables = []
+    for start in titles:  # a title, a header, then one row per trial
+        end = start + 2
+        while end < len(lines) and lines[end].split()[:1] and lines[end].split()[0] in truth:
+            end += 1
+        tables.append(lines[start:end])
+    assert all(len(line) <= WIDTH for table_lines in tables for line in table_lines)
+    last = tables[-1]
+    status = {trial_id: "done" if reports[-1]["epoch"] == 4 else "stopped early"
+              for trial_id, reports in truth.items()}
+    done = sum(s == "done" for s in status.values())
+    assert last[0].endswith(f"6 of 6 trials: {done} done, {6 - done} stopped early"), last[0]
+    rows = {line.split()[0]: line for line in last[2:]}
+    assert set(rows) == set(truth)
+    for trial_id, reports in truth.items():
+        line = rows[trial_id]
+        assert line.endswith(status[trial_id]) and f"{reports[-1]['epoch']:.2f}/4" in line
+        assert f"{min(r['eval_loss'] for r in reports):.4f}" in line
+        assert f"optimizer={reports[0]['config']['training.optimizer']}" in line
+
+
+# ---------------------------------------------------------------- the long runs
+
+def test_train_off_a_terminal_prints_plain_progress_lines_and_keeps_its_metrics_on_stdout(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tune_llama.train", str(TINY), "--output", str(tmp_path / "run"),
+                           "--set", "training.epochs=1", "--set", "data.synthetic_size=32", "--set", "data.val_size=8"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("train: ")]
+    assert len(progress) == 1 and re.fullmatch(r"train: (\d+)/\1 steps \(100%\) in \d\d:\d\d", progress[0]), progress
+    assert "\r" not in proc.stderr
+    assert re.search(r"^report=1 .*eval_loss=", proc.stdout, re.M), proc.stdout[:2000]
+
+
+def test_evaluate_off_a_terminal_prints_a_plain_line_for_its_generation(capsys):
+    import torch
+    from tune_llama.evaluate import load, score
+
+    loaded = load("random:tiny", torch.device("cpu"))
+    problems = [{"question": "What is 1+1?", "answer": "1+1=2\n#### 2"},
+                {"question": "What is 2+3?", "answer": "2+3=5\n#### 5"},
+                {"question": "What is 4+4?", "answer": "4+4=8\n#### 8"}]
+    score(loaded.model, loaded.tokenizer, problems, loaded.prompt_template, batch_size=2, max_new_tokens=4)
+    err = capsys.readouterr().err
+    assert re.search(r"^generating: 3/3 problems \(100%\) in \d\d:\d\d$", err, re.M), err
+    assert "\r" not in err
+
+
+def test_train_evaluate_and_progress_import_without_ray():
+    # The GPU image has no Ray: a single run and an evaluation must not need it.
+    code = ("import sys, tune_llama.progress, tune_llama.train, tune_llama.evaluate; "
+            "print(sorted(m for m in ('ray', 'optuna') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]

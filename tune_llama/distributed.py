@@ -1,0 +1,517 @@
+"""Trials larger than one process: N data-parallel workers (DDP or FSDP2) over the plain loop, launched by Ray
+Train (V2) from inside the Tune trial.
+
+``search.resources.workers: N`` gives each trial N workers, each with ``search.resources.cpu`` CPUs and
+``search.resources.gpu`` GPUs. The Tune trial itself is only a driver (no resources of its own): it starts a
+``TorchTrainer`` whose workers Ray places with one placement group, and Ray's ``TuneReportCallback`` forwards
+rank 0's reports to Tune, so OptunaSearch and ASHA see an ordinary trial. Ray Train writes its checkpoints
+into the Tune trial's own folder (the Train run *is* the trial folder), so the search folder looks as it
+does for one-process trials, and a retried trial (``search.max_failures``) resumes from Train's latest one.
+
+The maths (``training.parallel``):
+
+- ``data.batch_size`` is per worker. Every worker cuts the epoch into the same global micro-batches of
+  ``batch_size x N`` rows (one process with that batch size would see exactly these) and trains on rows
+  ``rank, rank + N, ...`` of each. So batch 4 on each of 2 workers is the same update as batch 8 on one.
+- The loop normalises a step's loss by the label tokens of the whole step on all workers
+  (``Run.sum_across_workers`` is an all-reduce), so the gradients must be *summed* over workers, not
+  averaged as DDP and FSDP do by default: DDP gets a summing communication hook, FSDP a divide factor of 1.
+- DDP all-reduces once per optimizer step (the window's last micro-batch); FSDP reduce-scatters after every
+  micro-batch, so unsharded gradients never accumulate.
+- A worker whose share of a micro-batch is empty (a short last batch) still runs a zero-weighted forward,
+  so every worker joins every collective.
+
+Checkpoints: DDP (LoRA or full) -- rank 0 writes the loop's own checkpoint (the adapter for LoRA); FSDP --
+the trainable weights and the optimizer as a sharded ``torch.distributed.checkpoint`` (each worker writes
+its shard; for LoRA rank 0 also writes the whole adapter, so export works as for one process), and
+``consolidate`` turns a sharded one into ordinary safetensors. Every worker also saves its own RNG state,
+so a resume with the same number of workers is exact; a checkpoint written by another number of workers
+is refused with one line (the global batch, hence the step count, would differ).
+
+The worker-side functions only need ``torch.distributed`` to be initialised; Ray is imported only by the
+functions that launch workers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tune_llama.data import make_batches
+from tune_llama.errors import CheckpointError, SpecError
+from tune_llama.loop import (METRICS, PROGRESS, STATE, Interval, Run, Window, build_optimizer,
+                             build_scheduler, load_state, one_line, report_now, reset_peak_memory, save_state,
+                             setup, train_step)
+from tune_llama.loss import answer_only_loss, decoder_and_head
+from tune_llama.spec import Spec, TrainingSpec
+
+WORKERS_FILE = "workers.json"
+SHARDED_DIR = "sharded"
+"""The ``torch.distributed.checkpoint`` folder of an FSDP checkpoint (one file per worker + metadata)."""
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+# ---------------------------------------------------------------- who we are
+
+@dataclass
+class Team:
+    """This worker's place among the trial's workers, and the collectives the loop needs."""
+    rank: int
+    world: int
+    device: torch.device
+    """Where collective tensors live: the GPU for NCCL, the CPU for gloo."""
+    parallel: str
+
+    @classmethod
+    def current(cls, parallel: str) -> "Team":
+        backend = dist.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        return cls(dist.get_rank(), dist.get_world_size(), device, parallel)
+
+    def reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=op)
+        return tensor.tolist()
+
+    def sum_count(self, n: int) -> int:
+        return int(self.reduce([n])[0])
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every worker."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+# ---------------------------------------------------------------- data: one global batch, a row stride each
+
+def global_spec(spec: Spec, world: int) -> Spec:
+    """The spec one process would need to see what ``world`` workers see together: ``world`` times the rows
+    (and token budget) per micro-batch. Evaluation batches stay per worker: each worker validates alone."""
+    data = spec.data
+    scaled = replace(data, batch_size=data.batch_size * world,
+                     eval_batch_size=data.eval_batch_size or data.batch_size,
+                     max_tokens_per_batch=data.max_tokens_per_batch * world if data.max_tokens_per_batch else None)
+    return replace(spec, data=scaled)
+
+
+def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Rows ``rank, rank + world, ...`` of a global micro-batch (long and short rows spread evenly), cut to the
+    longest of them: batches are right-padded, so the columns dropped hold padding only."""
+    rows = {k: v[rank::world] for k, v in batch.items()}
+    width = int(rows["attention_mask"].sum(dim=1).max()) if rows["attention_mask"].shape[0] else 1
+    return {k: v[:, :width].contiguous() for k, v in rows.items()}
+
+
+def worker_windows(run: Run, team: Team, data_spec, epoch: int) -> list[Window]:
+    """This worker's share of every optimizer step of ``epoch``: the same steps on every worker."""
+    batches = make_batches(run.train_set, data_spec, run.tokenizer.pad_token_id, seed=run.spec.training.seed,
+                           epoch=epoch)
+    shards = [shard(b, team.rank, team.world) for b in batches]
+    accum = run.spec.training.gradient_accumulation_steps
+    return [shards[i:i + accum] for i in range(0, len(shards), accum)]
+
+
+# ---------------------------------------------------------------- the model: loss as one forward, summed grads
+
+class StepLoss(torch.nn.Module):
+    """The loop's micro-batch loss as one module's forward, so DDP and FSDP see every micro-batch pass through
+    the module they wrap (the answer-only loss calls the decoder and the LM head separately)."""
+
+    def __init__(self, inner: torch.nn.Module, training: TrainingSpec, pad_id: int):
+        super().__init__()
+        self.inner = inner  # not ``model``: tune_llama.loss must not mistake this wrapper for a HF model
+        self.answer_only, self.chunk, self.pad_id = training.answer_only_logits, training.loss_chunk_tokens, pad_id
+        self.pending = 0
+        """Micro-batches left in the current optimizer step (DDP syncs on the last)."""
+
+    def forward(self, input_ids, attention_mask, labels, num_items_in_batch):
+        from transformers.modeling_outputs import CausalLMOutput
+        if input_ids.shape[0] == 0:
+            return CausalLMOutput(loss=self.zero_loss(input_ids.device))
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.answer_only:
+            return CausalLMOutput(loss=answer_only_loss(self.inner, batch, num_items_in_batch, chunk=self.chunk))
+        return CausalLMOutput(loss=self.inner(**batch, num_items_in_batch=num_items_in_batch).loss)
+
+    def zero_loss(self, device: torch.device) -> torch.Tensor:
+        """A loss of exactly 0 that still runs every weight, for a worker with no rows in this micro-batch:
+        its collectives (DDP's all-reduce, FSDP's all-gathers) must match the other workers'."""
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=device)
+        mask = torch.ones_like(ids)
+        parts = decoder_and_head(self.inner) if self.answer_only else None
+        if parts is None:
+            logits = self.inner(input_ids=ids, attention_mask=mask).logits
+        else:
+            logits = parts[1](parts[0](input_ids=ids, attention_mask=mask).last_hidden_state)
+        return logits.float().sum() * 0.0
+
+
+def _sum_allreduce_hook(process_group, bucket):
+    """DDP's all-reduce without the division by the world size (the loss is already globally normalised)."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def make_ddp_class():
+    from torch.nn.parallel import DistributedDataParallel
+
+    class StepDDP(DistributedDataParallel):
+        """DDP that all-reduces only on the last micro-batch of an optimizer step (``pending`` counts them)."""
+
+        def forward(self, *args, **kwargs):
+            if torch.is_grad_enabled() and self.training:
+                self.require_backward_grad_sync = self.module.pending <= 1
+                self.module.pending -= 1
+            return super().forward(*args, **kwargs)
+
+    return StepDDP
+
+
+def decoder_layers(inner: torch.nn.Module) -> list[torch.nn.Module]:
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if layers is None:
+        raise SpecError("training.parallel", f"fsdp shards decoder layers, and {type(base).__name__} has none "
+                                             "(model.layers); use ddp")
+    return list(layers)
+
+
+def wrap(run: Run, team: Team) -> None:
+    """Wrap ``run.model`` for data parallelism; FSDP shards parameters, so the optimizer is rebuilt over them."""
+    loss = StepLoss(run.model, run.spec.training, run.tokenizer.pad_token_id)
+    if team.parallel == "ddp":
+        ids = [run.device.index if run.device.index is not None else torch.cuda.current_device()] \
+            if run.device.type == "cuda" else None
+        ddp = make_ddp_class()
+        # Buffers (rotary tables) are the same on every worker: no broadcast before each forward.
+        quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters \
+            else "broadcast_buffers"
+        run.model = ddp(loss, device_ids=ids, gradient_as_bucket_view=True, **{quiet: False})
+        run.model.register_comm_hook(None, _sum_allreduce_hook)
+        return
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.spec.training.precision)
+    policy = MixedPrecisionPolicy(param_dtype=precision, reduce_dtype=torch.float32) if precision else \
+        MixedPrecisionPolicy()
+    for layer in decoder_layers(run.model):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(loss, mp_policy=policy)
+    for module in loss.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # sum, not mean: see the module docstring
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+    run.model = loss
+    run.optimizer = build_optimizer(run.model, run.spec, run.device)
+    run.scheduler = build_scheduler(run.optimizer, run.spec, run.total_steps)
+
+
+def inner_model(run: Run) -> torch.nn.Module:
+    model = run.model.module if hasattr(run.model, "module") else run.model
+    return model.inner if isinstance(model, StepLoss) else model
+
+
+def step_loss(run: Run) -> StepLoss:
+    return run.model.module if hasattr(run.model, "module") else run.model
+
+
+# ---------------------------------------------------------------- setup and the training loop
+
+def setup_workers(spec: Spec) -> tuple[Run, Team]:
+    """This worker's run: the loop's ``setup`` at the global batch size, then wrapped for ``training.parallel``.
+
+    Every worker builds the same initial weights from ``training.seed``; dropout then draws from a
+    per-worker stream, so workers do not drop the same units of different rows.
+    """
+    team = Team.current(spec.training.parallel)
+    run = setup(global_spec(spec, team.world))
+    run.spec = spec  # the trial's own spec: per-worker batch size, written into every checkpoint
+    run.sum_across_workers = team.sum_count
+    wrap(run, team)
+    if team.rank:
+        torch.manual_seed(spec.training.seed + 7919 * team.rank)
+    return run, team
+
+
+def fit_workers(run: Run, team: Team, save_checkpoint=None, report=None) -> Run:
+    """``loop.fit`` for one worker of N: the same report points, with the interval's loss, tokens and time
+    combined over the workers first, so every worker reports (and decides) the same thing."""
+    t = run.spec.training
+    data_spec = global_spec(run.spec, team.world).data
+    due = set(run.report_at)
+    interval, start = Interval.start(run.device), (run.tokens_seen, run.examples_seen)
+    reset_peak_memory(run.device)
+    while run.step < run.total_steps and run.status == "running":
+        epoch = run.step // run.steps_per_epoch
+        for window in worker_windows(run, team, data_spec, epoch)[run.step - epoch * run.steps_per_epoch:]:
+            tick = time.perf_counter()
+            step_loss(run).pending = len(window)
+            train_step(run, window, interval)
+            diverged = run.step % t.log_every == 0 and not math.isfinite(
+                team.reduce([float(interval.loss_sum)])[0])
+            if run.device.type == "cuda" and (diverged or run.step in due):
+                torch.cuda.synchronize()
+            interval.seconds += time.perf_counter() - tick
+            if diverged or run.step in due:
+                combine(run, team, interval, start)
+                report_now(run, interval, diverged, save_checkpoint, report)
+                run.status = team.broadcast(run.status)  # one decision for all (early stop, divergence)
+                interval, start = Interval.start(run.device), (run.tokens_seen, run.examples_seen)
+                reset_peak_memory(run.device)
+            if run.status != "running":
+                break
+    if run.status == "running":
+        run.status = "completed"
+    return run
+
+
+def combine(run: Run, team: Team, interval: Interval, start: tuple[int, int]) -> None:
+    """The interval over all workers: loss and tokens summed, time the slowest worker's; the run's token and
+    example counts become the trial's (they are saved, and a resume continues from them)."""
+    loss, real, tokens, examples = team.reduce([float(interval.loss_sum), interval.real_tokens,
+                                                run.tokens_seen - start[0], run.examples_seen - start[1]])
+    interval.loss_sum = torch.tensor(loss, device=run.device)
+    interval.real_tokens = int(real)
+    interval.seconds = team.reduce([interval.seconds], op=dist.ReduceOp.MAX)[0]
+    run.tokens_seen, run.examples_seen = start[0] + int(tokens), start[1] + int(examples)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_worker_state(run: Run, team: Team, directory: Path) -> Path:
+    """This worker's part of a checkpoint into ``directory`` (under Ray Train, each worker's folder is merged
+    into one checkpoint). Collective under FSDP: every worker must call it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), directory / rng_file(team.rank))
+    if team.parallel == "fsdp":
+        save_sharded(run, team, directory)
+    elif team.rank == 0:
+        with model_swapped(run, inner_model(run)):
+            save_state(run, directory)
+    if team.rank == 0:
+        (directory / WORKERS_FILE).write_text(json.dumps({"workers": team.world, "parallel": team.parallel}))
+    return directory
+
+
+def load_worker_state(run: Run, team: Team, directory: Path) -> Run:
+    """Restore what ``save_worker_state`` wrote, on every worker; another worker count is one-line refused."""
+    directory = Path(directory)
+    try:
+        written = json.loads((directory / WORKERS_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {directory} cannot be read: {one_line(err)}") from None
+    if (written.get("workers"), written.get("parallel")) != (team.world, team.parallel):
+        raise CheckpointError(
+            f"checkpoint {directory} was written by {written.get('workers')} {written.get('parallel')} workers, "
+            f"this trial has {team.world} {team.parallel} workers: resume with search.resources.workers="
+            f"{written.get('workers')} and training.parallel={written.get('parallel')}")
+    if team.parallel == "fsdp":
+        load_sharded(run, directory)
+    else:
+        with model_swapped(run, inner_model(run)):
+            load_state(run, directory)
+    own = directory / rng_file(team.rank)
+    if own.is_file():
+        set_rng_state(torch.load(own, weights_only=False))
+    return run
+
+
+class model_swapped:
+    """``run.model`` temporarily the plain model, so the loop's save/load see the one-process names."""
+
+    def __init__(self, run: Run, model: torch.nn.Module):
+        self.run, self.model = run, model
+
+    def __enter__(self):
+        self.wrapped, self.run.model = self.run.model, self.model
+
+    def __exit__(self, *exc):
+        self.run.model = self.wrapped
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(rng: dict) -> None:
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def trainable_weights(run: Run, team: Team) -> dict[str, torch.Tensor]:
+    """The whole trained weights on the CPU under their one-process names (on rank 0 for FSDP, where every
+    worker must call it; the others get an empty dict)."""
+    if team.parallel == "ddp":
+        return {k: v.detach().cpu().contiguous() for k, v in inner_model(run).named_parameters() if v.requires_grad}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                    ignore_frozen_params=True))
+    return {k.removeprefix("inner."): v.contiguous() for k, v in full.items()}
+
+
+def fsdp_state(run: Run):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    model, optim = get_state_dict(run.model, run.optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model, "optim": optim}
+
+
+def save_sharded(run: Run, team: Team, directory: Path) -> None:
+    """FSDP: weights and optimizer as a sharded checkpoint; rank 0 adds progress, and for LoRA the whole adapter."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    dcp.save(fsdp_state(run), checkpoint_id=str(directory / SHARDED_DIR))
+    if run.spec.model.lora.enabled:  # small: the ordinary one-process file, as export and finalists read it
+        full = trainable_weights(run, team)
+        if team.rank == 0:
+            save_file(full, directory / "trainable.safetensors")
+    if team.rank == 0:
+        torch.save({**{key: getattr(run, key) for key in PROGRESS}, "scheduler": run.scheduler.state_dict(),
+                    "scaler": run.scaler.state_dict() if run.scaler else None, "rng": rng_state()},
+                   directory / STATE)
+        (directory / "spec.json").write_text(json.dumps(run.spec.to_dict(), indent=1))
+        (directory / METRICS).write_text(json.dumps(run.history[-1] if run.history else {}))
+
+
+def load_sharded(run: Run, directory: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    try:
+        state = fsdp_state(run)
+        dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))
+        progress = torch.load(directory / STATE, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {directory} cannot be read: {one_line(err)}") from None
+    set_state_dict(run.model, run.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True))
+    for key in PROGRESS:
+        setattr(run, key, progress[key])
+    run.scheduler.load_state_dict(progress["scheduler"])
+    if run.scaler and progress["scaler"]:
+        run.scaler.load_state_dict(progress["scaler"])
+    set_rng_state(progress["rng"])
+
+
+def consolidate(checkpoint: Path, out: Optional[Path] = None) -> Path:
+    """A sharded (FSDP) checkpoint's trained weights as one ordinary ``trainable.safetensors`` (no process
+    group needed), so export and evaluation read it like a one-process checkpoint. Returns the file."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    checkpoint = Path(checkpoint)
+    out = Path(out or checkpoint / "trainable.safetensors")
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(checkpoint / SHARDED_DIR), str(Path(tmp) / "full.pt"))
+        model = torch.load(Path(tmp) / "full.pt", weights_only=False)["model"]
+    save_file({k.removeprefix("inner."): v.contiguous() for k, v in model.items()}, out)
+    return out
+
+
+# ---------------------------------------------------------------- Ray: the Tune driver and the Train workers
+
+def worker_resources(spec: Spec) -> dict[str, float]:
+    """One worker's resources (what ``search.resources`` gives each of the ``workers``)."""
+    from tune_llama.search import trial_resources
+    return trial_resources(spec)
+
+
+def concurrent_trials(spec: Spec, cluster: dict[str, float]) -> int:
+    """``search.max_concurrent``, capped by how many trials' workers the cluster holds at once (its GPUs over
+    the GPUs a trial takes; CPUs for CPU trials). Tune cannot see Train's workers, so this is the only cap."""
+    workers, each = spec.search.resources.workers, worker_resources(spec)
+    if workers == 1:
+        return spec.search.max_concurrent
+    kind = "gpu" if each["gpu"] else "cpu"
+    fits = int(cluster.get(kind.upper(), 0) // (each[kind] * workers))
+    if fits < 1:
+        from tune_llama.errors import UserError
+        raise UserError(f"search.resources: a trial's {workers} workers take {kind}={each[kind] * workers:g} in "
+                        f"all, but the cluster has {kind}={cluster.get(kind.upper(), 0):g}: lower "
+                        f"search.resources.workers or search.resources.{kind}")
+    return min(spec.search.max_concurrent, fits)
+
+
+def train_trial_on_workers(spec: Spec) -> None:
+    """The Tune trial of a multi-worker spec: run its workers with Ray Train and let Tune see their reports.
+
+    Retries are Tune's (``search.max_failures``): Train's own are off, so one budget counts every failure. A
+    retried trial starts a Train run of the same name in the same folder, which hands back its latest
+    checkpoint.
+    """
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    each, s = worker_resources(spec), spec.search
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    resources = {"CPU": each["cpu"], **({"GPU": each["gpu"]} if each["gpu"] else {})}
+    trainer = TorchTrainer(
+        train_worker, train_loop_config={"spec": spec.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if each["gpu"] else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=s.resources.workers, use_gpu=bool(each["gpu"]),
+                                               resources_per_worker=resources, placement_strategy="PACK"),
+        run_config=ray.train.RunConfig(
+            name=trial_dir.name, storage_path=str(trial_dir.parent), callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=0),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=s.keep_checkpoints,
+                                                         checkpoint_score_attribute=s.metric,
+                                                         checkpoint_score_order=s.mode)))
+    trainer.fit()
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker of a trial: build, restore Train's latest checkpoint, train, report every point."""
+    import ray.train
+    from tune_llama.spec import spec_from_dict
+    if torch.cuda.is_available():
+        import ray.train.torch
+        torch.cuda.set_device(ray.train.torch.get_device())
+    run, team = setup_workers(spec_from_dict(config["spec"]))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            load_worker_state(run, team, Path(directory))
+
+    def save(run_: Run) -> Path:
+        return save_worker_state(run_, team, Path(tempfile.mkdtemp(prefix="tune-llama-ckpt-")))
+
+    def report(metrics: dict, directory: Optional[Path]) -> None:
+        # Tune sees rank 0's row: memory is the largest worker's (tokens and time were combined before).
+        metrics["peak_memory_gb"] = team.reduce([metrics["peak_memory_gb"]], op=dist.ReduceOp.MAX)[0]
+        if directory is not None and team.rank == 0 and (directory / METRICS).exists():
+            (directory / METRICS).write_text(json.dumps(metrics))
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory))
+                             if directory is not None else None)
+        finally:
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+
+    try:
+        fit_workers(run, team, save_checkpoint=save, report=report)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise
