@@ -136,7 +136,8 @@ run_search() {
 }
 
 # Stop what the job started, and only that: never `ray stop`, which stops every Ray of this user on
-# the node. SIGTERM lets a Ray node drain and end its own processes.
+# the node. On SIGTERM a Ray node (`ray start --block`) ends its own processes; RAY_STOP_TIMEOUT
+# seconds later it is killed, and its processes die with it (Ray ties their lives to it).
 stop_pid() {
     local pid=$1 i
     [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0

@@ -64,4 +64,7 @@ case ${1:-} in
         ;;
     *) die "usage: ray_node.sh head|worker (got '${1:-}')" ;;
 esac
+# The job stops its nodes once the search is over: nothing is left to drain, and Ray's drain on
+# SIGTERM (up to 30 s by default) would only hold up the end of the job.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
 exec ray start "${options[@]}" "${extra[@]}"

@@ -466,20 +466,75 @@ def train_trial_on_workers(spec: Spec) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     each, s = worker_resources(spec), spec.search
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    # The trial's folder in the search's storage (get_trial_dir is a per-session staging copy): a retry, or
+    # a resumed search, finds Train's checkpoints there.
+    storage = tune.get_context().get_storage()
+    trial_path = Path(storage.trial_fs_path)
     resources = {"CPU": each["cpu"], **({"GPU": each["gpu"]} if each["gpu"] else {})}
     trainer = TorchTrainer(
-        train_worker, train_loop_config={"spec": spec.to_dict()},
+        train_worker, train_loop_config={"spec": spec.to_dict(), "trial_id": tune.get_context().get_trial_id()},
         torch_config=TorchConfig(backend="nccl" if each["gpu"] else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=s.resources.workers, use_gpu=bool(each["gpu"]),
                                                resources_per_worker=resources, placement_strategy="PACK"),
         run_config=ray.train.RunConfig(
-            name=trial_dir.name, storage_path=str(trial_dir.parent), callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            name=trial_path.name, storage_path=str(trial_path.parent), storage_filesystem=storage.storage_filesystem,
+            callbacks=[TuneReportCallback()], failure_config=ray.train.FailureConfig(max_failures=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=s.keep_checkpoints,
                                                          checkpoint_score_attribute=s.metric,
                                                          checkpoint_score_order=s.mode)))
     trainer.fit()
+
+
+# When Tune ends a trial itself (an ASHA stop, also the one at max_t), it kills the trial's process, and with
+# it Ray Train's controller and workers, before Train can remove its placement group; Train's own cleaner
+# needs Ray's dashboard, which a search does not start. The group would hold the workers' CPUs and GPUs
+# until the search ends, and the next trial would wait for them forever. So rank 0 records the group under
+# the trial's id in Ray's cluster-wide key-value store, and the search removes it when the trial ends.
+KV_NAMESPACE = "tune_llama"
+
+
+def register_placement_group(trial_id: str) -> None:
+    from ray.experimental import internal_kv
+    from ray.util import get_current_placement_group
+    group = get_current_placement_group()
+    if group is not None:
+        internal_kv._internal_kv_put(f"workers:{trial_id}", group.id.hex(), overwrite=True, namespace=KV_NAMESPACE)
+
+
+def release_placement_group(trial_id: str) -> None:
+    """Remove the placement group a trial's workers ran in, if it is still there."""
+    from ray._raylet import PlacementGroupID
+    from ray.experimental import internal_kv
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    key = f"workers:{trial_id}"
+    recorded = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+    if not recorded:
+        return
+    group = PlacementGroup(PlacementGroupID(bytes.fromhex(recorded.decode())))
+    if placement_group_table(group).get("state") not in (None, "REMOVED"):
+        remove_placement_group(group)
+    internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
+
+
+try:
+    from ray.tune import Callback as _TuneCallback
+except ImportError:  # the loop and this module's worker side run without Ray
+    _TuneCallback = object
+
+
+class ReleaseWorkers(_TuneCallback):
+    """The search-side half of the above: a trial that ended frees its workers' placement group."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        release_placement_group(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        release_placement_group(trial.trial_id)
+
+
+def worker_callbacks(spec: Spec) -> list:
+    """The Tune callbacks a multi-worker search needs (none for one-process trials)."""
+    return [ReleaseWorkers()] if spec.search.resources.workers > 1 else []
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -490,6 +545,8 @@ def train_worker(config: dict[str, Any]) -> None:
         import ray.train.torch
         torch.cuda.set_device(ray.train.torch.get_device())
     run, team = setup_workers(spec_from_dict(config["spec"]))
+    if team.rank == 0:
+        register_placement_group(config["trial_id"])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:

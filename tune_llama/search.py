@@ -25,7 +25,6 @@ from typing import Any, Optional
 
 from tune_llama.cli import add_search_folder_arguments, add_set_argument, run_cli
 from tune_llama.errors import UserError
-from tune_llama.preflight import check_cluster, preflight
 from tune_llama.results import (ERRORED, INTERRUPTED, NORMAL_ENDS, OPTUNA_DB, PENDING, RUNNING, SPEC_FILE,
                                 SUMMARY_FILE, Search, load_search, load_search_spec, write_driver_file)
 from tune_llama.spec import Spec, load_spec
@@ -102,6 +101,7 @@ def tune_config(spec: Spec, experiment: Path):
 
 def run_config(spec: Spec, experiment: Path, verbose: bool):
     from ray import tune
+    from tune_llama.distributed import worker_callbacks
     from tune_llama.progress import progress_callbacks
     from tune_llama.tracking import callbacks
 
@@ -113,7 +113,7 @@ def run_config(spec: Spec, experiment: Path, verbose: bool):
                                                 checkpoint_score_order=s.mode),
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         callbacks=callbacks(spec, experiment.name, spec_name=spec_name(experiment)) + progress_callbacks(
-            spec, verbose),
+            spec, verbose) + worker_callbacks(spec),
         verbose=None if verbose else 0,
     )
 
@@ -199,6 +199,7 @@ def start(spec: Spec, experiment: Path, spec_file: str, verbose: bool):
     if (experiment / SPEC_FILE).exists():
         raise UserError(f"{experiment} already holds a search: resume it with --resume {experiment}, "
                         "or pick another --name")
+    from tune_llama.preflight import preflight  # imports torch: not needed for --print-experiment
     preflight(spec)
     experiment.mkdir(parents=True, exist_ok=True)
     (experiment / SPEC_FILE).write_text(json.dumps({**spec.to_dict(), "_spec_name": Path(spec_file).stem},
@@ -210,6 +211,7 @@ def start(spec: Spec, experiment: Path, spec_file: str, verbose: bool):
 
 def resume(experiment: Path, verbose: bool):
     from ray import tune
+    from tune_llama.preflight import preflight
     spec = check_resumable(experiment)
     preflight(spec)
     return spec, launch(spec, experiment, verbose, lambda: tune.Tuner.restore(
@@ -218,6 +220,7 @@ def resume(experiment: Path, verbose: bool):
 
 
 def launch(spec: Spec, experiment: Path, verbose: bool, make_tuner):
+    from tune_llama.preflight import check_cluster
     write_driver_file(experiment)
     init_ray(spec, verbose)
     check_cluster(trial_resources(spec))
