@@ -8,6 +8,7 @@ stdout: a table, or with ``--json`` one JSON object alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -102,32 +103,26 @@ def train_steps(run, n: int):
     return time.perf_counter() - start, interval
 
 
-def reset_peak(device) -> None:
-    """CUDA: reset max_memory_allocated; CPU: reset the process's peak RSS (VmHWM) where Linux allows it."""
+def free_memory(device=None) -> None:
+    """Collect garbage; with ``device``, reset its peak too: CUDA max_memory_allocated, or on CPU the
+    process's peak RSS (VmHWM), where Linux lets /proc/self/clear_refs reset it."""
+    import gc
     import torch
-    if device.type == "cuda":
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if device is not None and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    elif device is not None:
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_gb(device) -> float:
     import torch
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    status = Path("/proc/self/status").read_text().split("VmHWM:")
-    return int(status[1].split()[0]) / 2**20 if len(status) > 1 else float("nan")
-
-
-def free_memory() -> None:
-    import gc
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 2**20
 
 
 def is_oom(err: BaseException) -> bool:

@@ -43,21 +43,19 @@ def largest(args, mode: str, checkpointing: bool) -> dict:
     def fits(batch: int) -> bool:
         run = setup(common.make_spec(args, *overrides, f"data.batch_size={batch}"), model=model,
                     tokenizer=tokenizer, data=data(batch))
-        common.reset_peak(run.device)
+        common.free_memory(run.device)
         try:
             seconds, _ = common.train_steps(run, 1)
             found.update(fits=batch, peak_gb=common.peak_gb(run.device), step_s=seconds)
-            ok = True
         except Exception as err:  # torch.OutOfMemoryError, or a CUDA error that says out of memory
             if not common.is_oom(err):
                 raise
-            ok = False
         model.zero_grad(set_to_none=True)
         del run
         common.free_memory()  # outside the except block: the traceback no longer pins the activations
-        common.say(f"  {mode}, gradient checkpointing {found['grad_ckpt']}: batch {batch} "
-                   + ("fits" if ok else "OOM"))
-        return ok
+        common.say(f"  {mode}, grad ckpt {found['grad_ckpt']}: batch {batch} "
+                   + ("fits" if found["fits"] == batch else "OOM"))
+        return found["fits"] == batch
 
     low, high = 0, None
     while high is None and low < args.max_batch and time.perf_counter() - started < args.budget_s:
@@ -80,9 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-smoke", action="store_true", help="run on CPU (no OOM there: stops at --max-batch)")
     args = p.parse_args(argv)
     if not common.cuda() and not args.cpu_smoke:
-        print("bench/memory.py finds the largest batch that fits in GPU memory; this machine has no CUDA device "
-              "(host RAM has no limit to find). Run it on a GPU (bench/gpu_check.sh), or check the code path "
-              "with --cpu-smoke --model random:tiny --max-batch 4.")
+        print("no CUDA device here, and host RAM has no limit to find: run bench/memory.py on a GPU "
+              "(bench/gpu_check.sh), or check its code path with --cpu-smoke --model random:tiny --max-batch 4")
         return 0
     common.start(args)
     rows = [largest(args, mode, ckpt == "on")

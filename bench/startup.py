@@ -60,10 +60,11 @@ def search_first_step(spec: dict, folder: Path) -> dict:
 def trial_start(args) -> None:
     """In a fresh process (``--trial``): print the figures as JSON."""
     tick = time.perf_counter()
-    import torch  # noqa: F401
+    import torch
     import transformers  # noqa: F401
     from tune_llama.loop import setup
     imports = time.perf_counter() - tick
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     run = setup(common.make_spec(args))
     first_step, _ = common.train_steps(run, 1)
     print(json.dumps({"trial_start_s": sum(run.timings.values()) + first_step,
@@ -78,6 +79,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.trial:
         return trial_start(args)
+    common.start(args)
     spec = common.make_spec(args, "training.eval_every=0.0001").to_dict()  # the first report: after step 1
     folder = Path(tempfile.mkdtemp(prefix="bench-startup-")).resolve()
     common.say(f"{args.model}, {args.data}: {args.examples or 'all'} problems; the search runs in {folder}")
@@ -85,7 +87,6 @@ def main(argv=None) -> int:
     trial = subprocess.run([sys.executable, __file__, "--trial", *(sys.argv[1:] if argv is None else argv)],
                            stdout=subprocess.PIPE, check=True, text=True)
     figures.update(json.loads(trial.stdout.splitlines()[-1]))
-    common.start(args)
     rows = [{"what": k, "s": v} for k, v in figures.items()]
     common.output(args, rows, [("what", "to the first optimizer step"), ("s", "s")],
                   {k: figures[k] for k in ("trial_start_s", "search_first_step_s")})

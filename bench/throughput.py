@@ -1,26 +1,19 @@
 """Training throughput of our loop against the loops a user would pick instead, in one invocation.
 
-    .venv/bin/python bench/throughput.py                         # CPU: SmolLM2-135M + LoRA, GSM8K, 60 s each
-    .venv/bin/python bench/throughput.py --seconds 10 --rounds 1  # smoke run
-    python3 bench/throughput.py --model random:llama-2-7b --data synthetic   # GPU (bf16 there)
+    .venv/bin/python bench/throughput.py                          # CPU: SmolLM2-135M + LoRA, GSM8K, 60 s each
+    .venv/bin/python bench/throughput.py --seconds 10 --rounds 1   # smoke run
+    python3 bench/throughput.py --model random:llama-2-7b --data synthetic    # GPU (bf16 there)
 
-Contenders: the same model (same loader and seed, so the same LoRA init), examples, batch size, lr and
-precision for all; each keeps its own defaults otherwise.
-
-- ours: ``tune_llama.loop`` (``setup``, ``epoch_windows``, ``train_step``); length-grouped batches.
-- ours-budget (with ``--max-tokens N``): ours with ``data.max_tokens_per_batch=N``.
-- hf-trainer: ``transformers.Trainer`` defaults (random batches, AdamW, clipping at 1.0, linear decay) with
-  ``DataCollatorForSeq2Seq``; hf-grouped: the same with ``group_by_length``; hf-flat: the same with the
-  padding-free ``DataCollatorWithFlattening`` (one row per batch), run only where a flattened batch gives the
-  padded batch's logits with the attention in use (checked first).
-- recipes: a llama-recipes-style loop: shuffled DataLoader, padding to the longest row, ``torch.optim.AdamW``
-  defaults, the loss read back every step for the progress line.
-
-Each contender trains ``--warmup-steps`` untimed steps, then for at least ``--seconds``. Rounds are
-interleaved and rotated (ours, A, B, then A, B, ours, ...). Per contender: real tokens/s (not padding)
-min/median/max over rounds, computed tokens/s (padding included), the real share, computed tokens per step,
-and a least-squares fit of step time = fixed + tokens / marginal rate over all timed steps (CPU only: on
-CUDA steps are not synchronised one by one). The ratio that counts: ours / the strongest other contender.
+Same model (loader and seed, so the same LoRA init), examples, batch size, lr and precision for all:
+ours (``setup``, ``epoch_windows``, ``train_step``: length-grouped batches, answer-only logits); ours-budget
+(``--max-tokens N``: ours with ``data.max_tokens_per_batch=N``); hf-trainer (``transformers.Trainer``
+defaults, ``DataCollatorForSeq2Seq``); hf-grouped (the same, grouped by length); hf-flat (the same with the
+padding-free ``DataCollatorWithFlattening``, run only if a flattened batch gives the padded batch's logits
+with the attention in use); recipes (llama-recipes style: shuffled DataLoader, padding to the longest row,
+``torch.optim.AdamW`` defaults, the loss read back every step). Each trains ``--warmup-steps`` untimed
+steps, then for at least ``--seconds``; rounds are interleaved and rotated. Printed: real (not padding)
+tokens/s min/median/max over rounds, computed tokens/s, real share, computed tokens per step, and (CPU) a
+least-squares fit of step time = fixed + tokens / marginal rate. What counts: ours / the strongest other.
 """
 
 from __future__ import annotations
@@ -232,8 +225,7 @@ def main(argv=None) -> int:
         order = list(results)[r % len(results):] + list(results)[:r % len(results)]
         for name in order:
             clock = Clock(device, args.warmup_steps, seconds)
-            common.free_memory()
-            common.reset_peak(device)
+            common.free_memory(device)
             try:
                 with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its own summary; stdout is ours
                     contenders[name](bench, clock)

@@ -38,45 +38,48 @@ class StopHere(Exception):
     pass
 
 
-def worker(rank: int, store: str, out: str, spec_dict: dict) -> None:
-    """One of two workers: the whole run; then the run again, stopped at its first report (checkpointed),
-    restored into a fresh run and finished. Rank 0 writes the weights and metrics of both."""
+def worker(rank: int, store: str, out: str, spec_dicts: dict[str, dict]) -> None:
+    """One of two workers, for each spec (each ``training.parallel``): the whole run; then the run again,
+    stopped at its first report (checkpointed), restored into a fresh run and finished. Rank 0 writes the
+    weights and metrics of both."""
     import torch.distributed as dist
     from tune_llama.distributed import (fit_workers, load_worker_state, save_worker_state, setup_workers,
                                         trainable_weights)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    spec = spec_from_dict(spec_dict)
-    results = {}
-    run, team = setup_workers(spec)
-    fit_workers(run, team)
-    results["whole"] = (trainable_weights(run, team), run.history)
-
-    checkpoint = Path(out) / "checkpoint"
 
     def stop_at_first_report(metrics, directory):
         raise StopHere
 
-    run, team = setup_workers(spec)
-    try:
-        fit_workers(run, team, save_checkpoint=lambda r: save_worker_state(r, team, checkpoint),
-                    report=stop_at_first_report)
-    except StopHere:
-        pass
-    stopped_at = run.step
-    run, team = setup_workers(spec)
-    load_worker_state(run, team, checkpoint)
-    fit_workers(run, team)
-    results["resumed"] = (trainable_weights(run, team), run.history, stopped_at)
+    results = {}
+    for parallel, spec_dict in spec_dicts.items():
+        spec = spec_from_dict(spec_dict)
+        run, team = setup_workers(spec)
+        fit_workers(run, team)
+        whole = (trainable_weights(run, team), run.history)
+
+        checkpoint = Path(out) / parallel
+        run, team = setup_workers(spec)
+        try:
+            fit_workers(run, team, save_checkpoint=lambda r: save_worker_state(r, team, checkpoint),
+                        report=stop_at_first_report)
+        except StopHere:
+            pass
+        stopped_at = run.step
+        run, team = setup_workers(spec)
+        load_worker_state(run, team, checkpoint)
+        fit_workers(run, team)
+        results[parallel] = {"whole": whole, "resumed": (trainable_weights(run, team), run.history, stopped_at)}
     if rank == 0:
         torch.save(results, Path(out) / "results.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def two_workers(spec: Spec, tmp: Path) -> dict:
+def two_workers(specs: dict[str, Spec], tmp: Path) -> dict:
     import torch.multiprocessing as mp
-    mp.spawn(worker, args=(str(tmp / "store"), str(tmp), spec.to_dict()), nprocs=WORLD, join=True)
+    spec_dicts = {name: spec.to_dict() for name, spec in specs.items()}
+    mp.spawn(worker, args=(str(tmp / "store"), str(tmp), spec_dicts), nprocs=WORLD, join=True)
     return torch.load(tmp / "results.pt", weights_only=False)
 
 
@@ -93,33 +96,29 @@ def max_difference(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.fixture(scope="module")
-def single_batch8():
-    return one_process(tiny_spec(), batch_size=8)
-
-
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_workers_of_batch_4_make_the_update_of_one_process_of_batch_8_and_resume_exactly(
-        parallel, single_batch8, tmp_path):
+def test_two_workers_of_batch_4_make_the_update_of_one_process_of_batch_8_and_resume_exactly_ddp_and_fsdp(
+        tmp_path):
+    """The last global micro-batch has one row, so one worker's share of it is empty (a zero-weighted pass)."""
     torch.set_num_threads(1)
-    spec = tiny_spec(parallel)
-    out = two_workers(spec, tmp_path)
-    weights, history = out["whole"]
-    reference, reference_history = single_batch8
-    assert max_difference(weights, reference) < TOLERANCE
+    modes = ("ddp", "fsdp")
+    runs = two_workers({mode: tiny_spec(mode) for mode in modes}, tmp_path)
+    reference, reference_history = one_process(tiny_spec(), batch_size=8)
     # Sensitive: one process of batch 4 (half the data per step) lands somewhere else entirely.
-    assert max_difference(one_process(spec, batch_size=4)[0], reference) > 100 * TOLERANCE
-    assert [r["step"] for r in history] == [r["step"] for r in reference_history] == [2, 3]
-    row, reference_row = history[-1], reference_history[-1]
-    for key in ("examples_seen", "tokens_seen"):
-        assert row[key] == reference_row[key], key
-    for key in ("train_loss", "eval_loss"):
-        assert row[key] == pytest.approx(reference_row[key], rel=1e-5), key
+    assert max_difference(one_process(tiny_spec(), batch_size=4)[0], reference) > 100 * TOLERANCE
+    for mode in modes:
+        weights, history = runs[mode]["whole"]
+        assert max_difference(weights, reference) < TOLERANCE, mode
+        assert [r["step"] for r in history] == [r["step"] for r in reference_history] == [2, 3]
+        row, reference_row = history[-1], reference_history[-1]
+        for key in ("examples_seen", "tokens_seen"):
+            assert row[key] == reference_row[key], (mode, key)
+        for key in ("train_loss", "eval_loss"):
+            assert row[key] == pytest.approx(reference_row[key], rel=1e-5), (mode, key)
 
-    resumed, resumed_history, stopped_at = out["resumed"]
-    assert stopped_at == 2
-    assert max_difference(resumed, weights) < 1e-6
-    assert resumed_history[-1]["tokens_seen"] == row["tokens_seen"]
+        resumed, resumed_history, stopped_at = runs[mode]["resumed"]
+        assert stopped_at == 2
+        assert max_difference(resumed, weights) < 1e-6, mode
+        assert resumed_history[-1]["tokens_seen"] == row["tokens_seen"]
 
 
 def test_a_checkpoint_of_two_workers_is_refused_in_one_line_by_another_number_of_workers(tmp_path):
@@ -141,3 +140,97 @@ def test_concurrent_trials_fit_the_cluster_unless_the_spec_asks_for_fewer():
     assert concurrent_trials(spec, {"GPU": 8, "CPU": 64}) == 1
     with pytest.raises(UserError, match="workers"):
         concurrent_trials(spec, {"GPU": 1, "CPU": 64})
+
+
+# ---------------------------------------------------------------- a real search: Tune trials of 2 Ray Train workers
+
+# Two trials of 2 workers x 1 CPU: on this 2-CPU machine one at a time (max_concurrent=2 is capped by the cluster).
+# Four reports per epoch, no ASHA stop before max_t, and enough rows that a trial trains for some seconds
+# after its first report: time to kill one of its workers.
+WORKER_SEARCH = ["--set", "search.resources.workers=2", "--set", "search.resources.cpu=1",
+                 "--set", "search.num_samples=2", "--set", "search.max_concurrent=2", "--set", "search.max_failures=1",
+                 "--set", "training.epochs=2", "--set", "training.eval_every=0.25", "--set", "search.asha.grace_period=2",
+                 "--set", "data.synthetic_size=400"]
+REPORTS = 8
+
+
+@pytest.fixture(scope="module")
+def worker_search(tmp_path_factory):
+    """The search above, with one Ray Train worker of the first trial SIGKILLed after that trial's first report.
+    Returns (experiment folder, killed trial folder name, the trial driver's pid when it was killed)."""
+    from test_faults import cmdline, popen_search, proc_stat, trial_folders, wait_until
+    from test_search import kill_session
+    from tune_llama.results import read_result_rows
+
+    storage = tmp_path_factory.mktemp("workers")
+    experiment = storage / "workers"
+    leader = popen_search([str(TINY), "--name", "workers", "--storage", str(storage), *WORKER_SEARCH], cwd=storage)
+    try:
+        def a_reported_trial():
+            for folder in trial_folders(experiment):
+                rows = read_result_rows(folder / "result.json")
+                if rows and rows[-1]["epoch"] <= 1.0:
+                    return folder.name, rows[-1]["pid"]
+        trial, driver_pid = wait_until(a_reported_trial, leader, "a trial's first report")
+
+        def train_workers():  # only this search's: its session, a Ray Train worker's process title
+            pids = []
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                pid = int(stat.parent.name)
+                try:
+                    if proc_stat(pid)[1] == leader.pid and cmdline(pid).startswith("ray::RayTrainWorker"):
+                        pids.append(pid)
+                except (OSError, IndexError):
+                    continue
+            return pids
+        victim = wait_until(train_workers, leader, "the trial's Ray Train workers")[-1]
+        os.kill(victim, signal.SIGKILL)
+        code = leader.wait(timeout=400)
+    finally:
+        if leader.poll() is None:
+            kill_session(leader)
+    log = (storage / "search.log").read_text()
+    assert code == 0, log[-3000:]
+    return experiment, trial, driver_pid
+
+
+def test_a_search_of_two_worker_trials_finishes_with_one_report_per_point_and_checkpoints_in_each_trial(
+        worker_search):
+    from test_faults import summary_counts
+    experiment, _, _ = worker_search
+    assert "2 ended normally, 0 errored" in summary_counts(experiment)
+    rows = result_rows(experiment)
+    assert len(rows) == 2
+    for trial, trial_rows in rows.items():
+        assert [r["report"] for r in trial_rows] == list(range(1, REPORTS + 1)), trial
+        assert trial_rows[-1]["epoch"] == 2 and trial_rows[-1]["examples_seen"] == 2 * 384
+        assert all(r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0 for r in trial_rows)
+        checkpoints = sorted((experiment / trial).glob("checkpoint_2*"))
+        assert json.loads((checkpoints[-1] / "metrics.json").read_text())["report"] == REPORTS
+        for checkpoint in checkpoints:
+            assert json.loads((checkpoint / "workers.json").read_text()) == {"workers": 2, "parallel": "ddp"}
+            assert {"trainable.safetensors", "rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in checkpoint.iterdir()}
+
+
+def test_a_killed_worker_makes_tune_retry_its_trial_from_the_last_checkpoint(worker_search):
+    experiment, trial, driver_pid = worker_search
+    killed = result_rows(experiment)[trial]
+    before = [r for r in killed if r["pid"] == driver_pid]
+    after = [r for r in killed if r["pid"] != driver_pid]
+    assert before and after, f"the trial was never retried: pids {[r['pid'] for r in killed]}"
+    assert killed[:len(before)] == before
+    assert [r["report"] for r in killed] == list(range(1, REPORTS + 1))
+    assert after[0]["report"] == before[-1]["report"] + 1
+    assert after[0]["tokens_seen"] > before[-1]["tokens_seen"]
+
+
+def test_the_best_two_worker_checkpoint_exports_as_an_ordinary_model(worker_search, tmp_path):
+    import subprocess
+    import sys
+    experiment, _, _ = worker_search
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "tune_llama.export", str(experiment), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 0

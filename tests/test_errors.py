@@ -100,17 +100,33 @@ def test_a_spec_without_model_name_is_a_one_line_error_naming_model_name_and_the
 
 # ---------------------------------------------------------------- errors found once Ray runs
 
-def test_a_trial_no_node_can_hold_is_a_one_line_error_and_not_an_endless_pending_search(tmp_path):
+@pytest.fixture(scope="module")
+def oversized_search(tmp_path_factory):
+    """A search whose trials ask for more CPUs than any node has: (process, seconds it took, storage)."""
+    storage = tmp_path_factory.mktemp("oversized")
     began = time.monotonic()
-    proc = run_search([str(TINY), "--name", "huge", "--storage", str(tmp_path),
-                       "--set", "search.num_samples=2", "--set", "search.resources.cpu=64"], cwd=tmp_path, timeout=120)
-    took = time.monotonic() - began
+    proc = run_search([str(TINY), "--name", "huge", "--storage", str(storage),
+                       "--set", "search.num_samples=2", "--set", "search.resources.cpu=64"], cwd=storage, timeout=120)
+    return proc, time.monotonic() - began, storage
+
+
+def test_a_trial_no_node_can_hold_is_a_one_line_error_and_not_an_endless_pending_search(oversized_search):
+    proc, took, storage = oversized_search
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: search.resources") and "cpu=64" in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert not list((tmp_path / "huge").glob("*/params.json")), "a trial was started"
+    assert not list((storage / "huge").glob("*/params.json")), "a trial was started"
     assert took < 100, f"took {took:.0f} s"
+
+
+def test_a_search_refused_for_its_resources_leaves_no_folder_that_blocks_its_name(oversized_search):
+    """Otherwise the same --name is refused ("already holds a search: resume it") and --resume is refused too
+    ("not a tune-llama search folder"): the user must find and delete the folder by hand."""
+    proc, _, storage = oversized_search
+    assert proc.returncode == 2
+    leftover = storage / "huge" / "tune_llama_spec.json"
+    assert not leftover.exists(), f"{leftover} was left behind by a search that never started a trial"
 
 
 def test_a_search_whose_every_trial_fails_at_runtime_exits_4_with_one_line_per_trial_and_no_traceback(tmp_path):

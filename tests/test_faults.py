@@ -257,7 +257,9 @@ class OtherRay:
              f"--node-manager-port={node_manager}", "--disable-usage-stats"],
             # A file, not a pipe: the daemons it leaves running inherit its output.
             cwd=temp_dir.parent, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        assert self.starter.wait(timeout=120) == 0, log.read_text()[-3000:]
+        if self.starter.wait(timeout=120) != 0:
+            self.stop()
+            pytest.fail(f"ray start failed:\n{log.read_text()[-3000:]}")
         self.address = (temp_dir / "ray_current_cluster").read_text().strip()
 
     def processes(self) -> dict[int, str]:

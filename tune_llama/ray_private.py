@@ -88,3 +88,41 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+# ---------------------------------------------------------------- a last good copy of the experiment state
+
+GOOD_STATE = ".experiment_state.last-good.json"
+"""Ray rewrites ``experiment_state-*.json`` in place; a full disk can leave it cut short, and ``Tuner.restore``
+then silently starts the whole search over. A parsed copy is kept beside it and put back before a resume."""
+
+
+def newest_state(experiment: Path) -> Optional[Path]:
+    files = sorted(Path(experiment).glob(EXPERIMENT_STATE_GLOB), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
+
+
+def back_up_state(experiment: Path) -> None:
+    """Copy the newest experiment state aside if it parses (write and rename: never half a copy)."""
+    source = newest_state(experiment)
+    if source is None or not isinstance(_read_json(source), dict):
+        return
+    backup = Path(experiment) / GOOD_STATE
+    tmp = backup.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps({"file": source.name, "state": json.loads(source.read_text())}))
+        tmp.replace(backup)
+    except OSError:  # the disk is full: the previous good copy stays
+        tmp.unlink(missing_ok=True)
+
+
+def repair_state(experiment: Path) -> Optional[str]:
+    """Put the last good state back when the newest one does not parse; returns what was repaired, or None."""
+    source = newest_state(experiment)
+    if source is None or isinstance(_read_json(source), dict):
+        return None
+    backup = _read_json(Path(experiment) / GOOD_STATE)
+    if not isinstance(backup, dict) or not isinstance(backup.get("state"), dict):
+        return None
+    source.write_text(json.dumps(backup["state"]))
+    return source.name

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -103,6 +105,7 @@ def run_config(spec: Spec, experiment: Path, verbose: bool):
     from ray import tune
     from tune_llama.distributed import worker_callbacks
     from tune_llama.progress import progress_callbacks
+    from tune_llama.searcher import StateBackup
     from tune_llama.tracking import callbacks
 
     s = spec.search
@@ -137,7 +140,8 @@ def init_ray(spec: Spec, verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or None, include_dashboard=False, log_to_driver=verbose,
+    # "local": a Ray of our own even where another user's `ray start` registered a cluster in /tmp/ray.
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=verbose,
              configure_logging=True, logging_level="INFO" if verbose else "ERROR")
 
 
@@ -196,36 +200,58 @@ def check_resumable(experiment: Path) -> Spec:
 
 def start(spec: Spec, experiment: Path, spec_file: str, verbose: bool):
     from ray import tune
+    from tune_llama.preflight import preflight  # imports torch: not needed for --print-experiment
     if (experiment / SPEC_FILE).exists():
         raise UserError(f"{experiment} already holds a search: resume it with --resume {experiment}, "
                         "or pick another --name")
-    from tune_llama.preflight import preflight  # imports torch: not needed for --print-experiment
     preflight(spec)
+    start_ray(spec, verbose)  # before the folder exists: a refused search leaves nothing behind
     experiment.mkdir(parents=True, exist_ok=True)
     (experiment / SPEC_FILE).write_text(json.dumps({**spec.to_dict(), "_spec_name": Path(spec_file).stem},
                                                    indent=1))
-    return launch(spec, experiment, verbose, lambda: tune.Tuner(
-        trainable(spec), param_space=param_space(spec), tune_config=tune_config(spec, experiment),
-        run_config=run_config(spec, experiment, verbose)))
+    write_driver_file(experiment)
+    return tune.Tuner(trainable(spec), param_space=param_space(spec), tune_config=tune_config(spec, experiment),
+                      run_config=run_config(spec, experiment, verbose))
 
 
 def resume(experiment: Path, verbose: bool):
     from ray import tune
     from tune_llama.preflight import preflight
+    from tune_llama.ray_private import repair_state
     spec = check_resumable(experiment)
     preflight(spec)
-    return spec, launch(spec, experiment, verbose, lambda: tune.Tuner.restore(
-        str(experiment), trainable(spec), resume_unfinished=True, resume_errored=True,
-        param_space=param_space(spec)))
-
-
-def launch(spec: Spec, experiment: Path, verbose: bool, make_tuner):
-    from tune_llama.preflight import check_cluster
+    repaired = repair_state(experiment)
+    if repaired:
+        print(f"notice: {repaired} was cut short (a full disk?); resuming from its last good copy", file=sys.stderr)
+    start_ray(spec, verbose)
     write_driver_file(experiment)
+    return spec, tune.Tuner.restore(str(experiment), trainable(spec), resume_unfinished=True, resume_errored=True,
+                                    param_space=param_space(spec))
+
+
+def start_ray(spec: Spec, verbose: bool) -> None:
+    from tune_llama.preflight import check_cluster
     init_ray(spec, verbose)
     check_cluster(trial_resources(spec))
     forward_sigterm_to_tune()
-    return make_tuner()
+
+
+def fit(tuner, experiment: Path) -> None:
+    """``tuner.fit()``; a results disk that filled up is one line naming the folder, not Ray's tracebacks."""
+    try:
+        tuner.fit()
+    except Exception:
+        if disk_full(experiment):
+            raise OSError(errno.ENOSPC, "No space left on device: the search state is saved up to the last "
+                                        "checkpoint that fit; free space, then --resume", str(experiment)) from None
+        raise
+
+
+def disk_full(path: Path, margin: int = 1 << 20) -> bool:
+    try:
+        return shutil.disk_usage(path).free < margin
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------- the summary
@@ -309,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
         spec, tuner = resume(experiment, args.verbose)
     else:
         tuner = start(spec, experiment, args.spec, args.verbose)
-    tuner.fit()
+    fit(tuner, experiment)
     code = write_summary(experiment)
     if code == 0 and spec.search.finalists.top_k > 0:
         from tune_llama.finalists import print_finalists, score_finalists

@@ -1,11 +1,16 @@
-"""The Optuna searcher, made safe for resuming a search after a hard kill."""
+"""The Optuna searcher, made safe for resuming a search after a hard kill, and a backup of Tune's state."""
 
 from __future__ import annotations
 
+import time
 import warnings
+from pathlib import Path
 
 from optuna.exceptions import UpdateFinishedTrialError
+from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
+
+from tune_llama.ray_private import back_up_state
 
 
 class ResumableOptunaSearch(OptunaSearch):
@@ -36,3 +41,19 @@ class ResumableOptunaSearch(OptunaSearch):
             super().on_trial_complete(trial_id, result, error)
         except UpdateFinishedTrialError:
             pass  # Ray 2.60 logs and swallows it itself; kept in case a later Ray lets it through
+
+
+class StateBackup(Callback):
+    """Every few seconds, a parsed copy of Tune's experiment state beside it (``ray_private.back_up_state``),
+    so a state file cut short by a full disk does not make ``--resume`` start the search over."""
+
+    def __init__(self, experiment: str, every_s: float = 10.0):
+        self.experiment, self.every_s, self.last = experiment, every_s, 0.0
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            back_up_state(Path(self.experiment))
+
+    def on_experiment_end(self, trials, **info):
+        back_up_state(Path(self.experiment))
