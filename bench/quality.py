@@ -1,9 +1,9 @@
 """Does the search pay? Four models, one GSM8K test slice, equal training budget per run.
 
-    .venv/bin/python bench/quality.py                      # the CPU sizes (--preset cpu); ~60 min on 2 cores
+    .venv/bin/python bench/quality.py                      # the CPU sizes (--preset cpu): <= 60 min on 2 cores
     python bench/quality.py --preset gpu                   # all of GSM8K train and test, 4 trials per GPU
     .venv/bin/python bench/quality.py --set model.name=random:tiny --train 8 --val 4 --test 4 \\
-        --max-length 1024 --max-new-tokens 16 --samples 2   # smoke run, about a minute of work
+        --max-length 1024 --max-new-tokens 16 --samples 2   # smoke run, about 2 minutes
 
 (a) base: the model as loaded, untrained.
 (b) class project: search_spaces/sgd.yaml's training section (SGD, momentum 0.9, Nesterov, lr 1e-4, cosine,
@@ -106,8 +106,8 @@ def describe(spec) -> str:
 def same_budget(a, b) -> bool:
     keys = ("epochs", "eval_every", "seed")
     data = ("source", "train_size", "val_size", "split_seed", "max_length", "overlong", "batch_size")
-    return all(getattr(a.training, k) == getattr(b.training, k) for k in keys) and \
-        all(getattr(a.data, k) == getattr(b.data, k) for k in data)
+    return a.model.name == b.model.name and all(getattr(a.training, k) == getattr(b.training, k) for k in keys) \
+        and all(getattr(a.data, k) == getattr(b.data, k) for k in data)
 
 
 # ---------------------------------------------------------------- training
@@ -128,13 +128,14 @@ def train_run(spec, folder: Path) -> dict:
 
 def run_search(args, spec, folder: Path) -> dict:
     """A real search in a subprocess (as a user runs it), then the export of its winner."""
+    from tune_llama.errors import UserError
     from tune_llama.export import EXPORT_FILE, export
     from tune_llama.results import load_search, load_search_spec
     if args.search:
         experiment = Path(args.search).resolve()
         if not same_budget(load_search_spec(experiment), spec):
-            sys.exit(f"--search {experiment}: its data or epochs differ from this bench's; the budget would not be "
-                     "equal")
+            raise UserError(f"--search {experiment}: its model, data, epochs or report points differ from this "
+                            "bench's, so the budget would not be equal")
         search_s = None
     else:
         folder.mkdir(parents=True, exist_ok=True)
@@ -221,7 +222,7 @@ def table(rows: dict) -> tuple[list[dict], list[tuple[str, str]]]:
               "strict_calc": acc(r["strict_calc"])}
              for k, r in rows.items()]
     return lines, [("row", "method"), ("config", "config"), ("epochs", "epochs trained"), ("steps", "opt. steps"),
-                   ("train", "train s"),
+                   ("train", "train/search s"),
                    ("loss", "test answer loss"), ("strict", "strict [95% CI]"), ("flexible", "flexible"),
                    ("strict_calc", "strict, calculator [95% CI]")]
 
@@ -277,12 +278,12 @@ def main(argv=None) -> int:
     args = arguments(argv)
     from tune_llama.data import load_test
     from tune_llama.spec import DataSpec
+    specs = {"b": class_project(args), "c": recipe(args, "adamw_lora.yaml", search=False),
+             "d": recipe(args, "adamw_lora.yaml", search=True)}  # a bad --set fails here, before any work
     common.start(args)
     command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
     out = (args.out or common.REPO / "results" / f"quality-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    specs = {"b": class_project(args), "c": recipe(args, "adamw_lora.yaml", search=False),
-             "d": recipe(args, "adamw_lora.yaml", search=True)}
     test = load_test(DataSpec(source=args.data))
     test = test[:args.test] if args.test else test
     # The gold answers are measured whole: no test problem is dropped or cut for the loss.
@@ -312,13 +313,12 @@ def main(argv=None) -> int:
              f"{d.training.eval_every:g}, best report by validation loss kept"]
     if "d" in rows:
         r = rows["d"]
-        one_run = next((rows[k]["steps"] for k in "cb" if k in rows), None)
-        ratio = f" = {r['steps'] / one_run:.1f}x one run's {one_run}" if one_run else ""
         wall = f"{r['search_s']:.0f} s search (incl. {r['finalists_s']:.0f} s finalists) + " \
             if r["search_s"] is not None else f"(reused {r['folder']}) "
         statuses = ", ".join(f"{n} {s}" for s, n in sorted(r["statuses"].items()))
-        notes.append(f"(d) search cost: {r['trials']} trials ({statuses}), {r['steps']} trial-steps{ratio}, "
-                     f"{r['epochs']:.3g} trial-epochs; {wall}{r['export_s']:.0f} s export; winner {r['winner']} "
+        notes.append(f"(d) search cost: {r['trials']} trials ({statuses}), {r['steps']} trial-steps, "
+                     f"{r['epochs']:.3g} trial-epochs = {r['epochs'] / d.training.epochs:.2g}x the training of one "
+                     f"run; {wall}{r['export_s']:.0f} s export; winner {r['winner']} "
                      f"{json.dumps(r['params'])}, {r['reason']}")
     notes.append(f"generation: greedy, {args.max_new_tokens} new tokens at most; per-problem outputs in {out}")
     payload = {"machine": machine(), "command": command, "preset": args.preset, "data": args.data,
@@ -331,4 +331,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tune_llama.cli import run_cli
+    run_cli(main)  # a bad --set or --search: one line naming it, exit 2

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, result_rows, run_search
+from conftest import TINY, result_rows
 from tune_llama.spec import Spec, spec_from_dict
 
 WORLD = 2
@@ -234,3 +233,26 @@ def test_the_best_two_worker_checkpoint_exports_as_an_ordinary_model(worker_sear
     assert proc.returncode == 0, proc.stderr[-3000:]
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 0
+
+
+def test_the_worker_fields_are_checked_with_one_line_naming_them():
+    from tune_llama.errors import SpecError
+    bad = {"search.resources.workers": {"search": {"resources": {"workers": 0}}},
+           "training.parallel": {"training": {"parallel": "zero3"}}}
+    for field, raw in bad.items():
+        with pytest.raises(SpecError) as err:
+            spec_from_dict(raw)
+        assert str(err.value).startswith(field) and "\n" not in str(err.value)
+    with pytest.raises(SpecError, match="training.parallel: fsdp cannot shard 4bit"):
+        spec_from_dict({"training": {"parallel": "fsdp"}, "model": {"quantization": "4bit", "lora": {"enabled": True}}})
+    assert spec_from_dict({}).search.resources.workers == 1 and spec_from_dict({}).training.parallel == "ddp"
+
+
+def test_a_trial_whose_workers_the_cluster_cannot_hold_is_one_line_and_leaves_no_folder(tmp_path):
+    from conftest import run_search
+    proc = run_search([str(TINY), "--name", "big", "--storage", str(tmp_path), "--set", "search.resources.workers=64"],
+                      cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: search.resources: a trial's 64 workers") and \
+        "\n" not in proc.stderr.strip(), proc.stderr[-2000:]
+    assert not (tmp_path / "big").exists()

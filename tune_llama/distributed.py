@@ -34,13 +34,13 @@ functions that launch workers.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -335,17 +335,14 @@ def load_worker_state(run: Run, team: Team, directory: Path) -> Run:
     return run
 
 
-class model_swapped:
+@contextlib.contextmanager
+def model_swapped(run: Run, model: torch.nn.Module):
     """``run.model`` temporarily the plain model, so the loop's save/load see the one-process names."""
-
-    def __init__(self, run: Run, model: torch.nn.Module):
-        self.run, self.model = run, model
-
-    def __enter__(self):
-        self.wrapped, self.run.model = self.run.model, self.model
-
-    def __exit__(self, *exc):
-        self.run.model = self.wrapped
+    wrapped, run.model = run.model, model
+    try:
+        yield
+    finally:
+        run.model = wrapped
 
 
 def rng_state() -> dict:
@@ -365,7 +362,7 @@ def trainable_weights(run: Run, team: Team) -> dict[str, torch.Tensor]:
     """The whole trained weights on the CPU under their one-process names (on rank 0 for FSDP, where every
     worker must call it; the others get an empty dict)."""
     if team.parallel == "ddp":
-        return {k: v.detach().cpu().contiguous() for k, v in inner_model(run).named_parameters() if v.requires_grad}
+        return {k: v.detach().to("cpu", copy=True) for k, v in inner_model(run).named_parameters() if v.requires_grad}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                     ignore_frozen_params=True))
@@ -431,9 +428,12 @@ def consolidate(checkpoint: Path, out: Optional[Path] = None) -> Path:
 # ---------------------------------------------------------------- Ray: the Tune driver and the Train workers
 
 def worker_resources(spec: Spec) -> dict[str, float]:
-    """One worker's resources (what ``search.resources`` gives each of the ``workers``)."""
-    from tune_llama.search import trial_resources
-    return trial_resources(spec)
+    """One process's resources: a one-process trial's, or each worker's of a multi-worker one
+    (``search.resources``; ``gpu: null`` is 1 when CUDA is there, else 0)."""
+    gpu = spec.search.resources.gpu
+    if gpu is None:
+        gpu = 1.0 if torch.cuda.is_available() else 0.0
+    return {"cpu": spec.search.resources.cpu, "gpu": gpu}
 
 
 def concurrent_trials(spec: Spec, cluster: dict[str, float]) -> int:
@@ -486,8 +486,9 @@ def train_trial_on_workers(spec: Spec) -> None:
 
 
 # When Tune ends a trial itself (an ASHA stop, also the one at max_t), it kills the trial's process, and with
-# it Ray Train's controller and workers, before Train can remove its placement group; Train's own cleaner
-# needs Ray's dashboard, which a search does not start. The group would hold the workers' CPUs and GPUs
+# it Ray Train's controller and workers, before Train can remove its placement group. Train's own cleaner
+# asks Ray's state API, which is served by the dashboard (a search starts Ray without it) and gives up when
+# several Ray instances share the machine (seen here). The group would hold the workers' CPUs and GPUs
 # until the search ends, and the next trial would wait for them forever. So rank 0 records the group under
 # the trial's id in Ray's cluster-wide key-value store, and the search removes it when the trial ends.
 KV_NAMESPACE = "tune_llama"
@@ -567,8 +568,4 @@ def train_worker(config: dict[str, Any]) -> None:
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
 
-    try:
-        fit_workers(run, team, save_checkpoint=save, report=report)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise
+    fit_workers(run, team, save_checkpoint=save, report=report)

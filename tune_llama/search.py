@@ -54,11 +54,9 @@ def param_space(spec: Spec) -> dict[str, Any]:
 
 
 def trial_resources(spec: Spec) -> dict[str, float]:
-    import torch
-    gpu = spec.search.resources.gpu
-    if gpu is None:
-        gpu = 1.0 if torch.cuda.is_available() else 0.0
-    return {"cpu": spec.search.resources.cpu, "gpu": gpu}
+    """One training process's resources: the trial's, or each of its workers' when ``workers > 1``."""
+    from tune_llama.distributed import worker_resources
+    return worker_resources(spec)
 
 
 def trainable(spec: Spec):
@@ -230,9 +228,12 @@ def resume(experiment: Path, verbose: bool):
 
 
 def start_ray(spec: Spec, verbose: bool) -> None:
+    import ray
+    from tune_llama.distributed import concurrent_trials
     from tune_llama.preflight import check_cluster
     init_ray(spec, verbose)
     check_cluster(trial_resources(spec))
+    concurrent_trials(spec, ray.cluster_resources())  # all of a trial's workers fit the cluster, or one line
     forward_sigterm_to_tune()
 
 
