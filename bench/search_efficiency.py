@@ -56,20 +56,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", nargs="?", default=str(common.REPO / "search_spaces" / "tiny.yaml"))
-    p.add_argument("--samples", type=int, default=12, help="search.num_samples (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=4, help="training.epochs, ASHA's max_t (default %(default)s)")
-    p.add_argument("--eval-every", type=float, default=0.25, help="training.eval_every (default %(default)s)")
-    options = {"--max-concurrent": "search.max_concurrent", "--reduction-factor": "search.asha.reduction_factor",
-               "--grace-period": "search.asha.grace_period", "--brackets": "search.asha.brackets"}
-    for flag, field in options.items():
-        p.add_argument(flag, help=f"{field} (default: the spec's)")
+    options = {"--samples": ("search.num_samples", "12"), "--epochs": ("training.epochs", "4"),
+               "--eval-every": ("training.eval_every", "0.25"), "--max-concurrent": ("search.max_concurrent", None),
+               "--reduction-factor": ("search.asha.reduction_factor", None),
+               "--grace-period": ("search.asha.grace_period", None), "--brackets": ("search.asha.brackets", None)}
+    for flag, (field, default) in options.items():
+        p.add_argument(flag, dest=field, default=default, metavar="VALUE", help=f"{field} (default: {default or 'as in the spec'})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
-    overrides = [f"search.num_samples={args.samples}", f"training.epochs={args.epochs}",
-                 f"training.eval_every={args.eval_every}", *args.overrides]
-    overrides += [f"{field}={getattr(args, flag[2:].replace('-', '_'))}" for flag, field in options.items()
-                  if getattr(args, flag[2:].replace("-", "_")) is not None]
+    overrides = [f"{k}={v}" for k, v in vars(args).items() if "." in k and v is not None] + args.overrides
     storage = Path(tempfile.mkdtemp(prefix="bench-search-")).resolve()
     common.say(f"{args.spec} with {' '.join(overrides)}; searches in {storage}")
     spec = search.absolute_paths(load_spec(args.spec, overrides))
@@ -89,8 +85,7 @@ def main(argv=None) -> int:
     s = spec.search
     common.output(args, [{"search": k, **v} for k, v in results.items()],
                   [("search", "search"), ("trials", "trials"), ("trial_steps", "trial-steps"),
-                   ("trial_epochs", "trial-epochs"),
-                   ("best", f"best {s.metric}"), ("wall_s", "wall s")],
+                   ("trial_epochs", "trial-epochs"), ("best", f"best {s.metric}"), ("wall_s", "wall s")],
                   {"asha_trial_steps": asha["trial_steps"], "random_trial_steps": rand["trial_steps"],
                    "asha_best": asha["best"], "random_best": rand["best"]},
                   f"ASHA: reduction factor {s.asha.reduction_factor}, grace period {search.grace_period(spec):g} "

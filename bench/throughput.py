@@ -36,31 +36,30 @@ from tune_llama.loop import encode_splits, epoch_windows, setup, train_step  # n
 from tune_llama.model import load_model, load_tokenizer  # noqa: E402
 from tune_llama.spec import spec_from_dict  # noqa: E402
 
+CONTENDERS = ("ours", "ours-budget", "hf-trainer", "hf-grouped", "hf-flat", "recipes")
 H100_BF16_PEAK_FLOPS = 989e12
 """Dense bf16 peak of an H100/H200 SXM, the MFU denominator."""
 
 
 class Clock:
-    """Counts steps; after ``warmup`` untimed ones, records (seconds, real, computed tokens) per step
-    until ``seconds`` have passed. ``tick`` says when to stop."""
+    """After ``warmup`` untimed steps, records (seconds, real, computed tokens) per step; ``tick`` says stop
+    once ``seconds`` have passed. The device is synchronised where the timing starts and where it ends."""
 
     def __init__(self, device, warmup: int, seconds: float):
-        self.device, self.warmup, self.seconds = device, warmup, seconds
-        self.seen, self.steps = 0, []
+        self.device, self.warmup, self.seconds, self.seen, self.steps = device, warmup, seconds, 0, []
 
     def tick(self, real: int, computed: int) -> bool:
         self.seen += 1
-        if self.seen <= self.warmup:
-            if self.seen == self.warmup:
-                common.sync(self.device)
-                self.start = self.last = time.perf_counter()
+        if self.seen < self.warmup:
             return False
-        now = time.perf_counter()
-        done = now - self.start >= self.seconds
-        if done:
+        done = self.seen > self.warmup and time.perf_counter() - self.start >= self.seconds
+        if done or self.seen == self.warmup:
             common.sync(self.device)
-            now = time.perf_counter()
-        self.steps.append((now - self.last, real, computed))
+        now = time.perf_counter()
+        if self.seen == self.warmup:
+            self.start = now
+        else:
+            self.steps.append((now - self.last, real, computed))
         self.last = now
         return done
 
@@ -133,7 +132,7 @@ def hf(b: Bench, clock: Clock, grouped=False, flat=False) -> None:
 
 def collator(b: Bench, flat: bool):
     if flat:
-        from transformers import DataCollatorWithFlattening
+        from transformers import DataCollatorWithFlattening  # transformers >= 4.44
         return DataCollatorWithFlattening()
     from transformers import DataCollatorForSeq2Seq
     return DataCollatorForSeq2Seq(b.tokenizer, padding=True, label_pad_token_id=-100)
@@ -193,7 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--max-tokens", type=int, help="adds ours-budget: ours with data.max_tokens_per_batch=N")
-    p.add_argument("--only", help="comma list of contenders (default: all)")
+    p.add_argument("--only", nargs="+", choices=CONTENDERS, help="these contenders only")
     args = p.parse_args(argv)
     common.start(args)
     device = torch.device("cuda" if common.cuda() else "cpu")
@@ -204,26 +203,23 @@ def main(argv=None) -> int:
     contenders = {"ours": ours, "ours-budget": lambda b, c: ours(b, c, args.max_tokens), "hf-trainer": hf,
                   "hf-grouped": lambda b, c: hf(b, c, grouped=True), "hf-flat": lambda b, c: hf(b, c, flat=True),
                   "recipes": recipes}
-    names = args.only.split(",") if args.only else [n for n in contenders if n != "ours-budget" or args.max_tokens]
-    if unknown := [n for n in names if n not in contenders]:
-        p.error(f"--only: unknown {unknown[0]!r} (known: {', '.join(contenders)})")
+    names = args.only or [n for n in CONTENDERS if n != "ours-budget" or args.max_tokens]
     skipped, notes = {}, ""
     if "hf-flat" in names:
         try:
             gap = flattening_gap(bench)
-            notes = f"hf-flat: flattened vs padded logits differ by {gap:.2g} (relative, mean) with " \
+            notes = f"hf-flat: flattened vs padded logits differ by {gap:.2g} (relative mean) with " \
                     f"attn_implementation={spec.model.attn_implementation}\n"
-            if gap > (0.02 if spec.training.precision != "fp32" else 1e-3):
+            if gap > (1e-3 if spec.training.precision == "fp32" else 0.02):
                 skipped["hf-flat"] = "the attention in use lets flattened examples see each other"
         except ImportError as err:
-            skipped["hf-flat"] = f"{err}"
+            skipped["hf-flat"] = str(err)
     common.say(f"{spec.model.name} ({'full fine-tune' if args.full else 'LoRA r=8'}), {spec.training.precision}, "
                f"{len(bench.train)} examples, batch {args.batch_size}, {args.warmup_steps} warmup steps, "
                f"then >= {seconds:g} s per contender, {args.rounds} round(s)")
     results: dict[str, list[dict]] = {n: [] for n in names if n not in skipped}
     for r in range(args.rounds):
-        order = list(results)[r % len(results):] + list(results)[:r % len(results)]
-        for name in order:
+        for name in list(results)[r % len(results):] + list(results)[:r % len(results)]:  # rotated
             clock = Clock(device, args.warmup_steps, seconds)
             common.free_memory(device)
             try:
@@ -231,30 +227,26 @@ def main(argv=None) -> int:
                     contenders[name](bench, clock)
             except ImportError as err:
                 skipped[name] = str(err)
-                del results[name]
                 continue
-            real, computed = sum(s[1] for s in clock.steps), sum(s[2] for s in clock.steps)
-            time_s = sum(s[0] for s in clock.steps)
-            results[name].append(dict(seconds=time_s, real=real, computed=computed, steps=clock.steps,
+            seconds_, real, computed = (sum(column) for column in zip(*clock.steps))
+            results[name].append(dict(seconds=seconds_, real=real, computed=computed, steps=clock.steps,
                                       peak_gb=common.peak_gb(device)))
-            common.say(f"  round {r + 1} {name}: {real / time_s:.1f} real tok/s ({len(clock.steps)} steps, "
-                       f"{time_s:.0f} s, real share {real / computed:.3f})")
+            common.say(f"  round {r + 1} {name}: {real / seconds_:.1f} real tok/s ({len(clock.steps)} steps, "
+                       f"{seconds_:.0f} s, real share {real / computed:.3f})")
     rows = [summarise(n, rs, not args.full, bench.n_params, device) for n, rs in results.items() if rs]
     medians = {row["name"]: row["median"] for row in rows}
     others = {n: v for n, v in medians.items() if not n.startswith("ours")}
-    strongest = max(others, key=others.get) if others else None
+    strongest = max(others, key=others.get) if others and "ours" in medians else None
     for row in rows:
         row["ours_x"] = medians.get("ours", float("nan")) / row["median"]
-    payload = {**medians, **({"ratio_vs_strongest": medians["ours"] / others[strongest]}
-                             if strongest and "ours" in medians else {})}
-    columns = [("name", "loop"), ("min", "real tok/s min"), ("median", "median"), ("max", "max"),
-               ("computed", "computed tok/s"), ("share", "real share"), ("tokens_per_step", "tokens/step"),
-               ("fixed_s", "fixed s/step"), ("marginal", "marginal tok/s"), ("peak_gb", "peak GiB"),
-               ("ours_x", "ours / it")] + ([("mfu", "MFU")] if device.type == "cuda" else [])
+    payload = {**medians, **({"ratio_vs_strongest": medians["ours"] / others[strongest]} if strongest else {})}
     notes += "".join(f"{n}: skipped: {why}\n" for n, why in skipped.items())
-    if strongest and "ours" in medians:
-        notes += f"ours / strongest ({strongest}): {payload['ratio_vs_strongest']:.2f}x (medians over rounds)"
-    common.output(args, rows, columns, payload, notes)
+    notes += f"ours / strongest ({strongest}): {payload['ratio_vs_strongest']:.2f}x (medians)" if strongest else ""
+    common.output(args, rows, [
+        ("name", "loop"), ("min", "real tok/s min"), ("median", "median"), ("max", "max"),
+        ("computed", "computed tok/s"), ("share", "real share"), ("tokens_per_step", "tokens/step"),
+        ("fixed_s", "fixed s/step"), ("marginal", "marginal tok/s"), ("peak_gb", "peak GiB"),
+        ("ours_x", "ours / it")] + ([("mfu", "MFU")] if device.type == "cuda" else []), payload, notes)
     return 0
 
 

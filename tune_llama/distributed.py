@@ -57,6 +57,7 @@ from tune_llama.loop import (METRICS, PROGRESS, STATE, Interval, Run, Window, bu
                              build_scheduler, load_state, one_line, report_now, reset_peak_memory, save_state,
                              setup, train_step)
 from tune_llama.loss import answer_only_loss, decoder_and_head
+from tune_llama.ray_private import register_placement_group, release_placement_group
 from tune_llama.spec import Spec, TrainingSpec
 
 WORKERS_FILE = "workers.json"
@@ -483,38 +484,6 @@ def train_trial_on_workers(spec: Spec) -> None:
                                                          checkpoint_score_attribute=s.metric,
                                                          checkpoint_score_order=s.mode)))
     trainer.fit()
-
-
-# When Tune ends a trial itself (an ASHA stop, also the one at max_t), it kills the trial's process, and with
-# it Ray Train's controller and workers, before Train can remove its placement group. Train's own cleaner
-# asks Ray's state API, which is served by the dashboard (a search starts Ray without it) and gives up when
-# several Ray instances share the machine (seen here). The group would hold the workers' CPUs and GPUs
-# until the search ends, and the next trial would wait for them forever. So rank 0 records the group under
-# the trial's id in Ray's cluster-wide key-value store, and the search removes it when the trial ends.
-KV_NAMESPACE = "tune_llama"
-
-
-def register_placement_group(trial_id: str) -> None:
-    from ray.experimental import internal_kv
-    from ray.util import get_current_placement_group
-    group = get_current_placement_group()
-    if group is not None:
-        internal_kv._internal_kv_put(f"workers:{trial_id}", group.id.hex(), overwrite=True, namespace=KV_NAMESPACE)
-
-
-def release_placement_group(trial_id: str) -> None:
-    """Remove the placement group a trial's workers ran in, if it is still there."""
-    from ray._raylet import PlacementGroupID
-    from ray.experimental import internal_kv
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
-    key = f"workers:{trial_id}"
-    recorded = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
-    if not recorded:
-        return
-    group = PlacementGroup(PlacementGroupID(bytes.fromhex(recorded.decode())))
-    if placement_group_table(group).get("state") not in (None, "REMOVED"):
-        remove_placement_group(group)
-    internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
 
 
 try:

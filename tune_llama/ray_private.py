@@ -102,27 +102,73 @@ def newest_state(experiment: Path) -> Optional[Path]:
     return files[-1] if files else None
 
 
-def back_up_state(experiment: Path) -> None:
-    """Copy the newest experiment state aside if it parses (write and rename: never half a copy)."""
+def back_up_state(experiment: Path, since: float = 0.0) -> float:
+    """Copy the newest experiment state aside if it changed after ``since`` (an mtime) and parses
+    (write and rename: never half a copy); returns the mtime of the state now backed up."""
     source = newest_state(experiment)
-    if source is None or not isinstance(_read_json(source), dict):
-        return
+    try:
+        mtime = source.stat().st_mtime if source else 0.0
+    except OSError:
+        return since
+    state = _read_json(source) if source and mtime > since else None
+    if not isinstance(state, dict):
+        return since
     backup = Path(experiment) / GOOD_STATE
     tmp = backup.with_suffix(".tmp")
     try:
-        tmp.write_text(json.dumps({"file": source.name, "state": json.loads(source.read_text())}))
+        tmp.write_text(json.dumps({"file": source.name, "state": state}))
         tmp.replace(backup)
     except OSError:  # the disk is full: the previous good copy stays
         tmp.unlink(missing_ok=True)
+        return since
+    return mtime
 
 
 def repair_state(experiment: Path) -> Optional[str]:
-    """Put the last good state back when the newest one does not parse; returns what was repaired, or None."""
+    """Put the last good state back when the newest one does not parse; returns what was repaired, or None
+    when nothing needed it. A damaged state without a good copy is a ``UserError``: Tune would start over."""
     source = newest_state(experiment)
     if source is None or isinstance(_read_json(source), dict):
         return None
     backup = _read_json(Path(experiment) / GOOD_STATE)
     if not isinstance(backup, dict) or not isinstance(backup.get("state"), dict):
-        return None
+        from tune_llama.errors import UserError
+        raise UserError(f"--resume: {source} was cut short (a full disk?) and no good copy of it was kept; "
+                        "Tune cannot resume this search (its checkpoints are intact: export still works)")
     source.write_text(json.dumps(backup["state"]))
     return source.name
+
+
+# ---------------------------------------------------------------- a multi-worker trial's placement group
+
+# Private Ray APIs (ray.experimental.internal_kv, ray._raylet.PlacementGroupID), checked on 2.60.0.
+# When Tune ends a trial itself (an ASHA stop, also the one at max_t), it kills the trial's process, and with
+# it Ray Train's controller and workers, before Train can remove its placement group. Train's own cleaner
+# asks Ray's state API, which is served by the dashboard (a search starts Ray without it) and gives up when
+# several Ray instances share the machine (seen here). The group would hold the workers' CPUs and GPUs
+# until the search ends, and the next trial would wait for them forever. So rank 0 records the group under
+# the trial's id in Ray's cluster-wide key-value store, and the search removes it when the trial ends.
+KV_NAMESPACE = "tune_llama"
+
+
+def register_placement_group(trial_id: str) -> None:
+    from ray.experimental import internal_kv
+    from ray.util import get_current_placement_group
+    group = get_current_placement_group()
+    if group is not None:
+        internal_kv._internal_kv_put(f"workers:{trial_id}", group.id.hex(), overwrite=True, namespace=KV_NAMESPACE)
+
+
+def release_placement_group(trial_id: str) -> None:
+    """Remove the placement group a trial's workers ran in, if it is still there."""
+    from ray._raylet import PlacementGroupID
+    from ray.experimental import internal_kv
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    key = f"workers:{trial_id}"
+    recorded = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+    if not recorded:
+        return
+    group = PlacementGroup(PlacementGroupID(bytes.fromhex(recorded.decode())))
+    if placement_group_table(group).get("state") not in (None, "REMOVED"):
+        remove_placement_group(group)
+    internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)

@@ -113,8 +113,8 @@ def run_config(spec: Spec, experiment: Path, verbose: bool):
         checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints, checkpoint_score_attribute=s.metric,
                                                 checkpoint_score_order=s.mode),
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
-        callbacks=callbacks(spec, experiment.name, spec_name=spec_name(experiment)) + progress_callbacks(
-            spec, verbose) + worker_callbacks(spec),
+        callbacks=[StateBackup(str(experiment)), *callbacks(spec, experiment.name, spec_name=spec_name(experiment)),
+                   *progress_callbacks(spec, verbose), *worker_callbacks(spec)],
         verbose=None if verbose else 0,
     )
 

@@ -44,16 +44,16 @@ class ResumableOptunaSearch(OptunaSearch):
 
 
 class StateBackup(Callback):
-    """Every few seconds, a parsed copy of Tune's experiment state beside it (``ray_private.back_up_state``),
-    so a state file cut short by a full disk does not make ``--resume`` start the search over."""
+    """A parsed copy of each new version of Tune's experiment state (``ray_private.back_up_state``), so a
+    state file cut short by a full disk does not make ``--resume`` start the search over."""
 
-    def __init__(self, experiment: str, every_s: float = 10.0):
-        self.experiment, self.every_s, self.last = experiment, every_s, 0.0
+    def __init__(self, experiment: str, every_s: float = 1.0):
+        self.experiment, self.every_s, self.last, self.saved_mtime = experiment, every_s, 0.0, 0.0
 
     def on_step_end(self, iteration, trials, **info):
-        if time.monotonic() - self.last >= self.every_s:
+        if time.monotonic() - self.last >= self.every_s:  # a stat per second; a copy only when Tune wrote one
             self.last = time.monotonic()
-            back_up_state(Path(self.experiment))
+            self.saved_mtime = back_up_state(Path(self.experiment), self.saved_mtime)
 
     def on_experiment_end(self, trials, **info):
-        back_up_state(Path(self.experiment))
+        self.saved_mtime = back_up_state(Path(self.experiment), self.saved_mtime)
