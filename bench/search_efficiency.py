@@ -61,7 +61,8 @@ def main(argv=None) -> int:
                "--reduction-factor": ("search.asha.reduction_factor", None),
                "--grace-period": ("search.asha.grace_period", None), "--brackets": ("search.asha.brackets", None)}
     for flag, (field, default) in options.items():
-        p.add_argument(flag, dest=field, default=default, metavar="VALUE", help=f"{field} (default: {default or 'as in the spec'})")
+        p.add_argument(flag, dest=field, default=default, metavar="VALUE",
+                       help=f"{field} (default: {default or 'as in the spec'})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
