@@ -119,6 +119,15 @@ def test_two_workers_of_batch_4_make_the_update_of_one_process_of_batch_8_and_re
         assert max_difference(resumed, weights) < 1e-6, mode
         assert resumed_history[-1]["tokens_seen"] == row["tokens_seen"]
 
+    # Export reads the FSDP checkpoint's shards as one ordinary safetensors file, every weight at full shape.
+    from safetensors.torch import load_file
+    from tune_llama.distributed import checkpoint_weights
+    assert (tmp_path / "fsdp" / "sharded").is_dir() and not (tmp_path / "fsdp" / "trainable.safetensors").exists()
+    with checkpoint_weights(tmp_path / "fsdp") as weights:
+        consolidated = load_file(weights)
+    assert {k: v.shape for k, v in consolidated.items()} == {k: v.shape for k, v in reference.items()}
+    assert max_difference(consolidated, reference) > 0, "the step-2 checkpoint, not the final weights"
+
 
 def test_a_checkpoint_of_two_workers_is_refused_in_one_line_by_another_number_of_workers(tmp_path):
     from tune_llama.distributed import WORKERS_FILE, Team, load_worker_state

@@ -426,6 +426,18 @@ def consolidate(checkpoint: Path, out: Optional[Path] = None) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def checkpoint_weights(checkpoint: Path):
+    """The ``trainable.safetensors`` of any checkpoint: as saved, or consolidated from FSDP shards into a
+    temporary file that is gone afterwards (the checkpoint folder itself is never changed)."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "trainable.safetensors").is_file() or not (checkpoint / SHARDED_DIR).is_dir():
+        yield checkpoint / "trainable.safetensors"
+        return
+    with tempfile.TemporaryDirectory(prefix="tune-llama-consolidated-") as tmp:
+        yield consolidate(checkpoint, Path(tmp) / "trainable.safetensors")
+
+
 # ---------------------------------------------------------------- Ray: the Tune driver and the Train workers
 
 def worker_resources(spec: Spec) -> dict[str, float]:

@@ -53,7 +53,7 @@ def choose(search: Search, by: str = "finalists") -> Choice:
     if winner:
         trial = next((t for t in search.trials if t.trial_id == winner["trial_id"]), None)
         checkpoint = Path(winner["checkpoint"])
-        if trial is None or not (checkpoint / "trainable.safetensors").is_file():
+        if trial is None or not (checkpoint / "metrics.json").is_file():
             raise UserError(f"{search.path / FINALISTS_FILE}: the winner's checkpoint {checkpoint} is gone; "
                             "export with --by loss")
         metrics = read_json(checkpoint / "metrics.json") or {}
@@ -92,8 +92,10 @@ def export(experiment: Path, out: Path | None = None, adapter_only: bool = False
     out = (out or search.path / "export").expanduser().resolve()
     if out.is_file():
         raise UserError(f"--out: {out} is a file; give a directory")
-    model, tokenizer = model_from_checkpoint(choice.spec.model, choice.checkpoint, torch.device("cpu"),
-                                             seed=choice.spec.training.seed)
+    from tune_llama.distributed import checkpoint_weights
+    with checkpoint_weights(choice.checkpoint) as weights:  # FSDP shards are consolidated first
+        model, tokenizer = model_from_checkpoint(choice.spec.model, choice.checkpoint, torch.device("cpu"),
+                                                 seed=choice.spec.training.seed, weights=weights)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:

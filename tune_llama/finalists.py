@@ -41,7 +41,10 @@ def score_checkpoint(spec_dict: dict, checkpoint: str, finalists: dict, seed: Op
     f = FinalistsSpec(**finalists)
     device = pick_device(spec.training.device)
     if seed is None:
-        model, tokenizer = model_from_checkpoint(spec.model, Path(checkpoint), device, seed=spec.training.seed)
+        from tune_llama.distributed import checkpoint_weights
+        with checkpoint_weights(Path(checkpoint)) as weights:
+            model, tokenizer = model_from_checkpoint(spec.model, Path(checkpoint), device, seed=spec.training.seed,
+                                                     weights=weights)
         loss = None
     else:
         spec = dataclasses.replace(spec, training=dataclasses.replace(spec.training, seed=seed))

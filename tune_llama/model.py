@@ -13,6 +13,8 @@ import string
 import tempfile
 from pathlib import Path
 
+from typing import Optional
+
 import torch
 
 from tune_llama.errors import SpecError
@@ -222,7 +224,8 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
             params[name].copy_(tensor)
 
 
-def model_from_checkpoint(spec: ModelSpec, checkpoint: Path, device: torch.device, seed: int = 0):
+def model_from_checkpoint(spec: ModelSpec, checkpoint: Path, device: torch.device, seed: int = 0,
+                          weights: Optional[Path] = None):
     """(model, tokenizer) with a checkpoint's trained weights loaded, in eval mode, ready to generate.
 
     Quantization and gradient checkpointing are training-time choices: the model is rebuilt in full
@@ -233,7 +236,8 @@ def model_from_checkpoint(spec: ModelSpec, checkpoint: Path, device: torch.devic
     spec = dataclasses.replace(spec, quantization="none", gradient_checkpointing=False)
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, tokenizer, device, seed=seed)
-    load_trainable_state(model, {k: v.to(device) for k, v in load_file(Path(checkpoint) / "trainable.safetensors").items()})
+    weights = weights or Path(checkpoint) / "trainable.safetensors"
+    load_trainable_state(model, {k: v.to(device) for k, v in load_file(weights).items()})
     model.eval()
     return model, tokenizer
 

@@ -37,6 +37,7 @@ SUMMARY_FILE = "summary.txt"
 FINALISTS_FILE = "finalists.json"
 CHECKPOINT_METRICS = "metrics.json"
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
+CHECKPOINT_SHARDS = "sharded"  # an FSDP trial's torch.distributed.checkpoint (tune_llama.distributed)
 
 FINISHED, ASHA_STOPPED, EARLY_STOPPED, DIVERGED = "finished", "stopped by ASHA", "early stopped", "diverged"
 ERRORED, RUNNING, PENDING, INTERRUPTED = "errored", "running", "pending", "interrupted"
@@ -100,7 +101,7 @@ class Trial:
         by_name = {r.get("checkpoint_dir_name"): r for r in self.rows}
         found = []
         for folder in sorted(self.path.glob("checkpoint_*")):
-            if not (folder / CHECKPOINT_WEIGHTS).is_file():
+            if not ((folder / CHECKPOINT_WEIGHTS).is_file() or (folder / CHECKPOINT_SHARDS).is_dir()):
                 continue
             metrics = read_json(folder / CHECKPOINT_METRICS) or by_name.get(folder.name)
             if metrics:
