@@ -95,3 +95,67 @@ def fake_secrets() -> dict[str, str]:
     """The fake credentials ``tiny_search`` ran with; none may appear in anything it wrote."""
     return dict(FAKE_SECRETS)
 
+
+
+# ---------------------------------------------------------------- processes of a search (kill tests)
+
+def proc_stat(pid: int) -> tuple[str, int]:
+    """(state letter, session id) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[3])
+
+
+def cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+
+
+def session_processes(session: int, title_prefix: str = "") -> list[int]:
+    """Live processes of one session (a search started with start_new_session) whose command starts so."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        pid = int(stat.parent.name)
+        try:
+            if proc_stat(pid)[1] == session and cmdline(pid).startswith(title_prefix):
+                pids.append(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+    return pids
+
+
+def kill_session(leader) -> None:
+    """SIGKILL the search's whole process group, and any Ray worker that left it but not the session."""
+    import os
+    import signal
+    os.killpg(leader.pid, signal.SIGKILL)
+    leader.wait()
+    for pid in session_processes(leader.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_until(condition, leader, what: str, timeout: float = 300):
+    """``condition()``'s first truthy value, while the search ``leader`` still runs."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert leader.poll() is None, f"the search ended (exit {leader.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def first_report(experiment: Path, by_epoch: float):
+    """A condition for ``wait_until``: (trial folder name, worker pid) of a trial that has reported (so
+    checkpointed) by fractional epoch ``by_epoch``; result.json's half-written last line is tolerated."""
+    from tune_llama.results import read_result_rows
+
+    def reported():
+        for folder in sorted(p.parent for p in experiment.glob("*/params.json")):
+            rows = read_result_rows(folder / "result.json")
+            if rows and rows[-1]["epoch"] <= by_epoch:
+                return folder.name, rows[-1]["pid"]
+    return reported

@@ -166,32 +166,18 @@ REPORTS = 8
 def worker_search(tmp_path_factory):
     """The search above, with one Ray Train worker of the first trial SIGKILLed after that trial's first report.
     Returns (experiment folder, killed trial folder name, the trial driver's pid when it was killed)."""
-    from test_faults import cmdline, popen_search, proc_stat, trial_folders, wait_until
-    from test_search import kill_session
-    from tune_llama.results import read_result_rows
+    from conftest import first_report, kill_session, session_processes, wait_until
+    from test_faults import popen_search
 
     storage = tmp_path_factory.mktemp("workers")
     experiment = storage / "workers"
     leader = popen_search([str(TINY), "--name", "workers", "--storage", str(storage), *WORKER_SEARCH], cwd=storage)
     try:
-        def a_reported_trial():
-            for folder in trial_folders(experiment):
-                rows = read_result_rows(folder / "result.json")
-                if rows and rows[-1]["epoch"] <= 1.0:
-                    return folder.name, rows[-1]["pid"]
-        trial, driver_pid = wait_until(a_reported_trial, leader, "a trial's first report")
+        trial, driver_pid = wait_until(first_report(experiment, 1.0), leader, "a trial's first report")
 
-        def train_workers():  # only this search's: its session, a Ray Train worker's process title
-            pids = []
-            for stat in Path("/proc").glob("[0-9]*/stat"):
-                pid = int(stat.parent.name)
-                try:
-                    if proc_stat(pid)[1] == leader.pid and cmdline(pid).startswith("ray::RayTrainWorker"):
-                        pids.append(pid)
-                except (OSError, IndexError):
-                    continue
-            return pids
-        victim = wait_until(train_workers, leader, "the trial's Ray Train workers")[-1]
+        # Only this search's: its session, a Ray Train worker's process title.
+        victim = wait_until(lambda: session_processes(leader.pid, "ray::RayTrainWorker"), leader,
+                            "the trial's Ray Train workers")[-1]
         os.kill(victim, signal.SIGKILL)
         code = leader.wait(timeout=400)
     finally:

@@ -13,12 +13,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from conftest import TINY, result_rows, run_search
-from test_search import kill_session
+from conftest import TINY, cmdline, first_report, kill_session, proc_stat, result_rows, run_search, wait_until
 from tune_llama.results import read_result_rows
 
 # Two trials side by side, four reports (with checkpoints) in their one epoch, no ASHA stop before the end, and
@@ -40,27 +38,6 @@ def popen_search(args: list[str], cwd: Path, env_extra: dict | None = None) -> s
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_until(condition: Callable[[], object], leader: subprocess.Popen, what: str, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert leader.poll() is None, f"the search ended (exit {leader.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def proc_stat(pid: int) -> tuple[str, int]:
-    """(state letter, session id) of a process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return fields[0], int(fields[3])
-
-
-def cmdline(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-
-
 def trial_folders(experiment: Path) -> list[Path]:
     return sorted(p.parent for p in experiment.glob("*/params.json"))
 
@@ -80,12 +57,8 @@ def test_a_killed_trial_worker_is_retried_from_its_last_checkpoint_and_the_searc
     leader = popen_search([str(TINY), "--name", "worker", "--storage", str(tmp_path), *LONG_ENOUGH,
                            "--set", "search.max_failures=1"], cwd=tmp_path, env_extra=FRESH_STATE)
     try:
-        def a_reported_trial():
-            for folder in trial_folders(experiment):
-                rows = read_result_rows(folder / "result.json")  # tolerates a half-written last line
-                if rows and rows[-1]["epoch"] <= 0.5:  # reported (so checkpointed), well before its end
-                    return folder.name, rows[-1]["pid"]
-        trial, pid = wait_until(a_reported_trial, leader, "a trial's first report")
+        # A trial that reported (so checkpointed) well before its end.
+        trial, pid = wait_until(first_report(experiment, 0.5), leader, "a trial's first report")
         # Only the search's own Ray worker: same session as the search, a Ray worker process title.
         assert proc_stat(pid)[1] == leader.pid and cmdline(pid).startswith("ray::"), cmdline(pid)
         os.kill(pid, signal.SIGKILL)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import TINY
 from tune_llama.loop import epoch_windows, label_count, setup

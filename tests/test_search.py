@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, one_line_error, result_rows, run_search
+from conftest import TINY, kill_session, one_line_error, result_rows, run_search
 from tune_llama import search
 
 
@@ -109,22 +107,6 @@ def test_kept_checkpoints_are_the_best_by_the_metric_plus_the_latest(tmp_path):
 
 
 # ---------------------------------------------------------------- kill and resume
-
-def kill_session(leader: subprocess.Popen) -> None:
-    """SIGKILL the search's whole process group, and any Ray worker that left it but not the session."""
-    os.killpg(leader.pid, signal.SIGKILL)
-    leader.wait()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == leader.pid:  # session id
-            try:
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
 
 def test_a_killed_search_resumes_to_exactly_num_samples_without_restarting_checkpointed_trials(tmp_path):
     experiment = tmp_path / "killed"

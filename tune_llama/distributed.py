@@ -37,12 +37,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import math
 import os
 import random
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -53,9 +51,8 @@ import torch.distributed as dist
 
 from tune_llama.data import make_batches
 from tune_llama.errors import CheckpointError, SpecError
-from tune_llama.loop import (METRICS, PROGRESS, STATE, Interval, Run, Window, build_optimizer,
-                             build_scheduler, load_state, one_line, report_now, reset_peak_memory, save_state,
-                             setup, train_step)
+from tune_llama.loop import (METRICS, PROGRESS, STATE, Interval, Run, Window, Workers, build_optimizer,
+                             build_scheduler, fit, load_state, one_line, save_state, setup)
 from tune_llama.loss import answer_only_loss, decoder_and_head
 from tune_llama.ray_private import register_placement_group, release_placement_group
 from tune_llama.spec import Spec, TrainingSpec
@@ -252,47 +249,40 @@ def setup_workers(spec: Spec) -> tuple[Run, Team]:
     return run, team
 
 
-def fit_workers(run: Run, team: Team, save_checkpoint=None, report=None) -> Run:
-    """``loop.fit`` for one worker of N: the same report points, with the interval's loss, tokens and time
+class TeamWorkers(Workers):
+    """``loop.fit`` as one worker of N: the same report points, with the interval's loss, tokens and time
     combined over the workers first, so every worker reports (and decides) the same thing."""
-    t = run.spec.training
-    data_spec = global_spec(run.spec, team.world).data
-    due = set(run.report_at)
-    interval, start = Interval.start(run.device), (run.tokens_seen, run.examples_seen)
-    reset_peak_memory(run.device)
-    while run.step < run.total_steps and run.status == "running":
-        epoch = run.step // run.steps_per_epoch
-        for window in worker_windows(run, team, data_spec, epoch)[run.step - epoch * run.steps_per_epoch:]:
-            tick = time.perf_counter()
-            step_loss(run).pending = len(window)
-            train_step(run, window, interval)
-            diverged = run.step % t.log_every == 0 and not math.isfinite(
-                team.reduce([float(interval.loss_sum)])[0])
-            if run.device.type == "cuda" and (diverged or run.step in due):
-                torch.cuda.synchronize()
-            interval.seconds += time.perf_counter() - tick
-            if diverged or run.step in due:
-                combine(run, team, interval, start)
-                report_now(run, interval, diverged, save_checkpoint, report)
-                run.status = team.broadcast(run.status)  # one decision for all (early stop, divergence)
-                interval, start = Interval.start(run.device), (run.tokens_seen, run.examples_seen)
-                reset_peak_memory(run.device)
-            if run.status != "running":
-                break
-    if run.status == "running":
-        run.status = "completed"
-    return run
+
+    def __init__(self, run: Run, team: Team):
+        self.team, self.data_spec = team, global_spec(run.spec, team.world).data
+
+    def windows(self, run: Run, epoch: int) -> list[Window]:
+        return worker_windows(run, self.team, self.data_spec, epoch)
+
+    def before_step(self, run: Run, window: Window) -> None:
+        step_loss(run).pending = len(window)
+
+    def loss_sum(self, interval: Interval) -> float:
+        return self.team.reduce([float(interval.loss_sum)])[0]
+
+    def combine(self, run: Run, interval: Interval) -> None:
+        """Loss and tokens summed, time the slowest worker's; the run's token and example counts become the
+        trial's (they are saved, and a resume continues from them)."""
+        loss, real, examples = self.team.reduce([float(interval.loss_sum), interval.real_tokens,
+                                                 interval.examples])
+        run.tokens_seen += int(real) - interval.real_tokens
+        run.examples_seen += int(examples) - interval.examples
+        interval.loss_sum = torch.tensor(loss, device=run.device)
+        interval.real_tokens, interval.examples = int(real), int(examples)
+        interval.seconds = self.team.reduce([interval.seconds], op=dist.ReduceOp.MAX)[0]
+
+    def agree(self, run: Run) -> None:
+        run.status = self.team.broadcast(run.status)
 
 
-def combine(run: Run, team: Team, interval: Interval, start: tuple[int, int]) -> None:
-    """The interval over all workers: loss and tokens summed, time the slowest worker's; the run's token and
-    example counts become the trial's (they are saved, and a resume continues from them)."""
-    loss, real, tokens, examples = team.reduce([float(interval.loss_sum), interval.real_tokens,
-                                                run.tokens_seen - start[0], run.examples_seen - start[1]])
-    interval.loss_sum = torch.tensor(loss, device=run.device)
-    interval.real_tokens = int(real)
-    interval.seconds = team.reduce([interval.seconds], op=dist.ReduceOp.MAX)[0]
-    run.tokens_seen, run.examples_seen = start[0] + int(tokens), start[1] + int(examples)
+def fit_workers(run: Run, team: Team, save_checkpoint=None, report=None) -> Run:
+    """``loop.fit`` for one worker of N (see ``TeamWorkers``)."""
+    return fit(run, save_checkpoint, report, workers=TeamWorkers(run, team))
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -209,6 +209,7 @@ class Interval:
     loss_sum: torch.Tensor
     label_tokens: int = 0
     real_tokens: int = 0
+    examples: int = 0
     seconds: float = 0.0
 
     @classmethod
@@ -227,6 +228,7 @@ def train_step(run: Run, window: Window, interval: Optional[Interval] = None) ->
     for batch in window:
         real = int(batch["attention_mask"].sum())  # counted on the host: on the GPU it would sync
         interval.real_tokens += real
+        interval.examples += batch["input_ids"].shape[0]
         run.tokens_seen += real
         run.examples_seen += batch["input_ids"].shape[0]
         batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
@@ -291,8 +293,32 @@ SaveCheckpoint = Callable[[Run], Optional[Path]]
 Report = Callable[[dict, Optional[Path]], None]
 
 
+class Workers:
+    """How ``fit`` runs as one of several data-parallel workers (``tune_llama.distributed`` overrides these);
+    as it stands, the single process: its own windows, nothing to combine or agree on."""
+
+    def windows(self, run: Run, epoch: int) -> list[Window]:
+        return epoch_windows(run, epoch)
+
+    def before_step(self, run: Run, window: Window) -> None:
+        pass
+
+    def loss_sum(self, interval: Interval) -> float:
+        """The interval's summed loss over all workers (a divergence check)."""
+        return float(interval.loss_sum)
+
+    def combine(self, run: Run, interval: Interval) -> None:
+        """Before a report: the interval's loss, tokens and time over all workers."""
+
+    def agree(self, run: Run) -> None:
+        """After a report: one status (early stop, divergence) for every worker."""
+
+
+ONE_PROCESS = Workers()
+
+
 def fit(run: Run, save_checkpoint: Optional[SaveCheckpoint] = None, report: Optional[Report] = None,
-        on_step: Optional[Callable[[Run], None]] = None) -> Run:
+        on_step: Optional[Callable[[Run], None]] = None, workers: Workers = ONE_PROCESS) -> Run:
     """Train from ``run.step`` to the end of ``training.epochs``.
 
     At each report point: validate, update best / early stopping, call
@@ -306,17 +332,20 @@ def fit(run: Run, save_checkpoint: Optional[SaveCheckpoint] = None, report: Opti
     reset_peak_memory(run.device)
     while run.step < run.total_steps and run.status == "running":
         epoch = run.step // run.steps_per_epoch
-        for window in epoch_windows(run, epoch)[run.step - epoch * run.steps_per_epoch:]:
+        for window in workers.windows(run, epoch)[run.step - epoch * run.steps_per_epoch:]:
             tick = time.perf_counter()
+            workers.before_step(run, window)
             train_step(run, window, interval)
-            diverged = run.step % t.log_every == 0 and not math.isfinite(interval.mean_loss())
+            diverged = run.step % t.log_every == 0 and not math.isfinite(workers.loss_sum(interval))
             if run.device.type == "cuda" and (diverged or run.step in due):
                 torch.cuda.synchronize()
             interval.seconds += time.perf_counter() - tick
             if on_step is not None:
                 on_step(run)
             if diverged or run.step in due:
+                workers.combine(run, interval)
                 report_now(run, interval, diverged, save_checkpoint, report)
+                workers.agree(run)
                 interval = Interval.start(run.device)
                 reset_peak_memory(run.device)
             if run.status != "running":
