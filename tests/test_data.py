@@ -24,7 +24,7 @@ from tune_llama.data import synthetic
 from tune_llama.data.sources import EMBEDDED, split_train
 from tune_llama.data.__main__ import cli
 from tune_llama.model import char_tokenizer as build_char_tokenizer
-from tune_llama.spec import DataSpec, SpecError
+from tune_llama.spec import DataSpec, SpecError, load_spec
 
 ANNOTATION = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
 OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -444,15 +444,18 @@ def test_length_grouped_batches_of_16_are_97_percent_real_tokens_on_gsm8k(gsm8k_
     assert share["random"] < 0.65  # about 0.56: random batches are mostly padding-bound
 
 
-def test_shipped_demo_spec_runs_on_full_gsm8k_dropping_only_prompts_that_cannot_fit(gsm8k_dir, repo_root, capsys,
-                                                                                     smollm2_tokenizer):
+def test_shipped_demo_spec_runs_on_full_gsm8k_dropping_the_few_examples_over_its_max_length(
+        gsm8k_dir, repo_root, capsys, smollm2_tokenizer):
+    demo = repo_root / "search_spaces" / "demo.yaml"
+    max_length = load_spec(demo).data.max_length
     with pytest.raises(SystemExit) as exit_:
-        cli(["stats", str(repo_root / "search_spaces" / "demo.yaml"), "--json", "--set", f"data.source={gsm8k_dir}"])
+        cli(["stats", str(demo), "--json", "--set", f"data.source={gsm8k_dir}", "--set", "data.train_size=null"])
     assert exit_.value.code == 0
     train = json.loads(capsys.readouterr().out)["splits"]["train"]
-    assert 0 < train["dropped"] < 10 and train["truncated"] > 0  # max_length 192: a few prompts are longer
+    assert train["problems"] > 7000, "all of GSM8K's train split"
+    assert 0 < train["dropped"] < 0.1 * train["problems"] and train["truncated"] == 0  # data.overlong: drop
     assert train["examples"] + train["dropped"] == train["problems"]
-    assert train["tokens"]["max"] <= 192
+    assert train["tokens"]["max"] <= max_length
 
 
 # ---------------------------------------------------------------- stats CLI
