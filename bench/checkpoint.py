@@ -3,12 +3,9 @@
     .venv/bin/python bench/checkpoint.py                    # CPU: SmolLM2-135M, the whole GSM8K train split
     python3 bench/checkpoint.py --model random:llama-2-7b --data synthetic --epoch-tokens 1393000   # GPU
 
-Per mode: ``setup`` builds the run, ``--warmup-steps`` train steps create the optimizer state a checkpoint
-carries, ``--steps`` timed steps give real tokens/s, then ``save_state`` (what the loop writes at each report:
-the trainable weights as safetensors, the adapter alone for LoRA, plus optimizer, schedule and RNG state)
-is timed into a temporary folder. Epoch = the epoch's real tokens (the run's train split, or
-``--epoch-tokens``) at the measured rate; share = save_state / epoch. Not included: Ray's persist, which
-copies the folder once more into the search's storage. The class project's anchor: 32 s on a 65 s epoch.
+Per mode: ``setup``, warmup steps (the optimizer state a checkpoint carries), ``--steps`` timed steps for
+real tokens/s, then ``save_state`` into a temporary folder, timed. Epoch = the run's train split (or
+``--epoch-tokens``) at the measured rate. Ray's persist copy is not included. The class project: 32 s / 65 s.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """What the bench scripts share: the repo on sys.path, the data default, bench specs, timed steps, output.
 
-Imports nothing the GPU image lacks (no ray, optuna, wandb, datasets, bitsandbytes), and torch only
-inside functions, so ``startup.py`` can time the imports itself. Progress goes to stderr, results to
-stdout: a table, or with ``--json`` one JSON object alone.
+Imports nothing the GPU image lacks (no ray, optuna, wandb, datasets, bitsandbytes), and torch only inside
+functions (``startup.py`` times the imports). Progress goes to stderr; stdout gets a table, or one JSON object.
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ def parser(doc: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA r=8")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any spec field, e.g. --set data.max_tokens_per_batch=2048 (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -69,10 +67,11 @@ def make_spec(args, *overrides: str):
 
 
 def start(args) -> None:
-    """Threads, then the machine line (stderr)."""
+    """The machine line (stderr). Torch's CPU threads: ``args.threads`` where a script has it, else
+    OMP_NUM_THREADS, else torch's choice."""
     import torch
     import transformers
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name(0) if cuda() else \
         f"cpu x{os.cpu_count()} (torch threads {torch.get_num_threads()}), load average {os.getloadavg()[0]:.1f}"

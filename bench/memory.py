@@ -1,14 +1,11 @@
-"""The largest batch that fits in GPU memory at a fixed sequence length, per training mode, with and without
-gradient checkpointing.
+"""The largest batch that fits in GPU memory at seq ``--max-length``, per mode, gradient checkpointing off/on.
 
     python3 bench/memory.py --model random:llama-2-7b                    # GPU (bf16 there)
-    .venv/bin/python bench/memory.py                                     # CPU: explains and exits 0
     .venv/bin/python bench/memory.py --cpu-smoke --model random:tiny --max-batch 4   # the code path on CPU
 
-Modes: full fine-tune with SGD and with AdamW (pure bf16 on CUDA: AdamW's moments are bf16 too), LoRA.
-Each try is one real step of our loop (``setup`` with the batch size, ``train_step``) on batch x seq rows of
-random tokens, no padding. The batch doubles from 1 until CUDA runs out of memory (caught, memory freed),
-then bisects. A mode that reaches ``--max-batch`` or its time budget reports a lower bound (>=).
+Modes: full fine-tune with SGD and with AdamW (pure bf16 on CUDA), LoRA. Each try is one ``train_step`` on
+batch x seq random tokens; the batch doubles from 1 until CUDA runs out of memory, then bisects. ``>=``: a
+lower bound (``--max-batch`` or ``--budget-s`` reached).
 """
 
 from __future__ import annotations

@@ -3,12 +3,9 @@
     .venv/bin/python bench/search_efficiency.py --samples 12 --epochs 4 --eval-every 0.25
     .venv/bin/python bench/search_efficiency.py --reduction-factor 4 --brackets 2 --json
 
-asha: the real search, ``tune_llama.search.main`` (Optuna TPE proposes, ASHA stops at each report).
-random: the same trainable, parameter space, ``num_samples``, ``max_concurrent`` and ``training.epochs``
-(``tune_llama.search.trainable`` / ``param_space``), with Ray's random ``BasicVariantGenerator`` and no
-early stopping. Both read back with ``tune_llama.results.load_search``. Trial-steps = the sum over trials of
-the last optimizer step each reported (trial-epochs: the same in epochs, which
-``gradient_accumulation_steps`` does not shrink); best = the best ``search.metric`` any report reached.
+asha: ``tune_llama.search.main``. random: the same trainable, space, samples, concurrency and epochs with
+Ray's ``BasicVariantGenerator``, FIFO. Trial-steps: the sum over trials of the last step each reported
+(trial-epochs: in epochs); best: the best ``search.metric`` of any report (``tune_llama.results``).
 Goal: asha_trial_steps <= 40% of random_trial_steps, asha_best within 2% of random_best (or better).
 """
 

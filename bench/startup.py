@@ -3,17 +3,11 @@
     .venv/bin/python bench/startup.py            # embedded SmolLM2 + LoRA, the whole GSM8K train split
     .venv/bin/python bench/startup.py --json     # {"trial_start_s": ..., "search_first_step_s": ...}
 
-1. search_first_step_s: ``python -m tune_llama.search`` is launched on a 1-trial spec whose
-   ``training.eval_every`` puts the first report right after the first optimizer step. The bench polls the
-   trial's result.json (every 50 ms) for that report; search_first_step_s = launch to the report showing up,
-   minus the report's own ``eval_time_s`` and ``checkpoint_time_s`` (what the loop did after the step),
-   i.e. launch to the end of the first step, plus the report's hand-off to the driver. Ray's
-   ``time_total_s`` of that report (the trial function's own time) splits it into before the trial
-   function ran (CLI imports, preflight, ray.init, the worker) and inside it. The search is then stopped
-   with SIGTERM (it saves its state and exits). Its preflight fills the encode cache, as in a real search.
-2. trial_start_s: afterwards, in a fresh process, as a trial worker would: ``setup(spec)`` (its
-   ``timings``: tokenizer, data, model incl. the lazy transformers/peft imports, optimizer) plus the first
-   ``train_step``. The imports of torch, transformers and the loop are shown apart, not included.
+search_first_step_s: from launching ``python -m tune_llama.search`` on a 1-trial spec that reports after its
+first optimizer step to that report showing up in the trial's result.json (polled every 50 ms), minus the
+report's ``eval_time_s`` and ``checkpoint_time_s``; Ray's ``time_total_s`` splits it into before and inside
+the trial function. The search is then stopped (SIGTERM); its preflight has filled the encode cache.
+trial_start_s: in a fresh process, ``setup(spec)``'s timings plus the first ``train_step`` (imports apart).
 """
 
 from __future__ import annotations
@@ -60,11 +54,10 @@ def search_first_step(spec: dict, folder: Path) -> dict:
 def trial_start(args) -> None:
     """In a fresh process (``--trial``): print the figures as JSON."""
     tick = time.perf_counter()
-    import torch
+    import torch  # noqa: F401
     import transformers  # noqa: F401
     from tune_llama.loop import setup
     imports = time.perf_counter() - tick
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     run = setup(common.make_spec(args))
     first_step, _ = common.train_steps(run, 1)
     print(json.dumps({"trial_start_s": sum(run.timings.values()) + first_step,

@@ -4,16 +4,10 @@
     .venv/bin/python bench/throughput.py --seconds 10 --rounds 1   # smoke run
     python3 bench/throughput.py --model random:llama-2-7b --data synthetic    # GPU (bf16 there)
 
-Same model (loader and seed, so the same LoRA init), examples, batch size, lr and precision for all:
-ours (``setup``, ``epoch_windows``, ``train_step``: length-grouped batches, answer-only logits); ours-budget
-(``--max-tokens N``: ours with ``data.max_tokens_per_batch=N``); hf-trainer (``transformers.Trainer``
-defaults, ``DataCollatorForSeq2Seq``); hf-grouped (the same, grouped by length); hf-flat (the same with the
-padding-free ``DataCollatorWithFlattening``, run only if a flattened batch gives the padded batch's logits
-with the attention in use); recipes (llama-recipes style: shuffled DataLoader, padding to the longest row,
-``torch.optim.AdamW`` defaults, the loss read back every step). Each trains ``--warmup-steps`` untimed
-steps, then for at least ``--seconds``; rounds are interleaved and rotated. Printed: real (not padding)
-tokens/s min/median/max over rounds, computed tokens/s, real share, computed tokens per step, and (CPU) a
-least-squares fit of step time = fixed + tokens / marginal rate. What counts: ours / the strongest other.
+Contenders (same model and seed, examples, batch size, lr, precision): ours, ours-budget (``--max-tokens``),
+hf-trainer, hf-grouped, hf-flat (``DataCollatorWithFlattening``, only where flattened and padded logits
+agree), recipes. Warmup steps untimed, then >= ``--seconds`` each, in interleaved rotated rounds; real
+tokens/s min/median/max, and ours / the strongest other. bench/README.md says what each one is.
 """
 
 from __future__ import annotations
@@ -220,7 +214,7 @@ def main(argv=None) -> int:
     results: dict[str, list[dict]] = {n: [] for n in names if n not in skipped}
     for r in range(args.rounds):
         for name in list(results)[r % len(results):] + list(results)[:r % len(results)]:  # rotated
-            clock = Clock(device, args.warmup_steps, seconds)
+            clock = Clock(device, max(1, args.warmup_steps), seconds)
             common.free_memory(device)
             try:
                 with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its own summary; stdout is ours

@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     where = os.path.relpath(experiment)
     print("\n" + "\n".join([
         "=" * 30 + " what happened " + "=" * 30,
-        f"searched {info['spec']['search']['num_samples']} configs of {BASE_MODEL} (LoRA) on {DATA} "
-        f"in {time.perf_counter() - start:.0f} s",
+        f"searched {info['spec']['search']['num_samples']} configs of {BASE_MODEL} (LoRA) on {DATA}, exported "
+        f"the best and scored it before and after: {time.perf_counter() - start:.0f} s",
         f"best config: {json.dumps(info['params'])}",
         f"its validation loss: {info['metric']['value']:.4f} at epoch {info['epoch']:g} "
         f"(perplexity {info['metrics']['eval_perplexity']:.2f})",
