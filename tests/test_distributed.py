@@ -173,13 +173,14 @@ def worker_search(tmp_path_factory):
     experiment = storage / "workers"
     leader = popen_search([str(TINY), "--name", "workers", "--storage", str(storage), *WORKER_SEARCH], cwd=storage)
     try:
-        trial, driver_pid = wait_until(first_report(experiment, 1.0), leader, "a trial's first report")
+        # Generous: Ray Train starts two workers per trial, slow on a busy 2-core machine.
+        trial, driver_pid = wait_until(first_report(experiment, 1.0), leader, "a trial's first report", timeout=900)
 
         # Only this search's: its session, a Ray Train worker's process title.
         victim = wait_until(lambda: session_processes(leader.pid, "ray::RayTrainWorker"), leader,
-                            "the trial's Ray Train workers")[-1]
+                            "the trial's Ray Train workers", timeout=600)[-1]
         os.kill(victim, signal.SIGKILL)
-        code = leader.wait(timeout=400)
+        code = leader.wait(timeout=1200)
     finally:
         if leader.poll() is None:
             kill_session(leader)
