@@ -1,4 +1,4 @@
-"""``tune-llama COMMAND ...``: one command for the whole pipeline.
+"""One command for the whole pipeline: ``tune-llama COMMAND ...``.
 
 Each subcommand is a module with ``add_arguments(parser)`` and ``run(args)``;
 ``python -m tune_llama.MODULE`` runs the same code.
