@@ -9,32 +9,28 @@ hold would otherwise wait forever.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
+from typing import Any
 
 from tune_llama.errors import SpecError, UserError
 from tune_llama.model import EMBEDDED, SHAPES, embedded_checkpoint, load_tokenizer
 from tune_llama.spec import ModelSpec, Spec
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Checked:
-    """What preflight learned: the sizes a search will train and validate on."""
-    train_examples: int
-    val_examples: int
-    truncated: int
-    dropped: int
+    """What preflight loaded: a run in this process (``train``) starts from it instead of loading it again."""
+    tokenizer: Any
+    train: Any
+    val: Any
+    """The encoded train and validation sets (``tune_llama.data.Encoded``)."""
 
 
 def preflight(spec: Spec) -> Checked:
     from tune_llama.loop import encode_splits
     check_model(spec.model)
     tokenizer = load_tokenizer(spec.model)
-    train, val = encode_splits(spec, tokenizer)
-    return Checked(len(train), len(val), train.truncated + val.truncated,
-                   getattr(train, "dropped", 0) + getattr(val, "dropped", 0))
+    return Checked(tokenizer, *encode_splits(spec, tokenizer))
 
 
 def check_model(model: ModelSpec) -> None:

@@ -142,7 +142,7 @@ class Trial:
             return FINISHED
         if self.ray_status == "TERMINATED" or (self.ray_status is None and last.get("done")):
             return ASHA_STOPPED  # Tune ended it before training.epochs and the loop did not
-        if not driver_alive or not worker_alive(last):
+        if not driver_alive or not process_alive(last):  # the worker that last reported
             return INTERRUPTED
         return PENDING if self.ray_status in ("PENDING", "PAUSED") else RUNNING
 
@@ -281,11 +281,6 @@ def write_driver_file(path: Path) -> None:
 
 def driver_alive(path: Path) -> bool:
     return process_alive(read_json(path / DRIVER_FILE) or {})
-
-
-def worker_alive(row: dict[str, Any]) -> bool:
-    """Whether the process that last reported for a trial still runs."""
-    return process_alive(row)
 
 
 def process_alive(info: dict[str, Any]) -> bool:

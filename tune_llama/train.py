@@ -49,7 +49,7 @@ def run_summary(history: list[dict], status: str, metric: str, mode: str) -> dic
 
 
 def train(spec: Spec, output: Path) -> dict:
-    preflight(spec)
+    checked = preflight(spec)
     output.mkdir(parents=True, exist_ok=True)
     (output / "spec.json").write_text(json.dumps(spec.to_dict(), indent=1))
     metrics_file = output / "metrics.jsonl"
@@ -66,7 +66,7 @@ def train(spec: Spec, output: Path) -> dict:
             f.write(json.dumps(metrics) + "\n")
         bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 
-    run = setup(spec)
+    run = setup(spec, tokenizer=checked.tokenizer, data=(checked.train, checked.val))
     # A bar (plain lines in a log) over optimizer steps: an epoch can take many minutes between reports.
     with Progress(run.total_steps, "train", "step", initial=run.step) as bar:
         fit(run, save_checkpoint=save_if_best, report=report, on_step=lambda _: bar.update(1))
