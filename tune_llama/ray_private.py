@@ -92,51 +92,77 @@ def _read_json(path: Path) -> Any:
 
 # ---------------------------------------------------------------- a last good copy of the experiment state
 
-GOOD_STATE = ".experiment_state.last-good.json"
-"""Ray rewrites ``experiment_state-*.json`` in place; a full disk can leave it cut short, and ``Tuner.restore``
-then silently starts the whole search over. A parsed copy is kept beside it and put back before a resume."""
+GOOD_STATE = ".last-good-state"
+"""Ray rewrites its state files (``experiment_state-*.json``, the search generator's ``search_gen_state-*.json``
+and the searcher's ``searcher-state-*.pkl``) in place; a full disk can leave any of them cut short, and
+``Tuner.restore`` then fails or silently starts the search over. A copy of each, taken only while it loads,
+is kept in this folder and put back before a resume."""
+STATE_GLOBS = (EXPERIMENT_STATE_GLOB, "search_gen_state-*.json", "searcher-state-*.pkl")
 
 
-def newest_state(experiment: Path) -> Optional[Path]:
-    files = sorted(Path(experiment).glob(EXPERIMENT_STATE_GLOB), key=lambda p: p.stat().st_mtime)
+def newest_state(experiment: Path, pattern: str = EXPERIMENT_STATE_GLOB) -> Optional[Path]:
+    files = sorted(Path(experiment).glob(pattern), key=lambda p: p.stat().st_mtime)
     return files[-1] if files else None
 
 
+def _loads(data: bytes) -> bool:
+    """Whether a state file's bytes load (JSON, or the cloudpickle Ray writes under some .json names)."""
+    import pickle
+    try:
+        json.loads(data)
+        return True
+    except ValueError:
+        pass
+    try:
+        pickle.loads(data)
+        return True
+    except Exception:  # truncated or foreign: any unpickling error means unusable
+        return False
+
+
 def back_up_state(experiment: Path, since: float = 0.0) -> float:
-    """Copy the newest experiment state aside if it changed after ``since`` (an mtime) and parses
-    (write and rename: never half a copy); returns the mtime of the state now backed up."""
-    source = newest_state(experiment)
-    try:
-        mtime = source.stat().st_mtime if source else 0.0
-    except OSError:
-        return since
-    state = _read_json(source) if source and mtime > since else None
-    if not isinstance(state, dict):
-        return since
+    """Copy each of Ray's newest state files aside if one changed after ``since`` (an mtime) and it loads
+    (write and rename: never half a copy); returns the newest mtime seen."""
     backup = Path(experiment) / GOOD_STATE
-    tmp = backup.with_suffix(".tmp")
-    try:
-        tmp.write_text(json.dumps({"file": source.name, "state": state}))
-        tmp.replace(backup)
-    except OSError:  # the disk is full: the previous good copy stays
-        tmp.unlink(missing_ok=True)
-        return since
-    return mtime
+    newest = since
+    for pattern in STATE_GLOBS:
+        source = newest_state(experiment, pattern)
+        try:
+            mtime = source.stat().st_mtime if source else 0.0
+            if mtime <= since:
+                continue
+            data = source.read_bytes()
+            if not data or not _loads(data):
+                continue
+            backup.mkdir(exist_ok=True)
+            tmp = backup / f".{source.name}.tmp"
+            tmp.write_bytes(data)
+            tmp.replace(backup / source.name)
+            newest = max(newest, mtime)
+        except OSError:  # the disk is full: the previous good copy stays
+            continue
+    return newest
 
 
 def repair_state(experiment: Path) -> Optional[str]:
-    """Put the last good state back when the newest one does not parse; returns what was repaired, or None
-    when nothing needed it. A damaged state without a good copy is a ``UserError``: Tune would start over."""
-    source = newest_state(experiment)
-    if source is None or isinstance(_read_json(source), dict):
-        return None
-    backup = _read_json(Path(experiment) / GOOD_STATE)
-    if not isinstance(backup, dict) or not isinstance(backup.get("state"), dict):
-        from tune_llama.errors import UserError
-        raise UserError(f"--resume: {source} was cut short (a full disk?) and no good copy of it was kept; "
-                        "Tune cannot resume this search (its checkpoints are intact: export still works)")
-    source.write_text(json.dumps(backup["state"]))
-    return source.name
+    """Put the last good copy back for each newest state file that does not load; returns what was repaired,
+    or None when nothing needed it. A damaged file without a good copy is a ``UserError``: Tune would start over."""
+    repaired = []
+    for pattern in STATE_GLOBS:
+        source = newest_state(experiment, pattern)
+        if source is None:
+            continue
+        data = source.read_bytes()
+        if data and _loads(data):
+            continue
+        good = Path(experiment) / GOOD_STATE / source.name
+        if not good.is_file():
+            from tune_llama.errors import UserError
+            raise UserError(f"--resume: {source} was cut short (a full disk?) and no good copy of it was kept; "
+                            "Tune cannot resume this search (its checkpoints are intact: export still works)")
+        source.write_bytes(good.read_bytes())
+        repaired.append(source.name)
+    return ", ".join(repaired) or None
 
 
 # ---------------------------------------------------------------- a multi-worker trial's placement group
