@@ -1,11 +1,21 @@
 """ASHA + Optuna TPE against FIFO random search: same spec, trials and budget, one invocation.
 
-    .venv/bin/python bench/search_efficiency.py --samples 12 --epochs 4 --eval-every 0.25
-    .venv/bin/python bench/search_efficiency.py --reduction-factor 4 --brackets 2 --json
+    # tiny.yaml (the default spec), about 8 min:
+    .venv/bin/python bench/search_efficiency.py --samples 24 --epochs 4 --eval-every 0.25 --reduction-factor 4
+        --grace-period 0.25 --max-concurrent 2
+    # the embedded SmolLM2 on a real GSM8K slice, one trial at a time, then two trials x 1 core (~40 min each):
+    .venv/bin/python bench/search_efficiency.py bench/specs/smollm2_gsm8k.yaml --json
+    .venv/bin/python bench/search_efficiency.py bench/specs/smollm2_gsm8k.yaml --max-concurrent 2
+        --set search.resources.cpu=1
 
-asha: ``tune_llama.search.main``. random: the same trainable, space, samples, concurrency and epochs with
-Ray's ``BasicVariantGenerator``, FIFO. Trial-steps: the sum over trials of the last step each reported
-(trial-epochs: in epochs); best: the best ``search.metric`` of any report (``tune_llama.results``).
+Every option left out keeps the spec's value.
+
+asha: ``tune_llama.search.main`` with the spec's sampler (TPE). asha-random-sampler: the same with
+``search.sampler=random``, which separates what ASHA's stops save from where TPE moves the budget (TPE's later
+configs are better, so more of them survive the rungs). random: the same trainable, space, samples, concurrency
+and epochs with Ray's ``BasicVariantGenerator``, FIFO. Trial-steps: the sum over trials of the last step each
+reported (trial-epochs: in epochs, the compute measure when gradient accumulation differs between trials);
+best: the best ``search.metric`` of any report (``tune_llama.results``).
 Goal: asha_trial_steps <= 40% of random_trial_steps, asha_best within 2% of random_best (or better).
 """
 
@@ -27,17 +37,18 @@ from tune_llama.results import SPEC_FILE, load_search  # noqa: E402
 from tune_llama.spec import load_spec  # noqa: E402
 
 
-def random_search(spec, storage: Path) -> None:
+def random_search(spec, storage: Path, name: str = "random") -> None:
+    """FIFO random search: the spec's trainable, space, samples and concurrency; no early stopping."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
-    (storage / "random").mkdir()
-    (storage / "random" / SPEC_FILE).write_text(json.dumps(spec.to_dict()))  # what load_search reads
+    (storage / name).mkdir()
+    (storage / name / SPEC_FILE).write_text(json.dumps(spec.to_dict()))  # what load_search reads
     s = spec.search
     tune.Tuner(search.trainable(spec), param_space=search.param_space(spec), tune_config=tune.TuneConfig(
         metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=FIFOScheduler(),
         search_alg=BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent)),
-        run_config=tune.RunConfig(name="random", storage_path=str(storage), verbose=0)).fit()
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0)).fit()
 
 
 def figures(folder: Path, seconds: float) -> dict:
@@ -46,6 +57,7 @@ def figures(folder: Path, seconds: float) -> dict:
     ended = [t.rows[-1] for t in found.trials if t.rows]
     return {"trials": len(found.trials), "trial_steps": sum(r["step"] for r in ended),
             "trial_epochs": sum(r["epoch"] for r in ended),
+            "full": sum(r["epoch"] >= found.spec.training.epochs - 1e-9 for r in ended),
             "best": best[1][found.metric] if best else float("nan"), "wall_s": seconds}
 
 
@@ -53,8 +65,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", nargs="?", default=str(common.REPO / "search_spaces" / "tiny.yaml"))
-    options = {"--samples": ("search.num_samples", "12"), "--epochs": ("training.epochs", "4"),
-               "--eval-every": ("training.eval_every", "0.25"), "--max-concurrent": ("search.max_concurrent", None),
+    options = {"--samples": ("search.num_samples", None), "--epochs": ("training.epochs", None),
+               "--eval-every": ("training.eval_every", None), "--max-concurrent": ("search.max_concurrent", None),
                "--reduction-factor": ("search.asha.reduction_factor", None),
                "--grace-period": ("search.asha.grace_period", None), "--brackets": ("search.asha.brackets", None)}
     for flag, (field, default) in options.items():
@@ -69,27 +81,37 @@ def main(argv=None) -> int:
     spec = search.absolute_paths(load_spec(args.spec, overrides))
     results = {}
     with contextlib.redirect_stdout(sys.stderr):  # the search's summary and progress table: not the result
-        start = time.perf_counter()
-        code = search.main([args.spec, "--name", "asha", "--storage", str(storage),
-                            *[x for o in overrides for x in ("--set", o)]])
-        if code:
-            sys.exit(f"the ASHA search exited {code}; see {storage / 'asha'}")
-        results["asha"] = figures(storage / "asha", time.perf_counter() - start)
+        for name, extra in (("asha", []), ("asha-random-sampler", ["search.sampler=random"])):
+            start = time.perf_counter()
+            code = search.main([args.spec, "--name", name, "--storage", str(storage),
+                                *[x for o in overrides + extra for x in ("--set", o)]])
+            if code:
+                sys.exit(f"the {name} search exited {code}; see {storage / name}")
+            results[name] = figures(storage / name, time.perf_counter() - start)
         start = time.perf_counter()
         random_search(spec, storage)
         results["random"] = figures(storage / "random", time.perf_counter() - start)
-    asha, rand = results["asha"], results["random"]
-    steps_share, loss_gap = asha["trial_steps"] / rand["trial_steps"], asha["best"] / rand["best"] - 1
+    asha, sampled, rand = results["asha"], results["asha-random-sampler"], results["random"]
     s = spec.search
+
+    def verdict(name: str, found: dict) -> str:
+        return (f"{name}: {found['trial_steps'] / rand['trial_steps']:.0%} of random search's trial-steps "
+                f"({found['trial_epochs'] / rand['trial_epochs']:.0%} of its trial-epochs; goal <= 40%), "
+                f"best {s.metric} {found['best'] / rand['best'] - 1:+.2%} against it (goal <= +2%)")
+
     common.output(args, [{"search": k, **v} for k, v in results.items()],
-                  [("search", "search"), ("trials", "trials"), ("trial_steps", "trial-steps"),
-                   ("trial_epochs", "trial-epochs"), ("best", f"best {s.metric}"), ("wall_s", "wall s")],
+                  [("search", "search"), ("trials", "trials"), ("full", "ran to max_t"),
+                   ("trial_steps", "trial-steps"), ("trial_epochs", "trial-epochs"), ("best", f"best {s.metric}"),
+                   ("wall_s", "wall s")],
                   {"asha_trial_steps": asha["trial_steps"], "random_trial_steps": rand["trial_steps"],
-                   "asha_best": asha["best"], "random_best": rand["best"]},
+                   "asha_best": asha["best"], "random_best": rand["best"],
+                   "asha_random_sampler_trial_steps": sampled["trial_steps"],
+                   "asha_random_sampler_best": sampled["best"]},
                   f"ASHA: reduction factor {s.asha.reduction_factor}, grace period {search.grace_period(spec):g} "
-                  f"epoch(s), {s.asha.brackets} bracket(s), max_t {spec.training.epochs} epochs\n"
-                  f"trial-steps: ASHA used {steps_share:.0%} of random search's (goal <= 40%)\n"
-                  f"best {s.metric}: ASHA {loss_gap:+.2%} against random search (goal <= +2%)")
+                  f"epoch(s), {s.asha.brackets} bracket(s), max_t {spec.training.epochs} epochs, "
+                  f"max_concurrent {s.max_concurrent}\n"
+                  f"{verdict('ASHA + Optuna ' + s.sampler.upper(), asha)}\n"
+                  f"{verdict('ASHA + Optuna random sampler', sampled)}")
     return 0
 
 

@@ -8,6 +8,8 @@ first optimizer step to that report showing up in the trial's result.json (polle
 report's ``eval_time_s`` and ``checkpoint_time_s``; Ray's ``time_total_s`` splits it into before and inside
 the trial function. The search is then stopped (SIGTERM); its preflight has filled the encode cache.
 trial_start_s: in a fresh process, ``setup(spec)``'s timings plus the first ``train_step`` (imports apart).
+On a CPU one optimizer step of the embedded model at batch 8 is itself ~10 s of compute, so the table also
+splits off the start-up overhead: setup plus the first step's warm-up over a steady step.
 """
 
 from __future__ import annotations
@@ -60,8 +62,12 @@ def trial_start(args) -> None:
     imports = time.perf_counter() - tick
     run = setup(common.make_spec(args))
     first_step, _ = common.train_steps(run, 1)
+    steady = min(common.train_steps(run, 1)[0] for _ in range(2))  # what a step costs once warm
+    overhead = sum(run.timings.values()) + max(first_step - steady, 0.0)
     print(json.dumps({"trial_start_s": sum(run.timings.values()) + first_step,
                       **{f"  setup: {name}": s for name, s in run.timings.items()}, "  first train_step": first_step,
+                      "start-up overhead: setup + the first step's warm-up (first step - steady step)": overhead,
+                      "  a steady train_step (min of the next 2)": steady,
                       "imports before it (torch, transformers, tune_llama.loop; not included)": imports}))
 
 

@@ -139,15 +139,18 @@ def test_a_checkpoint_of_two_workers_is_refused_in_one_line_by_another_number_of
 
 
 def test_concurrent_trials_fit_the_cluster_unless_the_spec_asks_for_fewer():
-    from tune_llama.distributed import concurrent_trials
     from tune_llama.errors import UserError
+    from tune_llama.preflight import check_cluster
     spec = spec_from_dict({"search": {"max_concurrent": 8, "resources": {"workers": 2, "gpu": 1, "cpu": 4}}})
-    assert concurrent_trials(spec, {"GPU": 8, "CPU": 64}) == 4
-    assert concurrent_trials(spec, {"GPU": 5, "CPU": 64}) == 2
+    assert check_cluster(spec, [{"GPU": 8, "CPU": 64}]) == 4
+    assert check_cluster(spec, [{"GPU": 5, "CPU": 64}]) == 2
+    assert check_cluster(spec, [{"GPU": 1, "CPU": 8}, {"GPU": 3, "CPU": 8}]) == 2, "workers span nodes"
     spec.search.max_concurrent = 1
-    assert concurrent_trials(spec, {"GPU": 8, "CPU": 64}) == 1
+    assert check_cluster(spec, [{"GPU": 8, "CPU": 64}]) == 1
     with pytest.raises(UserError, match="workers"):
-        concurrent_trials(spec, {"GPU": 1, "CPU": 64})
+        check_cluster(spec, [{"GPU": 1, "CPU": 64}])
+    with pytest.raises(UserError, match="largest node offers cpu=2"):
+        check_cluster(spec, [{"GPU": 8, "CPU": 2}])
 
 
 # ---------------------------------------------------------------- a real search: Tune trials of 2 Ray Train workers

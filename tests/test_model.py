@@ -58,3 +58,12 @@ def test_liger_kernels_on_a_machine_without_cuda_fail_naming_the_field():
     from tune_llama.loop import setup
     with pytest.raises(SpecError, match="model.kernels"):
         setup(load_spec(TINY, ["model.kernels=liger"]))
+
+
+def test_a_cuda_only_option_whose_package_is_missing_names_the_field_and_the_package():
+    from tune_llama.model import cuda_package
+    with pytest.raises(SpecError) as err:  # a CUDA device object needs no GPU to exist
+        cuda_package("training.optimizer", "adamw_8bit", "no_such_package.sub", torch.device("cuda"),
+                     fallback="training.optimizer=adamw")
+    assert err.value.path == "training.optimizer"
+    assert "pip install no-such-package" in str(err.value)

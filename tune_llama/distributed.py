@@ -439,22 +439,6 @@ def worker_resources(spec: Spec) -> dict[str, float]:
     return {"cpu": spec.search.resources.cpu, "gpu": gpu}
 
 
-def concurrent_trials(spec: Spec, cluster: dict[str, float]) -> int:
-    """``search.max_concurrent``, capped by how many trials' workers the cluster holds at once (its GPUs over
-    the GPUs a trial takes; CPUs for CPU trials). Tune cannot see Train's workers, so this is the only cap."""
-    workers, each = spec.search.resources.workers, worker_resources(spec)
-    if workers == 1:
-        return spec.search.max_concurrent
-    kind = "gpu" if each["gpu"] else "cpu"
-    fits = int(cluster.get(kind.upper(), 0) // (each[kind] * workers))
-    if fits < 1:
-        from tune_llama.errors import UserError
-        raise UserError(f"search.resources: a trial's {workers} workers take {kind}={each[kind] * workers:g} in "
-                        f"all, but the cluster has {kind}={cluster.get(kind.upper(), 0):g}: lower "
-                        f"search.resources.workers or search.resources.{kind}")
-    return min(spec.search.max_concurrent, fits)
-
-
 def train_trial_on_workers(spec: Spec) -> None:
     """The Tune trial of a multi-worker spec: run its workers with Ray Train and let Tune see their reports.
 

@@ -34,7 +34,7 @@ from tune_llama.data.batching import Batch, count_batches
 from tune_llama.data.cache import encode_cached
 from tune_llama.errors import CheckpointError, SpecError
 from tune_llama.loss import answer_only_loss
-from tune_llama.model import load_model, load_tokenizer, load_trainable_state, trainable_state
+from tune_llama.model import cuda_package, load_model, load_tokenizer, load_trainable_state, trainable_state
 from tune_llama.spec import Spec, TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -164,13 +164,8 @@ def build_optimizer(model, spec: Spec, device: torch.device) -> torch.optim.Opti
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
                                weight_decay=t.weight_decay)
     if t.optimizer == "adamw_8bit":
-        if device.type != "cuda":
-            raise SpecError("training.optimizer", "adamw_8bit needs bitsandbytes and CUDA; use adamw on CPU")
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise SpecError("training.optimizer", "adamw_8bit needs bitsandbytes: pip install bitsandbytes") \
-                from None
+        bnb = cuda_package("training.optimizer", "adamw_8bit", "bitsandbytes", device,
+                           fallback="training.optimizer=adamw")
         return bnb.optim.AdamW8bit(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     fused = device.type == "cuda" and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
     return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=fused)

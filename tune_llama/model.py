@@ -7,6 +7,7 @@ Names: a hub id or local directory; ``embedded:smollm2`` (the GGUF in the
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import string
@@ -124,9 +125,9 @@ def load_tokenizer(spec: ModelSpec):
 def load_model(spec: ModelSpec, tokenizer, device: torch.device, seed: int = 0):
     """The model a spec names, on ``device``, wrapped for LoRA when asked, ready to train."""
     dtype = DTYPES[spec.dtype]
-    if spec.quantization != "none" and device.type != "cuda":
-        raise SpecError("model.quantization", f"{spec.quantization} quantization needs bitsandbytes and CUDA; "
-                                              "this machine has no GPU (set model.quantization=none)")
+    if spec.quantization != "none":
+        cuda_package("model.quantization", f"{spec.quantization} quantization", "bitsandbytes", device,
+                     fallback="model.quantization=none")
     if spec.name.startswith("random:"):
         model = random_model(spec, tokenizer, device, seed)
     else:
@@ -150,17 +151,25 @@ def load_model(spec: ModelSpec, tokenizer, device: torch.device, seed: int = 0):
 def apply_liger(model, device: torch.device) -> None:
     """Liger's RMSNorm, SwiGLU and RoPE kernels, patched into this model instance (its fused linear
     cross-entropy is used by ``tune_llama.loss``)."""
-    if device.type != "cuda":
-        raise SpecError("model.kernels", "liger's Triton kernels need CUDA; use model.kernels=none on this machine")
-    try:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-    except ImportError:
-        raise SpecError("model.kernels", "liger needs the liger-kernel package: pip install 'tune-llama[kernels]'") \
-            from None
+    liger = cuda_package("model.kernels", "liger's Triton kernels", "liger_kernel.transformers", device,
+                         fallback="model.kernels=none", install="'tune-llama[kernels]'")
     if model.config.model_type != "llama":
         raise SpecError("model.kernels", f"liger is wired for Llama models here, not {model.config.model_type!r}")
-    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+    liger.apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                 fused_linear_cross_entropy=False, model=model)
+
+
+def cuda_package(field: str, what: str, module: str, device: torch.device, fallback: str,
+                 install: Optional[str] = None):
+    """``module``, imported, for a setting that needs CUDA and an optional package; else one line naming
+    ``field`` and what to set instead (``fallback``) or install."""
+    if device.type != "cuda":
+        raise SpecError(field, f"{what} needs CUDA; this machine has no GPU (set {fallback})")
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0].replace("_", "-")
+        raise SpecError(field, f"{what} needs the {package} package: pip install {install or package}") from None
 
 
 def random_model(spec: ModelSpec, tokenizer, device: torch.device, seed: int):

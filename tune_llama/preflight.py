@@ -1,16 +1,16 @@
-"""Everything a search can check before Ray starts, so bad input fails in seconds with one line.
+"""Everything a search can check without Ray, so bad input fails in seconds with one line.
 
 ``preflight(spec)`` reads the data end to end, loads the tokenizer, encodes
 every example under the over-length policy (the encode cache then serves the
 trials the same tensors), and resolves the model's config without loading its
 weights. ``check_cluster`` runs after ``ray.init``: a trial that no node can
-hold would otherwise wait forever.
+hold would otherwise wait forever, and it caps how many trials run at once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from tune_llama.errors import SpecError, UserError
 from tune_llama.model import EMBEDDED, SHAPES, embedded_checkpoint, load_tokenizer
@@ -51,14 +51,31 @@ def check_model(model: ModelSpec) -> None:
         raise SpecError("model.name", f"cannot load the config of {name!r}: {reason}") from None
 
 
-def check_cluster(resources: dict[str, float]) -> None:
-    """A trial's resources must fit on one alive node of the Ray cluster we joined."""
-    import ray
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    fits = [n for n in nodes if all(n.get(k.upper(), 0) >= v for k, v in resources.items() if v)]
-    if fits:
-        return
-    largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
-    raise UserError(f"search.resources: each trial asks for cpu={resources.get('cpu', 0):g}, "
-                    f"gpu={resources.get('gpu', 0):g}, but the largest node offers "
-                    f"cpu={largest.get('CPU', 0):g}, gpu={largest.get('GPU', 0):g}: lower search.resources")
+def check_cluster(spec: Spec, nodes: Optional[list[dict[str, float]]] = None) -> int:
+    """How many trials may run at once on the Ray cluster we joined (``nodes``: each alive node's resources,
+    as ``ray.nodes()`` gives them), or one line naming ``search.resources`` when a trial cannot run.
+
+    Each training process (the trial, or each of its workers) must fit on one node, and all of a trial's
+    workers on the cluster at once. ``search.max_concurrent`` is capped by the latter: Tune cannot see Ray
+    Train's workers, so this is the only cap on multi-worker trials.
+    """
+    from tune_llama.distributed import worker_resources
+    if nodes is None:
+        import ray
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    each, workers = worker_resources(spec), spec.search.resources.workers
+    if not any(all(n.get(k.upper(), 0) >= v for k, v in each.items() if v) for n in nodes):
+        largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+        raise UserError(f"search.resources: each {'worker' if workers > 1 else 'trial'} asks for "
+                        f"cpu={each['cpu']:g}, gpu={each['gpu']:g}, but the largest node offers "
+                        f"cpu={largest.get('CPU', 0):g}, gpu={largest.get('GPU', 0):g}: lower search.resources")
+    if workers == 1:
+        return spec.search.max_concurrent
+    kind = "gpu" if each["gpu"] else "cpu"
+    total = sum(n.get(kind.upper(), 0) for n in nodes)
+    fits = int(total // (each[kind] * workers))
+    if fits < 1:
+        raise UserError(f"search.resources: a trial's {workers} workers take {kind}={each[kind] * workers:g} in "
+                        f"all, but the cluster has {kind}={total:g}: lower search.resources.workers or "
+                        f"search.resources.{kind}")
+    return min(spec.search.max_concurrent, fits)

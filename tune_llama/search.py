@@ -4,7 +4,8 @@
 search in ``results/NAME``; ``--resume results/NAME`` continues an interrupted
 one: searcher and scheduler state come back, unfinished trials continue from
 their last checkpoint and errored ones are retried. Everything that can be
-checked before Ray starts is checked first (``tune_llama.preflight``).
+checked without Ray (``tune_llama.preflight``) is checked while Ray starts;
+bad input shuts that Ray down again and writes nothing.
 
 Exit codes: 0 every trial ended normally (ASHA stops included), 2 bad input,
 3 interrupted (resume it), 4 every trial errored; some errored trials are a
@@ -64,7 +65,7 @@ def trainable(spec: Spec):
     from tune_llama.trainable import train_trial
     # With workers > 1 the trial only drives Ray Train, whose workers take trial_resources each (in their own
     # placement group): the driver holds nothing (Tune refuses an all-zero request, hence one byte of memory),
-    # and concurrent_trials caps how many trials run at once.
+    # and preflight.check_cluster caps how many trials run at once.
     resources = trial_resources(spec) if spec.search.resources.workers == 1 else {"cpu": 0, "gpu": 0, "memory": 1}
     return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict()), resources)
 
@@ -77,26 +78,25 @@ def grace_period(spec: Spec) -> float:
     return t.eval_every if t.eval_every <= 1 else 1.0
 
 
-def tune_config(spec: Spec, experiment: Path):
+def tune_config(spec: Spec, experiment: Path, concurrent: int):
+    """Optuna (in SQLite), ASHA on the fractional epoch, and at most ``concurrent`` trials at once."""
     import optuna
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
-    from tune_llama.distributed import concurrent_trials
     from tune_llama.searcher import ResumableOptunaSearch
 
     s = spec.search
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(f"sqlite:///{experiment / OPTUNA_DB}")
-    searcher = ResumableOptunaSearch(sampler=optuna.samplers.TPESampler(seed=s.seed), storage=storage,
+    sampler = (optuna.samplers.TPESampler if s.sampler == "tpe" else optuna.samplers.RandomSampler)(seed=s.seed)
+    searcher = ResumableOptunaSearch(sampler=sampler, storage=storage,
                                      study_name=experiment.name)
     # The time unit is the fractional epoch each report carries: reports inside an epoch are ASHA's rungs.
     scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.training.epochs, grace_period=grace_period(spec),
                               reduction_factor=s.asha.reduction_factor, brackets=s.asha.brackets)
     return tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
-                           search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent_trials(
-                               spec, ray.cluster_resources())))
+                           search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent))
 
 
 def run_config(spec: Spec, experiment: Path, verbose: bool):
@@ -198,26 +198,25 @@ def check_resumable(experiment: Path) -> Spec:
 
 def start(spec: Spec, experiment: Path, spec_file: str, verbose: bool):
     from ray import tune
-    from tune_llama.preflight import preflight  # imports torch: not needed for --print-experiment
     if (experiment / SPEC_FILE).exists():
         raise UserError(f"{experiment} already holds a search: resume it with --resume {experiment}, "
                         "or pick another --name")
-    preflight(spec)
-    start_ray(spec, verbose)  # before the folder exists: a refused search leaves nothing behind
+    preflight_while_ray_starts(spec, verbose)
+    concurrent = start_ray(spec, verbose)  # before the folder exists: a refused search leaves nothing behind
     experiment.mkdir(parents=True, exist_ok=True)
     (experiment / SPEC_FILE).write_text(json.dumps({**spec.to_dict(), "_spec_name": Path(spec_file).stem},
                                                    indent=1))
     write_driver_file(experiment)
-    return tune.Tuner(trainable(spec), param_space=param_space(spec), tune_config=tune_config(spec, experiment),
+    return tune.Tuner(trainable(spec), param_space=param_space(spec),
+                      tune_config=tune_config(spec, experiment, concurrent),
                       run_config=run_config(spec, experiment, verbose))
 
 
 def resume(experiment: Path, verbose: bool):
     from ray import tune
-    from tune_llama.preflight import preflight
     from tune_llama.ray_private import repair_state
     spec = check_resumable(experiment)
-    preflight(spec)
+    preflight_while_ray_starts(spec, verbose)
     repaired = repair_state(experiment)
     if repaired:
         print(f"notice: {repaired} was cut short (a full disk?); resuming from its last good copy", file=sys.stderr)
@@ -227,14 +226,38 @@ def resume(experiment: Path, verbose: bool):
                                     param_space=param_space(spec))
 
 
-def start_ray(spec: Spec, verbose: bool) -> None:
+def preflight_while_ray_starts(spec: Spec, verbose: bool) -> None:
+    """``preflight(spec)`` in a thread while Ray starts in this one: both take seconds, and Ray's start is
+    mostly waiting for its processes. (Ray must start in the main thread: it sets a signal handler, and
+    the processes it spawns die with the thread that spawned them.) When preflight refuses the input, the
+    Ray started here is shut down again, so bad input leaves no Ray behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import ray
-    from tune_llama.distributed import concurrent_trials
+    from tune_llama.preflight import preflight
+    started_here = not ray.is_initialized()
+    with ThreadPoolExecutor(1, thread_name_prefix="preflight") as pool:
+        checked = pool.submit(preflight, spec)
+        try:
+            init_ray(spec, verbose)
+        except BaseException:
+            if checked.exception() is not None:  # bad input explains more than Ray's failure to start
+                raise checked.exception() from None
+            raise
+    if checked.exception() is not None:
+        if started_here:
+            ray.shutdown()
+        raise checked.exception()
+
+
+def start_ray(spec: Spec, verbose: bool) -> int:
+    """Join or start Ray (if it is not up yet); how many trials may run at once on it
+    (``preflight.check_cluster``: one line if a trial cannot run there)."""
     from tune_llama.preflight import check_cluster
     init_ray(spec, verbose)
-    check_cluster(trial_resources(spec))
-    concurrent_trials(spec, ray.cluster_resources())  # all of a trial's workers fit the cluster, or one line
+    concurrent = check_cluster(spec)
     forward_sigterm_to_tune()
+    return concurrent
 
 
 def fit(tuner, experiment: Path) -> None:

@@ -290,8 +290,12 @@ class SearchSpec:
     (inclusive), ``quniform: [low, high, q]`` or ``choice: [a, b, ...]``."""
     asha: AshaSpec = field(default_factory=AshaSpec)
     """ASHA early-stopping settings; ``max_t`` is ``training.epochs``."""
+    sampler: Literal["tpe", "random"] = "tpe"
+    """Optuna sampler proposing the configs: ``tpe`` (model-based; it moves the
+    budget towards good regions) or ``random`` (independent draws, e.g. to
+    measure what ASHA alone saves)."""
     seed: int = 0
-    """Seed of the Optuna TPE sampler."""
+    """Seed of the Optuna sampler."""
     keep_checkpoints: int = 2
     """Checkpoints kept per trial, the best by ``metric``."""
     max_failures: int = 1
