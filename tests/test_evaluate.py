@@ -15,9 +15,10 @@ from tune_llama.calculator import calculate
 from tune_llama.cli import run_cli
 from tune_llama.data import final_answer, load_test
 from tune_llama.evaluate import (
-    DATA_VARIABLE, Row, RowWatch, add_arguments, default_data_source, extract_flexible, extract_strict,
-    gsm8k_accuracy, main, normalize, run, score, truncate_at_stop, wilson_interval,
+    DATA_VARIABLE, add_arguments, default_data_source, extract_flexible, extract_strict, gsm8k_accuracy, main,
+    normalize, run, score, wilson_interval,
 )
+from tune_llama.generate import Row, RowWatch, truncate_at_stop
 from tune_llama.spec import DataSpec
 
 ROW_FIELDS = {"index", "question", "generated", "strict", "flexible", "gold", "correct_strict", "correct_flexible"}

@@ -13,7 +13,7 @@ LAYERS = [
     ["errors", "paths", "redact", "calculator"],
     ["spec", "cli", "progress"],
     ["data"],
-    ["model", "loss"],
+    ["model", "loss", "generate"],
     ["loop"],
     ["ray_private", "results"],
     ["trainable", "distributed", "evaluate"],

@@ -137,6 +137,20 @@ def test_a_killed_search_resumes_to_exactly_num_samples_without_restarting_check
 
 # ---------------------------------------------------------------- bad input, before Ray starts
 
+def test_the_sampler_is_tpe_by_default_and_random_on_request_both_seeded():
+    import optuna
+    from tune_llama.spec import load_spec
+
+    def draws(spec) -> list[float]:
+        study = optuna.create_study(sampler=search.sampler(spec))
+        return [study.ask().suggest_float("lr", 1e-5, 1e-2, log=True) for _ in range(3)]
+
+    tpe, rand = load_spec(TINY), load_spec(TINY, ["search.sampler=random", "search.seed=7"])
+    assert isinstance(search.sampler(tpe), optuna.samplers.TPESampler)
+    assert isinstance(search.sampler(rand), optuna.samplers.RandomSampler)
+    assert draws(rand) == draws(rand) != draws(load_spec(TINY, ["search.sampler=random", "search.seed=8"]))
+
+
 def search_error(capsys, argv: list[str]) -> str:
     return one_line_error(search.main, argv, capsys)
 

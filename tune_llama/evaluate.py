@@ -23,25 +23,19 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from tune_llama.calculator import calculate
 from tune_llama.cli import run_cli
 from tune_llama.errors import SpecError, UserError
+from tune_llama.generate import STRICT, generate_texts
 from tune_llama.spec import DataSpec, ModelSpec, spec_from_dict
 
 DATA_VARIABLE = "TUNE_LLAMA_GSM8K"
 HUB_GSM8K = "openai/gsm8k"
-STOP_STRINGS = ("Question:",)  # a new few-shot question: the answer is over (lm-eval's `until`)
 # lm-evaluation-harness gsm8k filters: "strict-match" and "flexible-extract".
-STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
-# The whole first answer line: whatever follows it is never read by either extraction.
-ANSWER_LINE = re.compile(STRICT.pattern + r"[ \t]*\n")
-CALL = re.compile(r"<<([^<>=\n]*)=$")  # GSM8K's calculator annotation <<48/2=24>>, cut after its "="
-TAIL_TOKENS = 64  # enough generated tokens to hold a stop string, an answer line or a whole <<EXPR=
 Z95 = 1.959964
 
 
@@ -77,15 +71,6 @@ def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, fl
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
     return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def truncate_at_stop(text: str) -> str:
-    """The output up to a stop string or through its first complete ``#### N`` line, whichever comes first."""
-    cuts = [i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0]
-    answer = ANSWER_LINE.search(text)
-    if answer:
-        cuts.append(answer.end())
-    return text[:min(cuts, default=len(text))].strip()
 
 
 # ---------------------------------------------------------------- model and prompts
@@ -181,103 +166,6 @@ def few_shot_prefix(data: DataSpec, shots: int) -> str:
     if shots > len(train):
         raise UserError(f"--shots: {shots} is more than the {len(train)} training problems of {data.source}")
     return "".join(format_prompt(data.prompt_template, p["question"]) + p["answer"] + "\n\n" for p in train[:shots])
-
-
-# ---------------------------------------------------------------- generation
-
-@dataclass
-class Row:
-    prompt: list[int]
-    new: list[int] = field(default_factory=list)
-    """Tokens after the prompt: the model's and the calculator's."""
-    done: bool = False
-
-
-class RowWatch:
-    """Per-row stopping for one ``generate`` call: EOS, the token budget, a stop string, the first
-    ``#### N`` line and, with the calculator, a ``<<EXPR=`` it can compute (kept in ``results``)."""
-
-    def __init__(self, tokenizer, rows: list[Row], width: int, max_new_tokens: int, calculator: bool):
-        self.tokenizer, self.rows, self.width = tokenizer, rows, width
-        self.max_new_tokens, self.calculator = max_new_tokens, calculator
-        self.stopped_at: list[Optional[int]] = [None] * len(rows)
-        self.results: list[Optional[str]] = [None] * len(rows)
-
-    def __call__(self, input_ids):
-        import torch
-
-        length = input_ids.shape[1]
-        start = max(0, length - TAIL_TOKENS)
-        tails = input_ids[:, start:].tolist()
-        for i, row in enumerate(self.rows):
-            if self.stopped_at[i] is not None:
-                continue
-            generated = len(row.new) + length - self.width
-            own = tails[i][max(0, self.width - len(row.new) - start):]  # never the prompt's few-shot answers
-            if (own and own[-1] == self.tokenizer.eos_token_id) or generated >= self.max_new_tokens:
-                self.stopped_at[i] = length
-                continue
-            text = self.tokenizer.decode(own, skip_special_tokens=True)
-            call = CALL.search(text) if self.calculator else None
-            self.results[i] = calculate(call.group(1)) if call else None
-            if self.results[i] is not None or ANSWER_LINE.search(text) or any(s in text for s in STOP_STRINGS):
-                self.stopped_at[i] = length
-        return torch.tensor([s is not None for s in self.stopped_at], device=input_ids.device)
-
-
-def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, calculator: bool = False) -> list[str]:
-    """Greedy continuations of ``prompts`` in one left-padded batch, cut by ``truncate_at_stop``.
-
-    With ``calculator``, a row that stops at a ``<<EXPR=`` the calculator computes gets ``RESULT>>``
-    appended and is generated further (the others wait finished), until every row is done.
-    """
-    from tune_llama.data.examples import adds_bos
-
-    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []  # as in training: BOS + prompt tokens
-    rows = [Row(bos + ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids]
-    while active := [row for row in rows if not row.done]:
-        watch = generate_once(model, tokenizer, active, max_new_tokens, calculator)
-        for row, result in zip(active, watch.results):
-            if result is not None:
-                row.new += answer_ids(tokenizer, result + ">>")  # closed as GSM8K closes it: <<48/2=24>>
-            row.done = result is None or len(row.new) >= max_new_tokens
-            row.new = row.new[:max_new_tokens]
-    return [truncate_at_stop(tokenizer.decode(row.new, skip_special_tokens=True)) for row in rows]
-
-
-def generate_once(model, tokenizer, rows: list[Row], max_new_tokens: int, calculator: bool) -> RowWatch:
-    """One batched ``generate`` over ``rows`` (prompt + tokens so far); adds what each row generated."""
-    import torch
-    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-
-    class Criterion(StoppingCriteria):  # transformers wants the subclass; RowWatch does the work
-        def __call__(self, input_ids, scores, **kwargs):
-            return watch(input_ids)
-
-    device = next(model.parameters()).device
-    sequences = [row.prompt + row.new for row in rows]
-    width = max(map(len, sequences))
-    watch = RowWatch(tokenizer, rows, width, max_new_tokens, calculator)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=device)
-    attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
-    config = GenerationConfig(max_new_tokens=max(max_new_tokens - len(row.new) for row in rows), do_sample=False,
-                              num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                              bos_token_id=tokenizer.bos_token_id, use_cache=True)
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
-                             stopping_criteria=StoppingCriteriaList([Criterion()]))
-    for i, row in enumerate(rows):
-        row.new += out[i, width:watch.stopped_at[i]].tolist()  # after a row stops, generate only pads it
-    return watch
-
-
-def answer_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` written mid-answer, after ``=``: a SentencePiece tokenizer encoding it
-    alone would put a word-start space in front."""
-    anchor = tokenizer("=", add_special_tokens=False).input_ids
-    ids = tokenizer("=" + text, add_special_tokens=False).input_ids
-    return ids[len(anchor):] if ids[:len(anchor)] == anchor else tokenizer(text, add_special_tokens=False).input_ids
 
 
 # ---------------------------------------------------------------- scoring

@@ -78,6 +78,13 @@ def grace_period(spec: Spec) -> float:
     return t.eval_every if t.eval_every <= 1 else 1.0
 
 
+def sampler(spec: Spec):
+    """The Optuna sampler ``search.sampler`` names, seeded with ``search.seed``."""
+    import optuna
+    kind = optuna.samplers.TPESampler if spec.search.sampler == "tpe" else optuna.samplers.RandomSampler
+    return kind(seed=spec.search.seed)
+
+
 def tune_config(spec: Spec, experiment: Path, concurrent: int):
     """Optuna (in SQLite), ASHA on the fractional epoch, and at most ``concurrent`` trials at once."""
     import optuna
@@ -89,8 +96,7 @@ def tune_config(spec: Spec, experiment: Path, concurrent: int):
     s = spec.search
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(f"sqlite:///{experiment / OPTUNA_DB}")
-    sampler = (optuna.samplers.TPESampler if s.sampler == "tpe" else optuna.samplers.RandomSampler)(seed=s.seed)
-    searcher = ResumableOptunaSearch(sampler=sampler, storage=storage,
+    searcher = ResumableOptunaSearch(sampler=sampler(spec), storage=storage,
                                      study_name=experiment.name)
     # The time unit is the fractional epoch each report carries: reports inside an epoch are ASHA's rungs.
     scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.training.epochs, grace_period=grace_period(spec),
