@@ -13,7 +13,8 @@ Every option left out keeps the spec's value.
 asha: ``tune_llama.search.main`` with the spec's sampler (TPE). asha-random-sampler: the same with
 ``search.sampler=random``, which separates what ASHA's stops save from where TPE moves the budget (TPE's later
 configs are better, so more of them survive the rungs). random: the same trainable, space, samples, concurrency
-and epochs with Ray's ``BasicVariantGenerator``, FIFO. Trial-steps: the sum over trials of the last step each
+and epochs, FIFO, with Optuna's random sampler: the very configs asha-random-sampler tried, so the two differ
+only in ASHA's stops. Trial-steps: the sum over trials of the last step each
 reported (trial-epochs: in epochs, the compute measure when gradient accumulation differs between trials);
 best: the best ``search.metric`` of any report (``tune_llama.results``).
 Goal: asha_trial_steps <= 40% of random_trial_steps, asha_best within 2% of random_best (or better).
@@ -38,17 +39,20 @@ from tune_llama.spec import load_spec  # noqa: E402
 
 
 def random_search(spec, storage: Path, name: str = "random") -> None:
-    """FIFO random search: the spec's trainable, space, samples and concurrency; no early stopping."""
+    """FIFO random search: the spec's trainable, space, samples and concurrency, no early stopping, and
+    Optuna's random sampler with the spec's seed: the same configs, in the same order, as the ASHA search
+    with ``search.sampler=random``, so the two differ only in ASHA's stops."""
+    import dataclasses
+
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
+    spec = dataclasses.replace(spec, search=dataclasses.replace(spec.search, sampler="random"))
     (storage / name).mkdir()
     (storage / name / SPEC_FILE).write_text(json.dumps(spec.to_dict()))  # what load_search reads
-    s = spec.search
-    tune.Tuner(search.trainable(spec), param_space=search.param_space(spec), tune_config=tune.TuneConfig(
-        metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=FIFOScheduler(),
-        search_alg=BasicVariantGenerator(random_state=s.seed, max_concurrent=s.max_concurrent)),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0)).fit()
+    config = dataclasses.replace(search.tune_config(spec, storage / name, spec.search.max_concurrent),
+                                 scheduler=FIFOScheduler())
+    tune.Tuner(search.trainable(spec), param_space=search.param_space(spec), tune_config=config,
+               run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0)).fit()
 
 
 def figures(folder: Path, seconds: float) -> dict:
@@ -59,6 +63,23 @@ def figures(folder: Path, seconds: float) -> dict:
             "trial_epochs": sum(r["epoch"] for r in ended),
             "full": sum(r["epoch"] >= found.spec.training.epochs - 1e-9 for r in ended),
             "best": best[1][found.metric] if best else float("nan"), "wall_s": seconds}
+
+
+def best_within(folder: Path, epochs: float) -> float:
+    """The best metric of the FIFO search's trials in the order they started, counting each trial's
+    epochs (and the part of the last one that fits) until ``epochs`` are spent."""
+    found = load_search(folder)
+    spent, best = 0.0, float("nan")
+    sign = 1 if found.mode == "min" else -1
+    for trial in sorted((t for t in found.trials if t.rows), key=lambda t: t.rows[0].get("timestamp", 0)):
+        for row in trial.rows:
+            if spent + row["epoch"] > epochs + 1e-9:
+                return best
+            value = row[found.metric]
+            if best != best or sign * value < sign * best:
+                best = value
+        spent += trial.rows[-1]["epoch"]
+    return best
 
 
 def main(argv=None) -> int:
@@ -92,12 +113,15 @@ def main(argv=None) -> int:
         random_search(spec, storage)
         results["random"] = figures(storage / "random", time.perf_counter() - start)
     asha, sampled, rand = results["asha"], results["asha-random-sampler"], results["random"]
+    for found in (asha, sampled):  # what random search had found when it had spent as much
+        found["random_best_same_epochs"] = best_within(storage / "random", found["trial_epochs"])
     s = spec.search
 
     def verdict(name: str, found: dict) -> str:
         return (f"{name}: {found['trial_steps'] / rand['trial_steps']:.0%} of random search's trial-steps "
                 f"({found['trial_epochs'] / rand['trial_epochs']:.0%} of its trial-epochs; goal <= 40%), "
-                f"best {s.metric} {found['best'] / rand['best'] - 1:+.2%} against it (goal <= +2%)")
+                f"best {s.metric} {found['best'] / rand['best'] - 1:+.2%} against it (goal <= +2%); "
+                f"random search's best after as many trial-epochs: {found['random_best_same_epochs']:.4g}")
 
     common.output(args, [{"search": k, **v} for k, v in results.items()],
                   [("search", "search"), ("trials", "trials"), ("full", "ran to max_t"),
