@@ -1,7 +1,8 @@
 """How long a trial takes to reach its first optimizer step: in the loop alone, and through a real search.
 
     .venv/bin/python bench/startup.py            # embedded SmolLM2 + LoRA, the whole GSM8K train split
-    .venv/bin/python bench/startup.py --json     # {"trial_start_s": ..., "search_first_step_s": ...}
+    .venv/bin/python bench/startup.py --json     # {"trial_start_s", "search_first_step_s",
+                                                 #  "trial_start_overhead_s", "search_overhead_s"}
 
 search_first_step_s: from launching ``python -m tune_llama.search`` on a 1-trial spec that reports after its
 first optimizer step to that report showing up in the trial's result.json (polled every 50 ms), minus the
@@ -50,6 +51,8 @@ def search_first_step(spec: dict, folder: Path) -> dict:
             "before the trial function (CLI, preflight, ray.init, worker)": seen - launched - row["time_total_s"],
             "trial function to the end of its first step": row["time_total_s"] - after_step,
             "  of which the first step (train_time_s)": row["train_time_s"],
+            "search start-up overhead: launch to the first step's start": seen - launched - after_step
+            - row["train_time_s"],
             "after the step: eval + checkpoint (left out)": after_step}
 
 
@@ -87,8 +90,12 @@ def main(argv=None) -> int:
                            stdout=subprocess.PIPE, check=True, text=True)
     figures.update(json.loads(trial.stdout.splitlines()[-1]))
     rows = [{"what": k, "s": v} for k, v in figures.items()]
+    overheads = {"trial_start_overhead_s": "start-up overhead: setup + the first step's warm-up (first step - "
+                                           "steady step)",
+                 "search_overhead_s": "search start-up overhead: launch to the first step's start"}
     common.output(args, rows, [("what", "to the first optimizer step"), ("s", "s")],
-                  {k: figures[k] for k in ("trial_start_s", "search_first_step_s")})
+                  {**{k: figures[k] for k in ("trial_start_s", "search_first_step_s")},
+                   **{k: figures[name] for k, name in overheads.items()}})
     return 0
 
 

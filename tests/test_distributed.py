@@ -153,6 +153,17 @@ def test_concurrent_trials_fit_the_cluster_unless_the_spec_asks_for_fewer():
         check_cluster(spec, [{"GPU": 8, "CPU": 2}])
 
 
+def test_a_trial_asking_more_memory_than_any_node_has_is_refused_naming_memory_gb():
+    from tune_llama.errors import UserError
+    from tune_llama.preflight import check_cluster
+    from tune_llama.search import trial_resources
+    spec = spec_from_dict({"search": {"resources": {"cpu": 1, "gpu": 0, "memory_gb": 12}}})
+    assert check_cluster(spec, [{"CPU": 2, "memory": 16 * 2**30}]) == spec.search.max_concurrent
+    with pytest.raises(UserError, match=r"memory_gb=12, but the largest node offers cpu=2, gpu=0, memory_gb=8"):
+        check_cluster(spec, [{"CPU": 2, "memory": 8 * 2**30}])
+    assert trial_resources(spec) == {"cpu": 1, "gpu": 0, "memory": 12 * 2**30}, "what with_resources is given"
+
+
 # ---------------------------------------------------------------- a real search: Tune trials of 2 Ray Train workers
 
 # Two trials of 2 workers x 1 CPU: on this 2-CPU machine one at a time (max_concurrent=2 is capped by the cluster).

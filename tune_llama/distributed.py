@@ -432,11 +432,11 @@ def checkpoint_weights(checkpoint: Path):
 
 def worker_resources(spec: Spec) -> dict[str, float]:
     """One process's resources: a one-process trial's, or each worker's of a multi-worker one
-    (``search.resources``; ``gpu: null`` is 1 when CUDA is there, else 0)."""
-    gpu = spec.search.resources.gpu
-    if gpu is None:
-        gpu = 1.0 if torch.cuda.is_available() else 0.0
-    return {"cpu": spec.search.resources.cpu, "gpu": gpu}
+    (``search.resources``; ``gpu: null`` is 1 when CUDA is there, else 0; ``memory`` in bytes, only when
+    ``memory_gb`` is set)."""
+    r = spec.search.resources
+    gpu = r.gpu if r.gpu is not None else (1.0 if torch.cuda.is_available() else 0.0)
+    return {"cpu": r.cpu, "gpu": gpu, **({"memory": r.memory_gb * 2**30} if r.memory_gb else {})}
 
 
 def train_trial_on_workers(spec: Spec) -> None:
@@ -457,7 +457,8 @@ def train_trial_on_workers(spec: Spec) -> None:
     # a resumed search, finds Train's checkpoints there.
     storage = tune.get_context().get_storage()
     trial_path = Path(storage.trial_fs_path)
-    resources = {"CPU": each["cpu"], **({"GPU": each["gpu"]} if each["gpu"] else {})}
+    resources = {"CPU": each["cpu"], **({"GPU": each["gpu"]} if each["gpu"] else {}),
+                 **({"memory": each["memory"]} if "memory" in each else {})}
     trainer = TorchTrainer(
         train_worker, train_loop_config={"spec": spec.to_dict(), "trial_id": tune.get_context().get_trial_id()},
         torch_config=TorchConfig(backend="nccl" if each["gpu"] else "gloo"),

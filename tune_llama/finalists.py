@@ -124,7 +124,8 @@ def run_tasks(spec_dict: dict, checkpoint: str, f: FinalistsSpec, seeds: list, r
     if ray is None or not ray.is_initialized():
         return [score_checkpoint(spec_dict, checkpoint, finalists, seed) for seed in seeds]
     resources = resources or {"cpu": 1, "gpu": 0}
-    task = ray.remote(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0))(score_checkpoint)
+    task = ray.remote(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0),
+                      memory=resources.get("memory"))(score_checkpoint)
     return ray.get([task.remote(spec_dict, checkpoint, finalists, seed) for seed in seeds])
 
 

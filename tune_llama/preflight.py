@@ -51,6 +51,14 @@ def check_model(model: ModelSpec) -> None:
         raise SpecError("model.name", f"cannot load the config of {name!r}: {reason}") from None
 
 
+RAY_NAMES = {"cpu": "CPU", "gpu": "GPU", "memory": "memory"}
+"""``worker_resources`` keys -> Ray's resource names (memory in bytes)."""
+
+
+def describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"memory_gb={v / 2**30:.3g}" if k == "memory" else f"{k}={v:g}" for k, v in resources.items())
+
+
 def check_cluster(spec: Spec, nodes: Optional[list[dict[str, float]]] = None) -> int:
     """How many trials may run at once on the Ray cluster we joined (``nodes``: each alive node's resources,
     as ``ray.nodes()`` gives them), or one line naming ``search.resources`` when a trial cannot run.
@@ -64,11 +72,11 @@ def check_cluster(spec: Spec, nodes: Optional[list[dict[str, float]]] = None) ->
         import ray
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     each, workers = worker_resources(spec), spec.search.resources.workers
-    if not any(all(n.get(k.upper(), 0) >= v for k, v in each.items() if v) for n in nodes):
-        largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+    if not any(all(n.get(RAY_NAMES[k], 0) >= v for k, v in each.items() if v) for n in nodes):
+        largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0), n.get("memory", 0)), default={})
         raise UserError(f"search.resources: each {'worker' if workers > 1 else 'trial'} asks for "
-                        f"cpu={each['cpu']:g}, gpu={each['gpu']:g}, but the largest node offers "
-                        f"cpu={largest.get('CPU', 0):g}, gpu={largest.get('GPU', 0):g}: lower search.resources")
+                        f"{describe(each)}, but the largest node offers "
+                        f"{describe({k: largest.get(RAY_NAMES[k], 0) for k in each})}: lower search.resources")
     if workers == 1:
         return spec.search.max_concurrent
     kind = "gpu" if each["gpu"] else "cpu"

@@ -233,7 +233,12 @@ class ResourcesSpec:
     cpu: float = 1.0
     """CPUs per trial."""
     gpu: Optional[float] = None
-    """GPUs per trial; None means 1 when CUDA is there, else 0."""
+    """GPUs per trial; fractions share one GPU (``0.25``: four trials on it). None means 1 when CUDA is
+    there, else 0."""
+    memory_gb: Optional[float] = None
+    """Host memory per trial (per worker with ``workers > 1``) in GiB, as Ray's ``memory`` resource: Ray
+    starts no more trials at once than a node's memory holds. Each report's ``peak_memory_gb`` tells what a
+    trial used. None: memory is not counted."""
     workers: int = 1
     """Data-parallel workers per trial (``training.parallel`` says how), each with ``cpu`` CPUs and ``gpu``
     GPUs of its own, launched by Ray Train inside the Tune trial and placed with one placement group;
@@ -311,6 +316,9 @@ class SearchSpec:
                  f"must be >= 1, got {self.resources.workers}")
         if self.resources.gpu is not None:
             _require(self.resources.gpu >= 0, f"{path}.resources.gpu", f"must be >= 0, got {self.resources.gpu}")
+        if self.resources.memory_gb is not None:
+            _require(self.resources.memory_gb > 0, f"{path}.resources.memory_gb",
+                     f"must be > 0 GiB, got {self.resources.memory_gb}")
         if self.asha.grace_period is not None:
             _require(self.asha.grace_period > 0, f"{path}.asha.grace_period",
                      f"must be > 0 epochs, got {self.asha.grace_period}")
