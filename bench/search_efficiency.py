@@ -94,6 +94,9 @@ def main(argv=None) -> int:
         p.add_argument(flag, dest=field, default=default, metavar="VALUE",
                        help=f"{field} (default: {default or 'as in the spec'})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-random-sampler", dest="random_sampler", action="store_false",
+                   help="skip the ASHA search with search.sampler=random (with num_samples <= 10 TPE has not left "
+                        "its random start-up trials, so it would repeat the TPE search)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     overrides = [f"{k}={v}" for k, v in vars(args).items() if "." in k and v is not None] + args.overrides
@@ -102,7 +105,8 @@ def main(argv=None) -> int:
     spec = search.absolute_paths(load_spec(args.spec, overrides))
     results = {}
     with contextlib.redirect_stdout(sys.stderr):  # the search's summary and progress table: not the result
-        for name, extra in (("asha", []), ("asha-random-sampler", ["search.sampler=random"])):
+        searches = [("asha", [])] + ([("asha-random-sampler", ["search.sampler=random"])] if args.random_sampler else [])
+        for name, extra in searches:
             start = time.perf_counter()
             code = search.main([args.spec, "--name", name, "--storage", str(storage),
                                 *[x for o in overrides + extra for x in ("--set", o)]])
@@ -112,8 +116,8 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         random_search(spec, storage)
         results["random"] = figures(storage / "random", time.perf_counter() - start)
-    asha, sampled, rand = results["asha"], results["asha-random-sampler"], results["random"]
-    for found in (asha, sampled):  # what random search had found when it had spent as much
+    asha, sampled, rand = results["asha"], results.get("asha-random-sampler"), results["random"]
+    for found in results.values():  # what random search had found when it had spent as much
         found["random_best_same_epochs"] = best_within(storage / "random", found["trial_epochs"])
     s = spec.search
 
@@ -129,13 +133,13 @@ def main(argv=None) -> int:
                    ("wall_s", "wall s")],
                   {"asha_trial_steps": asha["trial_steps"], "random_trial_steps": rand["trial_steps"],
                    "asha_best": asha["best"], "random_best": rand["best"],
-                   "asha_random_sampler_trial_steps": sampled["trial_steps"],
-                   "asha_random_sampler_best": sampled["best"]},
+                   **({"asha_random_sampler_trial_steps": sampled["trial_steps"],
+                       "asha_random_sampler_best": sampled["best"]} if sampled else {})},
                   f"ASHA: reduction factor {s.asha.reduction_factor}, grace period {search.grace_period(spec):g} "
                   f"epoch(s), {s.asha.brackets} bracket(s), max_t {spec.training.epochs} epochs, "
                   f"max_concurrent {s.max_concurrent}\n"
-                  f"{verdict('ASHA + Optuna ' + s.sampler.upper(), asha)}\n"
-                  f"{verdict('ASHA + Optuna random sampler', sampled)}")
+                  f"{verdict('ASHA + Optuna ' + s.sampler.upper(), asha)}"
+                  + (f"\n{verdict('ASHA + Optuna random sampler', sampled)}" if sampled else ""))
     return 0
 
 
