@@ -102,6 +102,22 @@ def test_a_search_folder_without_ray_state_has_no_trial_states(tmp_path):
     assert read_trial_states(tmp_path) == []
 
 
+def test_the_newest_session_state_is_read_even_when_an_older_one_was_copied_last(tmp_path):
+    """At a resumed search's end Ray copies every state file again, the killed session's too, in any order:
+    its stale RUNNING trials must not be read as the search's state (a clean-clone run failed on this)."""
+    import json
+    import os
+
+    def state(name: str, status: str) -> Path:
+        path = tmp_path / f"experiment_state-{name}.json"
+        path.write_text(json.dumps({"trial_data": [[json.dumps({"trial_id": "t1", "status": status}), "{}"]]}))
+        return path
+
+    newer, older = state("2026-11-28_18-18-47", "TERMINATED"), state("2026-11-28_18-18-24", "RUNNING")
+    os.utime(older, (newer.stat().st_mtime + 1,) * 2)
+    assert [t["status"] for t in read_trial_states(tmp_path)] == ["TERMINATED"]
+
+
 def test_folder_names_of_tunes_default_variant_generator_parse_too():
     name = "train_trial_24d0c_00001_1_x=2_2026-11-28_14-01-07"  # ray 2.60, tune.grid_search without a searcher
     assert trial_id_from_name(name) == "24d0c_00001" and trial_sequence_number(name) == 1

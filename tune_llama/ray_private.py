@@ -41,8 +41,8 @@ def read_trial_states(experiment: Path) -> list[dict[str, Any]]:
     Entries that do not parse (a state being written) are skipped; no state file gives ``[]``.
     """
     experiment = Path(experiment)
-    files = sorted(experiment.glob(EXPERIMENT_STATE_GLOB), key=lambda p: p.stat().st_mtime)
-    state = _read_json(files[-1]) if files else None
+    newest = newest_state(experiment)
+    state = _read_json(newest) if newest else None
     entries = state.get("trial_data", []) if isinstance(state, dict) else []
     out = []
     for entry in entries:
@@ -101,7 +101,10 @@ STATE_GLOBS = (EXPERIMENT_STATE_GLOB, "search_gen_state-*.json", "searcher-state
 
 
 def newest_state(experiment: Path, pattern: str = EXPERIMENT_STATE_GLOB) -> Optional[Path]:
-    files = sorted(Path(experiment).glob(pattern), key=lambda p: p.stat().st_mtime)
+    """The state file of the newest Tune session: Ray names them by the session's start time
+    (``experiment_state-2026-11-28_18-18-47.json``) and picks the greatest name on restore, so do we. Not the
+    newest mtime: at a search's end Ray copies every file again, an earlier session's too, in any order."""
+    files = sorted(Path(experiment).glob(pattern), key=lambda p: (p.name, p.stat().st_mtime))
     return files[-1] if files else None
 
 
