@@ -430,6 +430,15 @@ def checkpoint_weights(checkpoint: Path):
 
 # ---------------------------------------------------------------- Ray: the Tune driver and the Train workers
 
+RAY_NAMES = {"cpu": "CPU", "gpu": "GPU", "memory": "memory"}
+"""``worker_resources`` keys -> Ray's resource names (memory in bytes)."""
+
+
+def ray_resources(each: dict[str, float]) -> dict[str, float]:
+    """``worker_resources`` under Ray's names, the zero ones left out."""
+    return {RAY_NAMES[k]: v for k, v in each.items() if v}
+
+
 def worker_resources(spec: Spec) -> dict[str, float]:
     """One process's resources: a one-process trial's, or each worker's of a multi-worker one
     (``search.resources``; ``gpu: null`` is 1 when CUDA is there, else 0; ``memory`` in bytes, only when
@@ -457,13 +466,11 @@ def train_trial_on_workers(spec: Spec) -> None:
     # a resumed search, finds Train's checkpoints there.
     storage = tune.get_context().get_storage()
     trial_path = Path(storage.trial_fs_path)
-    resources = {"CPU": each["cpu"], **({"GPU": each["gpu"]} if each["gpu"] else {}),
-                 **({"memory": each["memory"]} if "memory" in each else {})}
     trainer = TorchTrainer(
         train_worker, train_loop_config={"spec": spec.to_dict(), "trial_id": tune.get_context().get_trial_id()},
         torch_config=TorchConfig(backend="nccl" if each["gpu"] else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=s.resources.workers, use_gpu=bool(each["gpu"]),
-                                               resources_per_worker=resources, placement_strategy="PACK"),
+                                               resources_per_worker=ray_resources(each), placement_strategy="PACK"),
         run_config=ray.train.RunConfig(
             name=trial_path.name, storage_path=str(trial_path.parent), storage_filesystem=storage.storage_filesystem,
             callbacks=[TuneReportCallback()], failure_config=ray.train.FailureConfig(max_failures=0),

@@ -13,7 +13,6 @@ import shutil
 import string
 import tempfile
 from pathlib import Path
-
 from typing import Optional
 
 import torch
@@ -156,7 +155,7 @@ def apply_liger(model, device: torch.device) -> None:
     if model.config.model_type != "llama":
         raise SpecError("model.kernels", f"liger is wired for Llama models here, not {model.config.model_type!r}")
     liger.apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False, model=model)
+                                      fused_linear_cross_entropy=False, model=model)
 
 
 def cuda_package(field: str, what: str, module: str, device: torch.device, fallback: str,

@@ -51,10 +51,6 @@ def check_model(model: ModelSpec) -> None:
         raise SpecError("model.name", f"cannot load the config of {name!r}: {reason}") from None
 
 
-RAY_NAMES = {"cpu": "CPU", "gpu": "GPU", "memory": "memory"}
-"""``worker_resources`` keys -> Ray's resource names (memory in bytes)."""
-
-
 def describe(resources: dict[str, float]) -> str:
     return ", ".join(f"memory_gb={v / 2**30:.3g}" if k == "memory" else f"{k}={v:g}" for k, v in resources.items())
 
@@ -67,12 +63,12 @@ def check_cluster(spec: Spec, nodes: Optional[list[dict[str, float]]] = None) ->
     workers on the cluster at once. ``search.max_concurrent`` is capped by the latter: Tune cannot see Ray
     Train's workers, so this is the only cap on multi-worker trials.
     """
-    from tune_llama.distributed import worker_resources
+    from tune_llama.distributed import RAY_NAMES, ray_resources, worker_resources
     if nodes is None:
         import ray
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     each, workers = worker_resources(spec), spec.search.resources.workers
-    if not any(all(n.get(RAY_NAMES[k], 0) >= v for k, v in each.items() if v) for n in nodes):
+    if not any(all(n.get(k, 0) >= v for k, v in ray_resources(each).items()) for n in nodes):
         largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0), n.get("memory", 0)), default={})
         raise UserError(f"search.resources: each {'worker' if workers > 1 else 'trial'} asks for "
                         f"{describe(each)}, but the largest node offers "
@@ -80,7 +76,7 @@ def check_cluster(spec: Spec, nodes: Optional[list[dict[str, float]]] = None) ->
     if workers == 1:
         return spec.search.max_concurrent
     kind = "gpu" if each["gpu"] else "cpu"
-    total = sum(n.get(kind.upper(), 0) for n in nodes)
+    total = sum(n.get(RAY_NAMES[kind], 0) for n in nodes)
     fits = int(total // (each[kind] * workers))
     if fits < 1:
         raise UserError(f"search.resources: a trial's {workers} workers take {kind}={each[kind] * workers:g} in "

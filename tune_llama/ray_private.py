@@ -104,8 +104,7 @@ def newest_state(experiment: Path, pattern: str = EXPERIMENT_STATE_GLOB) -> Opti
     """The state file of the newest Tune session: Ray names them by the session's start time
     (``experiment_state-2026-11-28_18-18-47.json``) and picks the greatest name on restore, so do we. Not the
     newest mtime: at a search's end Ray copies every file again, an earlier session's too, in any order."""
-    files = sorted(Path(experiment).glob(pattern), key=lambda p: (p.name, p.stat().st_mtime))
-    return files[-1] if files else None
+    return max(Path(experiment).glob(pattern), key=lambda p: p.name, default=None)
 
 
 def _loads(data: bytes) -> bool:

@@ -207,7 +207,6 @@ def start(spec: Spec, experiment: Path, spec_file: str, verbose: bool):
     if (experiment / SPEC_FILE).exists():
         raise UserError(f"{experiment} already holds a search: resume it with --resume {experiment}, "
                         "or pick another --name")
-    preflight_while_ray_starts(spec, verbose)
     concurrent = start_ray(spec, verbose)  # before the folder exists: a refused search leaves nothing behind
     experiment.mkdir(parents=True, exist_ok=True)
     (experiment / SPEC_FILE).write_text(json.dumps({**spec.to_dict(), "_spec_name": Path(spec_file).stem},
@@ -222,25 +221,27 @@ def resume(experiment: Path, verbose: bool):
     from ray import tune
     from tune_llama.ray_private import repair_state
     spec = check_resumable(experiment)
-    preflight_while_ray_starts(spec, verbose)
+    start_ray(spec, verbose)
     repaired = repair_state(experiment)
     if repaired:
         print(f"notice: {repaired} was cut short (a full disk?); resuming from its last good copy", file=sys.stderr)
-    start_ray(spec, verbose)
     write_driver_file(experiment)
     return spec, tune.Tuner.restore(str(experiment), trainable(spec), resume_unfinished=True, resume_errored=True,
                                     param_space=param_space(spec))
 
 
-def preflight_while_ray_starts(spec: Spec, verbose: bool) -> None:
-    """``preflight(spec)`` in a thread while Ray starts in this one: both take seconds, and Ray's start is
-    mostly waiting for its processes. (Ray must start in the main thread: it sets a signal handler, and
-    the processes it spawns die with the thread that spawned them.) When preflight refuses the input, the
-    Ray started here is shut down again, so bad input leaves no Ray behind."""
+def start_ray(spec: Spec, verbose: bool) -> int:
+    """Run ``preflight(spec)`` in a thread while Ray starts (or is joined) in this one; return how many trials
+    may run at once on it (``preflight.check_cluster``: one line if a trial cannot run there).
+
+    Both take seconds, and Ray's start is mostly waiting for its processes. Ray must start in the main thread:
+    it sets a signal handler, and the processes it spawns die with the thread that spawned them. When
+    preflight refuses the input, the Ray started here is shut down again, so bad input leaves no Ray behind.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     import ray
-    from tune_llama.preflight import preflight
+    from tune_llama.preflight import check_cluster, preflight
     started_here = not ray.is_initialized()
     with ThreadPoolExecutor(1, thread_name_prefix="preflight") as pool:
         checked = pool.submit(preflight, spec)
@@ -254,13 +255,6 @@ def preflight_while_ray_starts(spec: Spec, verbose: bool) -> None:
         if started_here:
             ray.shutdown()
         raise checked.exception()
-
-
-def start_ray(spec: Spec, verbose: bool) -> int:
-    """Join or start Ray (if it is not up yet); how many trials may run at once on it
-    (``preflight.check_cluster``: one line if a trial cannot run there)."""
-    from tune_llama.preflight import check_cluster
-    init_ray(spec, verbose)
     concurrent = check_cluster(spec)
     forward_sigterm_to_tune()
     return concurrent
