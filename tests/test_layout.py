@@ -13,7 +13,7 @@ LAYERS = [
     ["errors", "paths", "redact", "calculator"],
     ["spec", "cli", "progress"],
     ["data"],
-    ["model", "loss", "generate"],
+    ["model", "loss", "generate", "speed"],
     ["loop"],
     ["ray_private", "results"],
     ["trainable", "distributed", "evaluate"],

@@ -32,17 +32,20 @@ from safetensors.torch import load_file, save_file
 from tune_llama.data import Encoded, load_splits, make_batches
 from tune_llama.data.batching import Batch, count_batches
 from tune_llama.data.cache import encode_cached
+from tune_llama.data.packing import DEVICE_KEYS, real_tokens, with_answer_positions
 from tune_llama.errors import CheckpointError, SpecError
-from tune_llama.loss import answer_only_loss
+from tune_llama.loss import micro_batch_loss
 from tune_llama.model import cuda_package, load_model, load_tokenizer, load_trainable_state, trainable_state
+from tune_llama.speed import (AUTOCAST, CompileClock, Halving, auto_budget, compile_layers, compile_wanted,
+                              examples_in, packing_supported)
 from tune_llama.spec import Spec, TrainingSpec
 
 log = logging.getLogger(__name__)
 
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 METRIC_NAMES = ("report", "step", "epoch", "examples_seen", "tokens_seen", "train_loss", "train_perplexity",
                 "eval_loss", "eval_perplexity", "tokens_per_s", "train_time_s", "eval_time_s", "eval_share",
-                "checkpoint_time_s", "peak_memory_gb", "status")
+                "checkpoint_time_s", "peak_memory_gb", "compile_time_s", "tokens_per_batch", "token_budget",
+                "oom_retries", "status")
 Window = list[Batch]
 """The micro-batches of one optimizer step."""
 
@@ -63,7 +66,11 @@ class Run:
     report_at: list[int]
     """Optimizer steps (counted from the start of training) after which the run reports."""
     timings: dict[str, float] = field(default_factory=dict)
-    """Seconds each part of ``setup`` took (tokenizer, data, model, optimizer)."""
+    """Seconds each part of ``setup`` took (tokenizer, data, model, optimizer, budget probe)."""
+    packing: bool = False
+    """Whether micro-batches are packed padding-free (``data.packing`` where supported)."""
+    halving: Optional[Halving] = None
+    """Cuts a step's micro-batches in half when it runs out of memory (``oom_retries`` counts it)."""
     sum_across_workers: Callable[[int], int] = lambda n: n
     """Sums a count over the workers of a data-parallel trial (identity for one process), so an
     optimizer step's loss is normalised by the real tokens of the whole step across all workers."""
@@ -113,16 +120,24 @@ def setup(spec: Spec, *, model=None, tokenizer=None, data: Optional[tuple[Encode
     with timed(timings, "model_s"):
         if model is None:
             model = load_model(spec.model, tokenizer, device, seed=spec.training.seed)
-        if spec.training.compile:
-            model = torch.compile(model)
+        if compile_wanted(spec, device):
+            compile_layers(model)  # compiled lazily: the first step pays, counted in compile_time_s
+    packing, why_not = packing_supported(spec) if spec.data.packing else (False, "")
+    if why_not:
+        log.info("data.packing: padded rows instead (%s)", why_not)
+    if spec.data.max_tokens_per_batch == "auto":
+        with timed(timings, "budget_probe_s"):
+            budget = auto_budget(spec, model, tokenizer, device, packing)
+        spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, max_tokens_per_batch=budget))
     with timed(timings, "optimizer_s"):
-        n_batches = count_batches(train_set, spec.data)
+        n_batches = count_batches(train_set, spec.data, pack=packing)
         steps_per_epoch = max(1, math.ceil(n_batches / spec.training.gradient_accumulation_steps))
         optimizer = build_optimizer(model, spec, device)
         scheduler = build_scheduler(optimizer, spec, steps_per_epoch * spec.training.epochs)
         scaler = torch.amp.GradScaler(device.type) if spec.training.precision == "fp16" else None
     return Run(spec, device, tokenizer, model, train_set, val_set, optimizer, scheduler, scaler, steps_per_epoch,
-               report_steps(spec.training, steps_per_epoch), timings)
+               report_steps(spec.training, steps_per_epoch), timings, packing=packing,
+               halving=Halving(tokenizer.pad_token_id, spec.data.max_length))
 
 
 def encode_splits(spec: Spec, tokenizer) -> tuple[Encoded, Encoded]:
@@ -193,7 +208,7 @@ def label_count(batch: Batch) -> int:
 def epoch_windows(run: Run, epoch: int) -> list[Window]:
     """The optimizer steps of epoch ``epoch`` (0-based): the same for the same (seed, epoch), always."""
     batches = make_batches(run.train_set, run.spec.data, run.tokenizer.pad_token_id,
-                           seed=run.spec.training.seed, epoch=epoch)
+                           seed=run.spec.training.seed, epoch=epoch, pack=run.packing)
     accum = run.spec.training.gradient_accumulation_steps
     return [batches[i:i + accum] for i in range(0, len(batches), accum)]
 
@@ -206,6 +221,10 @@ class Interval:
     real_tokens: int = 0
     examples: int = 0
     seconds: float = 0.0
+    """Wall time of the steps, compiling included (``fit`` takes ``compile_seconds`` out)."""
+    compile_seconds: float = 0.0
+    micro_batches: int = 0
+    """Micro-batches run, counting the pieces of a step retried in halves."""
 
     @classmethod
     def start(cls, device: torch.device) -> "Interval":
@@ -218,32 +237,42 @@ class Interval:
 def train_step(run: Run, window: Window, interval: Optional[Interval] = None) -> Interval:
     """One optimizer step over ``window``; the loss is normalised by the real tokens of the whole step."""
     interval = interval or Interval.start(run.device)
+    compiled_before = CompileClock.total()
     run.model.train()
     n_items = run.sum_across_workers(sum(label_count(b) for b in window))
+    # Index of the labelled positions built here on the host, so the loss needs no device-to-host sync.
+    window = [with_answer_positions(b) for b in window]
+    losses: list[torch.Tensor] = []
+
+    def run_pieces(pieces: Window) -> None:
+        losses.clear()
+        for batch in pieces:
+            batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items() if k in DEVICE_KEYS}
+            with autocast(run):
+                loss = batch_loss(run, batch, n_items)
+            (run.scaler.scale(loss) if run.scaler else loss).backward()
+            losses.append(loss.detach().float())
+        interval.micro_batches += len(pieces)
+
+    halving = run.halving or Halving(run.tokenizer.pad_token_id, run.spec.data.max_length, enabled=False)
+    halving.run(window, run_pieces, reset=lambda: run.optimizer.zero_grad(set_to_none=True))
     for batch in window:
-        real = int(batch["attention_mask"].sum())  # counted on the host: on the GPU it would sync
+        real = real_tokens(batch)  # counted on the host: on the GPU it would sync
         interval.real_tokens += real
-        interval.examples += batch["input_ids"].shape[0]
+        interval.examples += examples_in(batch)
         run.tokens_seen += real
-        run.examples_seen += batch["input_ids"].shape[0]
-        batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
-        with autocast(run):
-            loss = batch_loss(run, batch, n_items)
-        (run.scaler.scale(loss) if run.scaler else loss).backward()
-        interval.loss_sum += loss.detach().float() * n_items
+        run.examples_seen += examples_in(batch)
+    interval.loss_sum += torch.stack(losses).sum() * n_items
     optimizer_step(run)
     interval.label_tokens += n_items
+    interval.compile_seconds += CompileClock.total() - compiled_before
     run.step += 1
     return interval
 
 
 def batch_loss(run: Run, batch: Batch, n_items: int) -> torch.Tensor:
     """The step-normalised loss of one micro-batch: answer-only logits unless the spec turns them off."""
-    t = run.spec.training
-    if t.answer_only_logits:
-        return answer_only_loss(run.model, batch, n_items, chunk=t.loss_chunk_tokens,
-                                fused=run.spec.model.kernels == "liger")
-    return run.model(**batch, num_items_in_batch=n_items).loss
+    return micro_batch_loss(run.spec, run.model, batch, n_items)
 
 
 def optimizer_step(run: Run) -> None:
@@ -269,13 +298,13 @@ def validation_loss(run: Run, encoded: Optional[Encoded] = None) -> float:
     if data.batching == "packed":  # examples must not see each other when measured
         data = dataclasses.replace(data, batching="length_grouped")
     batches = make_batches(encoded or run.val_set, data, run.tokenizer.pad_token_id, seed=0, epoch=0,
-                           shuffle=False, batch_size=data.eval_batch_size or data.batch_size)
+                           shuffle=False, batch_size=data.eval_batch_size or data.batch_size, pack=run.packing)
     run.model.eval()
     total = torch.zeros((), device=run.device)
     tokens = 0
     for batch in batches:
         n = label_count(batch)
-        batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items() if k in DEVICE_KEYS}
         with autocast(run):
             total += batch_loss(run, batch, n).float() * n
         tokens += n
@@ -354,6 +383,7 @@ def report_now(run: Run, interval: Interval, diverged: bool, save_checkpoint: Op
                report: Optional[Report]) -> dict:
     """Validate, record the report's metrics, checkpoint, and hand them to ``report``."""
     train_loss = interval.mean_loss()
+    interval.seconds = max(interval.seconds - interval.compile_seconds, 0.0)
     tick = time.perf_counter()
     eval_loss = math.inf if diverged or not math.isfinite(train_loss) else validation_loss(run)
     eval_time = time.perf_counter() - tick
@@ -376,6 +406,10 @@ def report_now(run: Run, interval: Interval, diverged: bool, save_checkpoint: Op
         "eval_share": run.eval_time_s / max(run.eval_time_s + run.train_time_s, 1e-9),
         "checkpoint_time_s": 0.0,
         "peak_memory_gb": peak_memory_gb(run.device),
+        "compile_time_s": interval.compile_seconds,
+        "tokens_per_batch": interval.real_tokens / max(interval.micro_batches, 1),
+        "token_budget": (run.spec.data.max_tokens_per_batch or 0) // (run.halving.pieces if run.halving else 1),
+        "oom_retries": run.halving.retries if run.halving else 0,
         "status": run.status if run.status != "running" or run.step < run.total_steps else "completed",
     }
     run.history.append(metrics)

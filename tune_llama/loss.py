@@ -7,7 +7,10 @@ share of the compute. Here the decoder runs as usual, then only the positions
 whose next token carries a label go through the head, in chunks; each chunk's
 logits are recomputed in the backward pass (activation checkpointing), so at
 most ``chunk`` rows of logits exist at any time. Same loss and gradients as the
-plain path (tests/test_loss.py).
+plain path (tests/test_loss.py). The labelled positions come as a flat index
+built on the host (``tune_llama.data.packing.answer_positions``), so selecting
+them is a gather: boolean indexing would make the host wait for the device to
+count them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from tune_llama.data.packing import MODEL_INPUTS, with_answer_positions
+from tune_llama.spec import Spec
 
 
 def decoder_and_head(model) -> Optional[tuple[torch.nn.Module, torch.nn.Module]]:
@@ -41,18 +45,24 @@ def fused_linear_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torc
     return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, hidden, targets)
 
 
+def model_loss(model, batch: dict[str, torch.Tensor], num_items: int) -> torch.Tensor:
+    """The model's own loss (full logits), from the model inputs and labels alone."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS + ("labels",) if k in batch}
+    return model(**inputs, num_items_in_batch=num_items).loss
+
+
 def answer_only_loss(model, batch: dict[str, torch.Tensor], num_items: int, chunk: int = 1024,
                      fused: bool = False) -> torch.Tensor:
     """Mean next-token loss over the labelled tokens, normalised by ``num_items`` (the optimizer step's
     label count), as ``model(**batch, num_items_in_batch=num_items).loss`` computes it."""
     parts = decoder_and_head(model)
     if parts is None:
-        return model(**batch, num_items_in_batch=num_items).loss
+        return model_loss(model, batch, num_items)
     decoder, head = parts
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    hidden, targets = hidden[:, :-1][keep], targets[keep]
+    batch = with_answer_positions(batch)  # a caller without the host-side index: computed here (syncs on a GPU)
+    hidden = decoder(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["answer_index"])
+    targets = batch["answer_labels"]
     if fused and getattr(head, "bias", None) is None and hasattr(head, "weight"):
         return fused_linear_loss(head, hidden, targets) / max(num_items, 1)
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -62,3 +72,11 @@ def answer_only_loss(model, batch: dict[str, torch.Tensor], num_items: int, chun
         else:
             total = total + _chunk_loss(head, h, t)
     return total / max(num_items, 1)
+
+
+def micro_batch_loss(spec: Spec, model, batch: dict[str, torch.Tensor], n_items: int) -> torch.Tensor:
+    """One micro-batch's loss, normalised by ``n_items`` (the step's label count), as the spec computes it."""
+    t = spec.training
+    if t.answer_only_logits:
+        return answer_only_loss(model, batch, n_items, chunk=t.loss_chunk_tokens, fused=spec.model.kernels == "liger")
+    return model_loss(model, batch, n_items)

@@ -31,7 +31,7 @@ class LoraSpec:
     alpha: int = 16
     """LoRA scaling numerator; the update is scaled by alpha / r."""
     dropout: float = 0.05
-    """Dropout on the adapter input."""
+    """Dropout on the adapter input; 0 runs no dropout kernel at all (peft puts an identity there)."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
@@ -63,8 +63,10 @@ class ModelSpec:
     """QLoRA-style base-weight quantization through bitsandbytes (CUDA only)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """Attention kernel; ``sdpa`` uses PyTorch's fused scaled-dot-product attention."""
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+    """Attention kernel: ``sdpa`` (PyTorch's fused scaled-dot-product attention), ``eager``, or
+    ``flex_attention`` (PyTorch FlexAttention; with ``data.packing`` it skips the blocks where packed
+    examples would see each other, where sdpa computes them and masks them out: the GPU choice)."""
     kernels: Literal["none", "liger"] = "none"
     """``liger`` swaps in Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, and
     the fused linear cross-entropy for the answer-only loss): CUDA only, needs
@@ -118,12 +120,26 @@ class DataSpec:
     examples in a row attend to each other, which changes the maths)."""
     mega_batch_mult: int = 50
     """Length grouping sorts within windows of ``batch_size * mega_batch_mult`` examples."""
-    max_tokens_per_batch: Optional[int] = None
+    max_tokens_per_batch: Optional[Union[int, Literal["auto"]]] = None
     """Token budget per micro-batch (as fairseq's ``--max-tokens``), for
     ``length_grouped`` batching only: each sorted window is cut into batches of
-    as many rows as fit rows x longest row <= this budget (at least one row),
+    as many rows as fit rows x longest row <= this budget (at least one row;
+    with ``packing``, as many examples as fit real tokens <= this budget),
     instead of ``batch_size`` rows, so every batch's matrices are about the same
-    size; evaluation batches too. None uses ``batch_size``. At least ``max_length``."""
+    size; evaluation batches too. None uses ``batch_size``. At least ``max_length``.
+    ``auto``: on CUDA, probed at setup as the largest ``max_length x 2^k`` whose
+    step fits in 85% of the card's memory (optimizer state counted); on CPU,
+    None (``batch_size``), since on CPU a budget brings nothing (bench/README.md).
+    Whatever the budget, a step that runs out of CUDA memory is retried with its
+    micro-batches cut in half (same examples, same update), and the trial's
+    metrics say so (``oom_retries``, ``tokens_per_batch``)."""
+    packing: bool = True
+    """Padding-free micro-batches: each batch's examples laid end to end into
+    rows of up to ``max_length`` tokens, with position ids restarting per example
+    so attention keeps them apart (same loss and gradients as padded rows). Used
+    where that is supported: ``model.attn_implementation`` sdpa, eager or
+    flex_attention, no ``trust_remote_code`` model, one worker per trial, and
+    not with ``batching: packed``; elsewhere padded rows, with a log line."""
 
     def validate(self, path: str) -> None:
         _require(bool(self.source.strip()), f"{path}.source", "must not be empty")
@@ -138,7 +154,7 @@ class DataSpec:
                      f"must be >= 1, got {self.eval_batch_size}")
         _require("{question}" in self.prompt_template, f"{path}.prompt_template",
                  "must contain the placeholder {question}")
-        if self.max_tokens_per_batch is not None:
+        if isinstance(self.max_tokens_per_batch, int):
             _require(self.max_tokens_per_batch >= self.max_length, f"{path}.max_tokens_per_batch",
                      f"must be >= data.max_length ({self.max_length}) so one example always fits, "
                      f"got {self.max_tokens_per_batch}")
@@ -188,8 +204,12 @@ class TrainingSpec:
     """``auto`` uses CUDA when it is there."""
     log_every: int = 10
     """Optimizer steps between progress-bar updates (each one syncs the device)."""
-    compile: bool = False
-    """torch.compile the model (GPU; slow to start, faster steps)."""
+    compile: Literal["auto", True, False] = "auto"
+    """Regional ``torch.compile``: each decoder layer compiled in place (one
+    graph shared by all layers, as torchtune does). ``auto`` compiles on CUDA and
+    not on CPU (a first step waits tens of seconds for gcc there). The time spent
+    compiling is reported apart (``compile_time_s``) and left out of
+    ``train_time_s`` and ``tokens_per_s``."""
     answer_only_logits: bool = True
     """Run the LM head and the loss only on positions that carry a label (the
     answer), in chunks, so the full ``[tokens x vocab]`` logits never exist at
@@ -461,7 +481,13 @@ def convert(value: Any, tp: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return convert(value, inner[0], path)
+        errors = []
+        for tp_inner in inner:
+            try:
+                return convert(value, tp_inner, path)
+            except SpecError as err:
+                errors.append(err.message)
+        raise SpecError(path, "; or ".join(errors))
     if origin is Literal:
         if value not in args:
             raise SpecError(path, f"must be one of {', '.join(map(str, args))}; got {value!r}")

@@ -14,7 +14,9 @@ Modes (``data.batching``):
   sharing a row attend to each other, so the maths differs from the other modes.
 
 Each batch holds ``input_ids``, ``attention_mask`` and ``labels`` (-100 on
-prompts and padding), right-padded to its longest row.
+prompts and padding), right-padded to its longest row. With ``pack=True``
+(the loop's ``data.packing``) the same examples come padding-free instead
+(``tune_llama.data.packing``), and a token budget counts real tokens.
 """
 
 from __future__ import annotations
@@ -27,27 +29,32 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from tune_llama.data.examples import IGNORE_INDEX, Encoded
+from tune_llama.data.packing import collate_packed
 from tune_llama.spec import DataSpec
 
 Batch = dict[str, torch.Tensor]
 
 
 def make_batches(encoded: Encoded, data: DataSpec, pad_id: int, *, seed: int, epoch: int,
-                 shuffle: bool = True, batch_size: int | None = None) -> list[Batch]:
+                 shuffle: bool = True, batch_size: int | None = None, pack: bool = False) -> list[Batch]:
     """The batches of one epoch. ``shuffle=False`` (evaluation) keeps every example exactly once,
-    in file order, except that ``length_grouped`` sorts by length to save padding."""
+    in file order, except that ``length_grouped`` sorts by length to save padding. ``pack``: each
+    batch's examples packed padding-free into rows (not for ``batching: packed``, whose rows are full)."""
     batch_size = batch_size or data.batch_size
     if data.batching == "packed":
         order = epoch_order(len(encoded), seed, epoch, shuffle)[0]
         ids, labels = pack(encoded, order, data.max_length)
         return [collate(ids[i:i + batch_size], labels[i:i + batch_size], pad_id)
                 for i in range(0, len(ids), batch_size)]
-    groups = index_batches(encoded, data, seed=seed, epoch=epoch, shuffle=shuffle, batch_size=batch_size)
+    groups = index_batches(encoded, data, seed=seed, epoch=epoch, shuffle=shuffle, batch_size=batch_size, pack=pack)
+    if pack:
+        return [collate_packed([encoded.input_ids[i] for i in g], [encoded.labels[i] for i in g], pad_id,
+                               data.max_length) for g in groups]
     return [collate([encoded.input_ids[i] for i in g], [encoded.labels[i] for i in g], pad_id) for g in groups]
 
 
 def count_batches(encoded: Encoded, data: DataSpec, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-                  batch_size: int | None = None) -> int:
+                  batch_size: int | None = None, pack: bool = False) -> int:
     """``len(make_batches(...))`` with the same arguments, without building a tensor.
 
     With a token budget (``max_tokens_per_batch``) the batches come from one
@@ -58,7 +65,8 @@ def count_batches(encoded: Encoded, data: DataSpec, *, seed: int = 0, epoch: int
         rows = -(-sum(encoded.lengths) // data.max_length)
         return -(-rows // batch_size)
     if data.batching == "length_grouped" and data.max_tokens_per_batch is not None:
-        return len(index_batches(encoded, data, seed=seed, epoch=epoch, shuffle=shuffle, batch_size=batch_size))
+        return len(index_batches(encoded, data, seed=seed, epoch=epoch, shuffle=shuffle, batch_size=batch_size,
+                                 pack=pack))
     return -(-len(encoded) // batch_size)  # fixed-size batches: only the last may be short
 
 
@@ -73,7 +81,7 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> tuple[list[int]
 
 
 def index_batches(encoded: Encoded, data: DataSpec, *, seed: int, epoch: int, shuffle: bool,
-                  batch_size: int) -> list[list[int]]:
+                  batch_size: int, pack: bool = False) -> list[list[int]]:
     """The example indices of each batch, for the modes whose batches are whole examples."""
     order, rng = epoch_order(len(encoded), seed, epoch, shuffle)
     if data.batching != "length_grouped":
@@ -83,7 +91,9 @@ def index_batches(encoded: Encoded, data: DataSpec, *, seed: int, epoch: int, sh
     else:
         # As fairseq does: batches cut from one global sort, only their order shuffled each epoch. Every
         # epoch then has the same number of batches, so steps per epoch and the schedule are exact.
-        cut, window = partial(budget_chunks, lengths=encoded.lengths, budget=data.max_tokens_per_batch), len(order)
+        # Packed, a batch costs its real tokens; padded, its rows x longest row.
+        chunker = packed_budget_chunks if pack else budget_chunks
+        cut, window = partial(chunker, lengths=encoded.lengths, budget=data.max_tokens_per_batch), len(order)
     return length_grouped(order, encoded.lengths, max(window, 1), cut, rng if shuffle else None)
 
 
@@ -101,6 +111,19 @@ def budget_chunks(longest_first: list[int], lengths: list[int], budget: int) -> 
         rows = max(1, budget // lengths[longest_first[start]])
         batches.append(longest_first[start:start + rows])
         start += rows
+    return batches
+
+
+def packed_budget_chunks(longest_first: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive batches of at most ``budget`` real tokens (at least one example each)."""
+    batches: list[list[int]] = []
+    used = budget
+    for i in longest_first:
+        if used + lengths[i] > budget:
+            batches.append([])
+            used = 0
+        batches[-1].append(i)
+        used += lengths[i]
     return batches
 
 
