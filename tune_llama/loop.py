@@ -137,7 +137,7 @@ def setup(spec: Spec, *, model=None, tokenizer=None, data: Optional[tuple[Encode
         scaler = torch.amp.GradScaler(device.type) if spec.training.precision == "fp16" else None
     return Run(spec, device, tokenizer, model, train_set, val_set, optimizer, scheduler, scaler, steps_per_epoch,
                report_steps(spec.training, steps_per_epoch), timings, packing=packing,
-               halving=Halving(tokenizer.pad_token_id, spec.data.max_length))
+               halving=Halving(tokenizer.pad_token_id))
 
 
 def encode_splits(spec: Spec, tokenizer) -> tuple[Encoded, Encoded]:
@@ -254,7 +254,7 @@ def train_step(run: Run, window: Window, interval: Optional[Interval] = None) ->
             losses.append(loss.detach().float())
         interval.micro_batches += len(pieces)
 
-    halving = run.halving or Halving(run.tokenizer.pad_token_id, run.spec.data.max_length, enabled=False)
+    halving = run.halving or Halving(run.tokenizer.pad_token_id, enabled=False)
     halving.run(window, run_pieces, reset=lambda: run.optimizer.zero_grad(set_to_none=True))
     for batch in window:
         real = real_tokens(batch)  # counted on the host: on the GPU it would sync

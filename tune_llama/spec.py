@@ -135,8 +135,10 @@ class DataSpec:
     metrics say so (``oom_retries``, ``tokens_per_batch``)."""
     packing: bool = True
     """Padding-free micro-batches: each batch's examples laid end to end into
-    rows of up to ``max_length`` tokens, with position ids restarting per example
-    so attention keeps them apart (same loss and gradients as padded rows). Used
+    rows no longer than its longest example, with position ids restarting per
+    example so attention keeps them apart (same loss and gradients as padded
+    rows). It saves what padding there is: little with ``length_grouped``
+    batches, much with ``random`` ones. Used
     where that is supported: ``model.attn_implementation`` sdpa, eager or
     flex_attention, no ``trust_remote_code`` model, one worker per trial, and
     not with ``batching: packed``; elsewhere padded rows, with a log line."""

@@ -140,7 +140,7 @@ def auto_budget(spec: Spec, model, tokenizer, device: torch.device, packing: boo
         from tune_llama.data.packing import collate_packed
         rows = [torch.randint(4, vocab, (data.max_length,)) for _ in range(tokens // data.max_length)]
         labels = [torch.cat([torch.full((r.numel() // 3,), -100), r[r.numel() // 3:]]) for r in rows]
-        batch = collate_packed(rows, labels, tokenizer.pad_token_id, data.max_length) if packing \
+        batch = collate_packed(rows, labels, tokenizer.pad_token_id) if packing \
             else collate(rows, labels, tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in with_answer_positions(batch).items() if k in DEVICE_KEYS}
         torch.cuda.reset_peak_memory_stats(device)
@@ -163,8 +163,8 @@ def auto_budget(spec: Spec, model, tokenizer, device: torch.device, packing: boo
 class Halving:
     """How many pieces each micro-batch runs in: 1, and twice that after every out-of-memory step."""
 
-    def __init__(self, pad_id: int, capacity: int, enabled: bool = True):
-        self.pad_id, self.capacity, self.enabled = pad_id, capacity, enabled
+    def __init__(self, pad_id: int, enabled: bool = True):
+        self.pad_id, self.enabled = pad_id, enabled
         self.pieces = 1
         self.retries = 0
 
@@ -172,7 +172,7 @@ class Halving:
         """Every micro-batch of ``window`` cut into up to ``pieces`` smaller ones (a one-example piece stays)."""
         out = window
         for _ in range(self.pieces.bit_length() - 1):
-            out = [piece for batch in out for piece in halves(batch, self.pad_id, self.capacity)]
+            out = [piece for batch in out for piece in halves(batch, self.pad_id)]
         return out
 
     def run(self, window: list[dict], run_pieces: Callable[[list[dict]], None], reset: Callable[[], None]) -> None:
@@ -198,5 +198,5 @@ def examples_in(batch: dict) -> int:
     return len(batch["example_lengths"]) if "example_lengths" in batch else batch["input_ids"].shape[0]
 
 
-def halves(batch: dict, pad_id: int, capacity: int) -> list[dict]:
-    return split_batch(batch, pad_id, capacity) if examples_in(batch) >= 2 else [batch]
+def halves(batch: dict, pad_id: int) -> list[dict]:
+    return split_batch(batch, pad_id) if examples_in(batch) >= 2 else [batch]

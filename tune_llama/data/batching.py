@@ -48,8 +48,8 @@ def make_batches(encoded: Encoded, data: DataSpec, pad_id: int, *, seed: int, ep
                 for i in range(0, len(ids), batch_size)]
     groups = index_batches(encoded, data, seed=seed, epoch=epoch, shuffle=shuffle, batch_size=batch_size, pack=pack)
     if pack:
-        return [collate_packed([encoded.input_ids[i] for i in g], [encoded.labels[i] for i in g], pad_id,
-                               data.max_length) for g in groups]
+        return [collate_packed([encoded.input_ids[i] for i in g], [encoded.labels[i] for i in g], pad_id)
+                for g in groups]
     return [collate([encoded.input_ids[i] for i in g], [encoded.labels[i] for i in g], pad_id) for g in groups]
 
 

@@ -1,16 +1,18 @@
 """Padding-free micro-batches: whole examples laid end to end in rows, kept apart by their position ids.
 
 A packed batch holds the same examples as the padded one would, placed
-first-fit-decreasing into rows of at most ``max_length`` tokens, so a row
-carries two or three GSM8K problems instead of one plus padding. It has no
+first-fit-decreasing into rows no longer than its longest example, so short
+examples share a row instead of each padding its own. It has no
 ``attention_mask``: ``position_ids`` restart at 0 for each example, and
 transformers (5.x, ``masking_utils.find_packed_sequence_indices``) turns those
 restarts into a block-diagonal causal mask for sdpa and eager, and into a
 document ``BlockMask`` for ``flex_attention``, so no example sees another and
-the loss equals the padded path's (tests/test_packing.py). Rows are capped at
-``max_length`` rather than one long row per batch: with sdpa or eager the mask
-is dense, so attention over one 4k-token row would cost 4k x 4k per head while
-the padded path pays only each example's own square.
+the loss equals the padded path's (tests/test_packing.py). Rows are no longer
+than the padded batch's rather than one long row per batch: sdpa and eager get
+a dense mask and compute every masked pair, so one 4k-token row would cost
+4k x 4k per head where the padded rows pay about each example's own square.
+What packing saves is the padding; length-grouped batches have little, random
+ones (and token budgets over mixed lengths) much more.
 
 Every micro-batch, packed or padded, also carries ``answer_index`` and
 ``answer_labels``: the flat positions whose next token carries a label and
@@ -47,25 +49,26 @@ def with_answer_positions(batch: Batch) -> Batch:
     return {**batch, "answer_index": index, "answer_labels": targets}
 
 
-def first_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Example indices per row, longest first into the first row with room (each row <= ``capacity``
-    tokens, or one example alone if it is longer)."""
+def first_fit_rows(lengths: list[int]) -> list[list[int]]:
+    """Example indices per row: longest first, each into the first row with room, rows no longer than the
+    longest example (the padded batch's width), so a packed batch never computes more than the padded one."""
+    capacity = max(lengths)
     rows: list[list[int]] = []
     free: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        slot = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
-        if slot is None:
-            rows.append([i])
-            free.append(capacity - lengths[i])
-        else:
-            rows[slot].append(i)
-            free[slot] -= lengths[i]
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            free.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= lengths[i]
     return rows
 
 
-def collate_packed(ids: list[torch.Tensor], labels: list[torch.Tensor], pad_id: int, capacity: int) -> Batch:
-    """One micro-batch of the examples ``ids``/``labels``, packed into rows of <= ``capacity`` tokens."""
-    placed = first_fit_rows([len(x) for x in ids], capacity)
+def collate_packed(ids: list[torch.Tensor], labels: list[torch.Tensor], pad_id: int) -> Batch:
+    """One micro-batch of the examples ``ids``/``labels``, packed into rows (``first_fit_rows``)."""
+    placed = first_fit_rows([len(x) for x in ids])
     order = [i for row in placed for i in row]
     row_ids = [torch.cat([ids[i] for i in row]) for row in placed]
     row_labels = [torch.cat([labels[i] for i in row]) for row in placed]
@@ -110,7 +113,7 @@ def examples_of(batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return ids, labels
 
 
-def split_batch(batch: Batch, pad_id: int, capacity: int) -> list[Batch]:
+def split_batch(batch: Batch, pad_id: int) -> list[Batch]:
     """The batch's examples in two micro-batches of half as many (same layout), for a step that ran out
     of memory; a batch of one example cannot be split (ValueError)."""
     from tune_llama.data.batching import collate
@@ -120,7 +123,6 @@ def split_batch(batch: Batch, pad_id: int, capacity: int) -> list[Batch]:
         raise ValueError("a micro-batch of one example cannot be split")
     half = len(ids) // 2
     if "example_lengths" in batch:
-        return [collate_packed(ids[:half], labels[:half], pad_id, capacity),
-                collate_packed(ids[half:], labels[half:], pad_id, capacity)]
+        return [collate_packed(ids[:half], labels[:half], pad_id), collate_packed(ids[half:], labels[half:], pad_id)]
     return [with_answer_positions(collate(ids[:half], labels[:half], pad_id)),
             with_answer_positions(collate(ids[half:], labels[half:], pad_id))]
