@@ -6,7 +6,7 @@ import pytest
 
 from conftest import TINY
 from tune_llama.loop import epoch_windows, label_count, setup
-from tune_llama.loss import answer_only_loss
+from tune_llama.loss import answer_only_loss, model_loss
 from tune_llama.spec import load_spec
 
 
@@ -24,7 +24,7 @@ def test_answer_only_chunked_loss_and_gradients_equal_the_plain_path(lora):
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in params]
 
-    plain, plain_grads = loss_and_grads(lambda: run.model(**batch, num_items_in_batch=n).loss)
+    plain, plain_grads = loss_and_grads(lambda: model_loss(run.model, batch, n))
     ours, our_grads = loss_and_grads(lambda: answer_only_loss(run.model, batch, n, chunk=37))
     assert ours == pytest.approx(plain.item(), abs=1e-5)
     worst = max((a - b).abs().max().item() for a, b in zip(our_grads, plain_grads))

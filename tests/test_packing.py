@@ -13,6 +13,7 @@ from tune_llama.loop import epoch_windows, fit, label_count, load_state, save_st
 from tune_llama.loss import answer_only_loss, model_loss
 from tune_llama.model import trainable_state
 from tune_llama.speed import probe_budget
+from tune_llama.errors import SpecError
 from tune_llama.spec import load_spec
 
 COMMON = ["data.synthetic_size=40", "data.val_size=8", "model.lora.dropout=0.0", "data.max_length=600"]
@@ -87,6 +88,21 @@ def test_packed_loss_and_gradients_equal_the_padded_path(attention, lora, answer
     worst = max((a - b).abs().max().item() for a, b in zip(packed_grads, padded_grads))
     assert worst <= 1e-5, f"gradients differ by {worst}"
     assert max(g.abs().max().item() for g in padded_grads) > 1e-4, "the comparison must see real gradients"
+
+
+def test_flex_attention_keeps_packed_examples_apart_in_the_forward_pass():
+    """FlexAttention has no backward on CPU (torch raises), so here only the loss: the document mask
+    transformers builds from the position ids gives the padded path's value."""
+    with pytest.raises(SpecError, match="^model.attn_implementation: flex_attention has no backward"):
+        setup(tiny("model.attn_implementation=flex_attention"))
+    run = setup(tiny())
+    run.model.set_attn_implementation("flex_attention")
+    assert run.model.config._attn_implementation == "flex_attention"
+    padded, packed = both_layouts(run)
+    n = label_count(padded)
+    with torch.no_grad():
+        assert answer_only_loss(run.model, packed, n).item() == pytest.approx(
+            answer_only_loss(run.model, padded, n).item(), abs=1e-5)
 
 
 def test_without_restarting_positions_packed_examples_see_each_other():

@@ -38,6 +38,10 @@ def test_overrides_are_parsed_with_the_fields_types():
     ("data.batch_size=0", "data.batch_size"),
     ("data.prompt_template=Q", "data.prompt_template"),
     ("training.nesterov=true", "training.nesterov"),
+    ("data.max_tokens_per_batch=most", "data.max_tokens_per_batch"),
+    ("data.max_tokens_per_batch=16", "data.max_tokens_per_batch"),
+    ("training.compile=sometimes", "training.compile"),
+    ("model.attn_implementation=flash", "model.attn_implementation"),
     ("search.space={model.lora.rank: {choice: [4, 8]}}", "search.space.model.lora.rank"),
     ("search.space={training.epochs: {choice: [1, x]}}", "search.space.training.epochs.choice[1]"),
 ])
@@ -46,6 +50,17 @@ def test_a_bad_value_is_rejected_naming_its_field(override, field):
         load_spec(TINY, [override])
     assert err.value.path == field
     assert str(err.value).startswith(field) and "\n" not in str(err.value)
+
+
+def test_speed_fields_take_auto_or_their_values():
+    spec = load_spec(TINY, ["data.max_tokens_per_batch=auto", "training.compile=true",
+                            "model.attn_implementation=flex_attention", "data.packing=false"])
+    assert spec.data.max_tokens_per_batch == "auto" and spec.training.compile is True
+    assert spec.model.attn_implementation == "flex_attention" and spec.data.packing is False
+    assert load_spec(TINY, ["data.max_tokens_per_batch=4096"]).data.max_tokens_per_batch == 4096
+    assert load_spec(TINY).training.compile == "auto" and load_spec(TINY).data.packing is True
+    with pytest.raises(SpecError, match="must be an integer, got 'most'; or must be one of auto"):
+        load_spec(TINY, ["data.max_tokens_per_batch=most"])
 
 
 def test_an_unknown_section_is_rejected():

@@ -104,7 +104,7 @@ def global_spec(spec: Spec, world: int) -> Spec:
     """The spec one process would need to see what ``world`` workers see together: ``world`` times the rows
     (and token budget) per micro-batch. Evaluation batches stay per worker: each worker validates alone."""
     data = spec.data
-    scaled = replace(data, batch_size=data.batch_size * world,
+    scaled = replace(data, batch_size=data.batch_size * world, packing=False,  # rows are sharded across workers
                      eval_batch_size=data.eval_batch_size or data.batch_size,
                      max_tokens_per_batch=data.max_tokens_per_batch * world if data.max_tokens_per_batch else None)
     return replace(spec, data=scaled)
@@ -243,6 +243,7 @@ def setup_workers(spec: Spec) -> tuple[Run, Team]:
     run = setup(global_spec(spec, team.world))
     run.spec = spec  # the trial's own spec: per-worker batch size, written into every checkpoint
     run.sum_across_workers = team.sum_count
+    run.halving.enabled = False  # a retry on one worker alone would leave the others' collectives waiting
     wrap(run, team)
     if team.rank:
         torch.manual_seed(spec.training.seed + 7919 * team.rank)

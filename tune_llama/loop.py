@@ -36,8 +36,8 @@ from tune_llama.data.packing import DEVICE_KEYS, real_tokens, with_answer_positi
 from tune_llama.errors import CheckpointError, SpecError
 from tune_llama.loss import micro_batch_loss
 from tune_llama.model import cuda_package, load_model, load_tokenizer, load_trainable_state, trainable_state
-from tune_llama.speed import (AUTOCAST, CompileClock, Halving, auto_budget, compile_layers, compile_wanted,
-                              examples_in, packing_supported)
+from tune_llama.speed import (AUTOCAST, CompileClock, Halving, auto_budget, check_attention, compile_layers,
+                              compile_wanted, examples_in, packing_supported)
 from tune_llama.spec import Spec, TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ def setup(spec: Spec, *, model=None, tokenizer=None, data: Optional[tuple[Encode
     timings: dict[str, float] = {}
     seed_everything(spec.training.seed)
     device = pick_device(spec.training.device)
+    check_attention(spec, device)
     with timed(timings, "tokenizer_s"):
         tokenizer = tokenizer or load_tokenizer(spec.model)
     with timed(timings, "data_s"):

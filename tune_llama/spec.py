@@ -390,6 +390,9 @@ class Spec:
         if self.training.precision == "fp16":
             _require(self.model.dtype != "bfloat16", "training.precision",
                      "fp16 autocast with bfloat16 weights; use bf16 or float32 weights")
+        if self.data.max_tokens_per_batch == "auto":
+            _require(self.search.resources.workers == 1, "data.max_tokens_per_batch",
+                     "auto is probed on one device; give a trial of several workers a number of tokens")
         if self.training.parallel == "fsdp":
             _require(self.model.quantization == "none", "training.parallel",
                      f"fsdp cannot shard {self.model.quantization} quantized weights; use ddp for QLoRA")

@@ -83,7 +83,14 @@ class CompileClock:
             cls.seconds += time.perf_counter() - start
 
 
-# ---------------------------------------------------------------- packing: where it is supported
+# ---------------------------------------------------------------- attention and packing: where they work
+
+def check_attention(spec: Spec, device: torch.device) -> None:
+    if spec.model.attn_implementation == "flex_attention" and device.type == "cpu":
+        from tune_llama.errors import SpecError
+        raise SpecError("model.attn_implementation", "flex_attention has no backward pass on CPU in torch; "
+                                                     "use sdpa there (flex_attention is the GPU choice)")
+
 
 def packing_supported(spec: Spec, workers: int = 1) -> tuple[bool, str]:
     """(whether ``data.packing`` can keep examples apart here, why not)."""

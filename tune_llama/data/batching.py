@@ -43,7 +43,7 @@ def make_batches(encoded: Encoded, data: DataSpec, pad_id: int, *, seed: int, ep
     batch_size = batch_size or data.batch_size
     if data.batching == "packed":
         order = epoch_order(len(encoded), seed, epoch, shuffle)[0]
-        ids, labels = pack(encoded, order, data.max_length)
+        ids, labels = concatenated_rows(encoded, order, data.max_length)
         return [collate(ids[i:i + batch_size], labels[i:i + batch_size], pad_id)
                 for i in range(0, len(ids), batch_size)]
     groups = index_batches(encoded, data, seed=seed, epoch=epoch, shuffle=shuffle, batch_size=batch_size, pack=pack)
@@ -140,7 +140,7 @@ def length_grouped(order: list[int], lengths: list[int], window: int, cut: Calla
     return groups
 
 
-def pack(encoded: Encoded, order: list[int], max_length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def concatenated_rows(encoded: Encoded, order: list[int], max_length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Rows of ``max_length`` tokens cut from the concatenated examples (the last row may be shorter)."""
     if not order:
         return [], []
