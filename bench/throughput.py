@@ -4,10 +4,12 @@
     .venv/bin/python bench/throughput.py --seconds 10 --rounds 1   # smoke run
     python3 bench/throughput.py --model random:llama-2-7b --data synthetic    # GPU (bf16 there)
 
-Contenders (same model and seed, examples, batch size, lr, precision): ours, ours-budget (``--max-tokens``),
+Contenders (same model and seed, examples, lr, precision): ours, ours-budget (``--max-tokens``),
 hf-trainer, hf-grouped, hf-flat (``DataCollatorWithFlattening``, only where flattened and padded logits
-agree), recipes. Warmup steps untimed, then >= ``--seconds`` each, in interleaved rotated rounds; real
-tokens/s min/median/max, and ours / the strongest other. bench/README.md says what each one is.
+agree in fp32), recipes; each at every batch size of ``--batches`` (ours-budget at every budget), and
+judged at its best. One untimed warm-up round first (compiling, allocator, caches), then warmup steps
+untimed and >= ``--seconds`` each, in interleaved rotated rounds; real tokens/s min/median/max, MFU on
+CUDA, and ours / the strongest other, each at its best. bench/README.md says what each one is.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from tune_llama.spec import spec_from_dict  # noqa: E402
 CONTENDERS = ("ours", "ours-budget", "hf-trainer", "hf-grouped", "hf-flat", "recipes")
 H100_BF16_PEAK_FLOPS = 989e12
 """Dense bf16 peak of an H100/H200 SXM, the MFU denominator."""
+FLATTENING_TOLERANCE = 1e-3
+"""Relative logit gap (fp32) below which flattened examples are taken as kept apart."""
 
 
 class Clock:
@@ -72,9 +76,10 @@ class Bench:
     n_params: int = 0
     """Base-model parameters (LoRA adapters left out): N in the MFU formula."""
 
-    def model(self):
-        torch.manual_seed(self.spec.training.seed)  # the LoRA init draws from the global generator
-        model = load_model(self.spec.model, self.tokenizer, self.device, seed=self.spec.training.seed)
+    def model(self, spec=None):
+        spec = spec or self.spec
+        torch.manual_seed(spec.training.seed)  # the LoRA init draws from the global generator
+        model = load_model(spec.model, self.tokenizer, self.device, seed=spec.training.seed)
         self.n_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
         return model
 
@@ -95,9 +100,11 @@ def counts(batch) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- the contenders
 
-def ours(b: Bench, clock: Clock, budget=None) -> None:
-    spec = b.spec if budget is None else spec_from_dict(b.spec.to_dict(), [f"data.max_tokens_per_batch={budget}"])
-    run = setup(spec, model=b.model(), tokenizer=b.tokenizer, data=(b.train, b.val))
+def ours(b: Bench, clock: Clock, budget=None, overrides=()) -> None:
+    """Our loop; ``overrides`` (``--ours-set``) are spec fields for ours alone (kernels, attention, packing)."""
+    extra = [*overrides, *([f"data.max_tokens_per_batch={budget}"] if budget is not None else [])]
+    spec = spec_from_dict(b.spec.to_dict(), extra) if extra else b.spec
+    run = setup(spec, model=b.model(spec), tokenizer=b.tokenizer, data=(b.train, b.val))
     for epoch in itertools.count():
         for window in epoch_windows(run, epoch):
             real = train_step(run, window).real_tokens
@@ -157,13 +164,19 @@ def recipes(b: Bench, clock: Clock) -> None:
 
 def flattening_gap(b: Bench) -> float:
     """Mean |logits difference| between a flattened and a padded batch of the same 3 examples, relative to
-    the mean |logit|: ~0 where the attention keeps flattened examples apart, large where they see each other."""
+    the mean |logit|: ~0 where the attention keeps flattened examples apart, large where they see each other.
+    In fp32 whatever the run's precision: in bf16 two kernels' rounding alone differs by ~0.02 on a 7B."""
+    fp32 = spec_from_dict(b.spec.to_dict(), ["model.dtype=float32", "training.precision=fp32"])
+    b = dataclasses.replace(b, spec=fp32)
     model, rows = b.model().eval(), b.rows()[:3]
     with torch.no_grad(), b.autocast():
         padded = model(**{k: v.to(b.device) for k, v in collator(b, False)(rows).items() if k != "labels"}).logits
         flat = model(**{k: v.to(b.device) for k, v in collator(b, True)(rows).items() if k != "labels"}).logits[0]
     padded = torch.cat([padded[i, :len(r["input_ids"])] for i, r in enumerate(rows)]).float()
-    return float((padded - flat.float()).abs().mean() / padded.abs().mean())
+    gap = float((padded - flat.float()).abs().mean() / padded.abs().mean())
+    del model
+    common.free_memory(b.device)
+    return gap
 
 
 # ---------------------------------------------------------------- rounds and figures
@@ -187,7 +200,14 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, help="timed seconds per contender and round (CPU 60, CUDA 20)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--max-tokens", type=int, help="adds ours-budget: ours with data.max_tokens_per_batch=N")
+    p.add_argument("--no-warmup-round", dest="warmup_round", action="store_false",
+                   help="skip the untimed round (warmup steps + 1 per variant) before the timed ones")
+    p.add_argument("--batches", type=int, nargs="+", help="batch sizes every contender runs at, judged at its "
+                   "best (default: --batch-size alone); on a GPU 8 16 32")
+    p.add_argument("--max-tokens", type=int, nargs="+", help="adds ours-budget: ours with "
+                   "data.max_tokens_per_batch=N, for each N")
+    p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a spec field for ours alone, e.g. model.kernels=liger (repeatable)")
     p.add_argument("--only", nargs="+", choices=CONTENDERS, help="these contenders only")
     args = p.parse_args(argv)
     common.start(args)
@@ -196,59 +216,112 @@ def main(argv=None) -> int:
     spec = common.make_spec(args)
     tokenizer = load_tokenizer(spec.model)
     bench = Bench(spec, tokenizer, *encode_splits(spec, tokenizer), device)
-    contenders = {"ours": ours, "ours-budget": lambda b, c: ours(b, c, args.max_tokens), "hf-trainer": hf,
-                  "hf-grouped": lambda b, c: hf(b, c, grouped=True), "hf-flat": lambda b, c: hf(b, c, flat=True),
-                  "recipes": recipes}
     names = args.only or [n for n in CONTENDERS if n != "ours-budget" or args.max_tokens]
     skipped, notes = {}, ""
     if "hf-flat" in names:
         try:
             gap = flattening_gap(bench)
-            notes = f"hf-flat: flattened vs padded logits differ by {gap:.2g} (relative mean) with " \
+            notes = f"hf-flat: flattened vs padded logits (fp32) differ by {gap:.2g} (relative mean) with " \
                     f"attn_implementation={spec.model.attn_implementation}\n"
-            if gap > (1e-3 if spec.training.precision == "fp32" else 0.02):
+            if gap > FLATTENING_TOLERANCE:
                 skipped["hf-flat"] = "the attention in use lets flattened examples see each other"
         except ImportError as err:
             skipped["hf-flat"] = str(err)
+    variants = make_variants([n for n in names if n not in skipped], bench, args)
     common.say(f"{spec.model.name} ({'full fine-tune' if args.full else 'LoRA r=8'}), {spec.training.precision}, "
-               f"{len(bench.train)} examples, batch {args.batch_size}, {args.warmup_steps} warmup steps, "
-               f"then >= {seconds:g} s per contender, {args.rounds} round(s)")
-    results: dict[str, list[dict]] = {n: [] for n in names if n not in skipped}
-    for r in range(args.rounds):
-        for name in list(results)[r % len(results):] + list(results)[:r % len(results)]:  # rotated
-            clock = Clock(device, max(1, args.warmup_steps), seconds)
+               f"{len(bench.train)} examples, batches {args.batches or [args.batch_size]}, "
+               f"{args.warmup_steps} warmup steps, then >= {seconds:g} s per variant, {args.rounds} round(s)"
+               + (f"; ours with {' '.join(args.ours_set)}" if args.ours_set else ""))
+    results: dict[str, list[dict]] = {label: [] for label in variants}
+    for r in range(-1 if args.warmup_round else 0, args.rounds):
+        order = list(results)[max(r, 0) % len(results):] + list(results)[:max(r, 0) % len(results)]  # rotated
+        for label in order:
+            if label in skipped or label.split(" ")[0] in skipped:
+                continue
+            family, run_it, b = variants[label]
+            clock = Clock(device, max(1, args.warmup_steps), 0.0 if r < 0 else seconds)
             common.free_memory(device)
             try:
                 with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its own summary; stdout is ours
-                    contenders[name](bench, clock)
+                    run_it(b, clock)
             except ImportError as err:
-                skipped[name] = str(err)
+                skipped[family] = str(err)
+                continue
+            except Exception as err:  # one variant that fails (a batch too big) must not end the bench
+                skipped[label] = "out of memory" if common.is_oom(err) else \
+                    f"failed: {type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+                common.say(f"  {label}: {skipped[label]}")
+                common.free_memory(device)
+                continue
+            if r < 0:
+                common.say(f"  warm-up {label}: {len(clock.steps)} step(s), untimed")
                 continue
             seconds_, real, computed = (sum(column) for column in zip(*clock.steps))
-            results[name].append(dict(seconds=seconds_, real=real, computed=computed, steps=len(clock.steps),
-                                      cpu_s=clock.cpu_s, peak_gb=common.peak_gb(device)))
-            common.say(f"  round {r + 1} {name}: {real / seconds_:.1f} real tok/s ({len(clock.steps)} steps, "
+            results[label].append(dict(seconds=seconds_, real=real, computed=computed, steps=len(clock.steps),
+                                       cpu_s=clock.cpu_s, peak_gb=common.peak_gb(device)))
+            common.say(f"  round {r + 1} {label}: {real / seconds_:.1f} real tok/s ({len(clock.steps)} steps, "
                        f"{seconds_:.0f} s, real share {real / computed:.3f})")
-    rows = [summarise(n, rs, not args.full, bench.n_params, device) for n, rs in results.items() if rs]
-    medians = {row["name"]: row["median"] for row in rows}
-    others = {n: v for n, v in medians.items() if not n.startswith("ours")}
-    strongest = max(others, key=others.get) if others and "ours" in medians else None
-    for row in rows:
-        row["ours_x"] = medians.get("ours", float("nan")) / row["median"]
-    payload = {**medians, **({"ratio_vs_strongest": medians["ours"] / others[strongest]} if strongest else {})}
-    notes += "".join(f"{n}: skipped: {why}\n" for n, why in skipped.items())
-    if strongest:
-        notes += f"ours / strongest ({strongest}): {payload['ratio_vs_strongest']:.2f}x (medians of real tok/s)"
-        cpu = {row["name"]: row["per_cpu_s"] for row in rows if device.type == "cpu"}
-        if cpu:  # CPU time: what a shared host's other jobs disturb least
-            best = max((n for n in cpu if not n.startswith("ours")), key=cpu.get)
-            notes += f"; by real tok/CPU-s: ours / strongest ({best}): {cpu['ours'] / cpu[best]:.2f}x"
+    n_params = bench.n_params or next(v[2].n_params for v in variants.values() if v[2].n_params)
+    rows = [dict(summarise(label, rs, not args.full, n_params, device), family=variants[label][0])
+            for label, rs in results.items() if rs]
+    payload, verdict = compare(rows, device)
+    notes += "".join(f"{n}: skipped: {why}\n" for n, why in skipped.items()) + verdict
+    if device.type == "cuda":
+        notes += f"\nMFU: {4 if not args.full else 6}N FLOPs per real token (N = {n_params / 1e9:.2f}B base " \
+                 f"parameters) / peak {H100_BF16_PEAK_FLOPS / 1e12:.0f} TFLOP/s (H100/H200 dense bf16)"
     common.output(args, rows, [
         ("name", "loop"), ("min", "real tok/s min"), ("median", "median"), ("max", "max"),
         ("computed", "computed tok/s"), ("share", "real share"), ("tokens_per_step", "tokens/step"),
         ("per_cpu_s", "real tok/CPU-s"), ("peak_gb", "peak GiB"),
-        ("ours_x", "ours / it")] + ([("mfu", "MFU")] if device.type == "cuda" else []), payload, notes)
+        ("ours_x", "best ours / it")] + ([("mfu", "MFU")] if device.type == "cuda" else []), payload, notes)
     return 0
+
+
+def make_variants(names: list[str], bench: Bench, args) -> dict[str, tuple]:
+    """label -> (contender, function, bench at that batch size): every contender at every batch size of
+    ``--batches`` (ours-budget at every ``--max-tokens``)."""
+    functions = {"ours": lambda b, c: ours(b, c, overrides=args.ours_set), "hf-trainer": hf,
+                 "hf-grouped": lambda b, c: hf(b, c, grouped=True), "hf-flat": lambda b, c: hf(b, c, flat=True),
+                 "recipes": recipes}
+    variants = {}
+    for name in names:
+        if name == "ours-budget":
+            for n in args.max_tokens or []:
+                variants[f"ours budget {n}"] = ("ours", lambda b, c, n=n: ours(b, c, n, args.ours_set), bench)
+            continue
+        for size in args.batches or [args.batch_size]:
+            sized = spec_from_dict(bench.spec.to_dict(), [f"data.batch_size={size}"])
+            variants[f"{name} b{size}"] = (name, functions[name], dataclasses.replace(bench, spec=sized))
+    return variants
+
+
+def compare(rows: list[dict], device) -> tuple[dict, str]:
+    """Each contender at its best variant (median real tok/s), and ours / the strongest other: the JSON
+    payload and the verdict line. On CPU also by real tokens per CPU-second (``ratio_vs_strongest_per_cpu_s``)."""
+    best: dict[str, dict] = {}
+    for row in rows:
+        if row["family"] not in best or row["median"] > best[row["family"]]["median"]:
+            best[row["family"]] = row
+    for row in rows:
+        row["ours_x"] = best["ours"]["median"] / row["median"] if "ours" in best else float("nan")
+    payload = {row["name"]: row["median"] for row in rows}
+    payload["best"] = {family: row["name"] for family, row in best.items()}
+    others = {f: row for f, row in best.items() if f != "ours"}
+    if "ours" not in best or not others:
+        return payload, ""
+    strongest = max(others.values(), key=lambda row: row["median"])
+    payload["ratio_vs_strongest"] = best["ours"]["median"] / strongest["median"]
+    verdict = f"ours ({best['ours']['name']}) / strongest ({strongest['name']}), each at its best: " \
+              f"{payload['ratio_vs_strongest']:.2f}x (medians of real tok/s)"
+    if device.type == "cpu":  # CPU time: what a shared host's other jobs disturb least
+        cpu_best = {f: max((r for r in rows if r["family"] == f), key=lambda r: r["per_cpu_s"]) for f in best}
+        cpu_strongest = max((r for f, r in cpu_best.items() if f != "ours"), key=lambda r: r["per_cpu_s"])
+        payload["ratio_vs_strongest_per_cpu_s"] = cpu_best["ours"]["per_cpu_s"] / cpu_strongest["per_cpu_s"]
+        verdict += f"; by real tok/CPU-s: ours ({cpu_best['ours']['name']}) / strongest " \
+                   f"({cpu_strongest['name']}): {payload['ratio_vs_strongest_per_cpu_s']:.2f}x"
+    else:
+        payload["mfu"] = {row["name"]: row["mfu"] for row in rows}
+    return payload, verdict
 
 
 if __name__ == "__main__":

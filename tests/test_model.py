@@ -67,3 +67,10 @@ def test_a_cuda_only_option_whose_package_is_missing_names_the_field_and_the_pac
                      fallback="training.optimizer=adamw")
     assert err.value.path == "training.optimizer"
     assert "pip install no-such-package" in str(err.value)
+
+
+@pytest.mark.parametrize("dropout, kernel", [(0.0, torch.nn.Identity), (0.1, torch.nn.Dropout)])
+def test_lora_dropout_0_runs_no_dropout_kernel(dropout, kernel):
+    run = setup(load_spec(TINY, ["model.lora.enabled=true", f"model.lora.dropout={dropout}"]))
+    layers = [m for name, m in run.model.named_modules() if name.endswith("lora_dropout.default")]
+    assert layers and all(type(m) is kernel for m in layers)
