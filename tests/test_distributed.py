@@ -121,18 +121,19 @@ def test_two_workers_of_batch_4_make_the_update_of_one_process_of_batch_8_and_re
 
     # Export reads the FSDP checkpoint's shards as one ordinary safetensors file, every weight at full shape.
     from safetensors.torch import load_file
-    from tune_llama.distributed import checkpoint_weights
+    from tune_llama.checkpoint import weights_file
     assert (tmp_path / "fsdp" / "sharded").is_dir() and not (tmp_path / "fsdp" / "trainable.safetensors").exists()
-    with checkpoint_weights(tmp_path / "fsdp") as weights:
+    with weights_file(tmp_path / "fsdp") as weights:
         consolidated = load_file(weights)
     assert {k: v.shape for k, v in consolidated.items()} == {k: v.shape for k, v in reference.items()}
     assert max_difference(consolidated, reference) > 0, "the step-2 checkpoint, not the final weights"
 
 
 def test_a_checkpoint_of_two_workers_is_refused_in_one_line_by_another_number_of_workers(tmp_path):
-    from tune_llama.distributed import WORKERS_FILE, Team, load_worker_state
+    from tune_llama.checkpoint import WORKERS
+    from tune_llama.distributed import Team, load_worker_state
     from tune_llama.errors import CheckpointError
-    (tmp_path / WORKERS_FILE).write_text(json.dumps({"workers": 2, "parallel": "ddp"}))
+    (tmp_path / WORKERS).write_text(json.dumps({"workers": 2, "parallel": "ddp"}))
     with pytest.raises(CheckpointError) as err:
         load_worker_state(None, Team(0, 3, torch.device("cpu"), "ddp"), tmp_path)
     assert "\n" not in str(err.value) and "search.resources.workers=2" in str(err.value)
@@ -156,12 +157,12 @@ def test_concurrent_trials_fit_the_cluster_unless_the_spec_asks_for_fewer():
 def test_a_trial_asking_more_memory_than_any_node_has_is_refused_naming_memory_gb():
     from tune_llama.errors import UserError
     from tune_llama.preflight import check_cluster
-    from tune_llama.search import trial_resources
+    from tune_llama.resources import tune_trial_resources
     spec = spec_from_dict({"search": {"resources": {"cpu": 1, "gpu": 0, "memory_gb": 12}}})
     assert check_cluster(spec, [{"CPU": 2, "memory": 16 * 2**30}]) == spec.search.max_concurrent
     with pytest.raises(UserError, match=r"memory_gb=12, but the largest node offers cpu=2, gpu=0, memory_gb=8"):
         check_cluster(spec, [{"CPU": 2, "memory": 8 * 2**30}])
-    assert trial_resources(spec) == {"cpu": 1, "gpu": 0, "memory": 12 * 2**30}, "what with_resources is given"
+    assert tune_trial_resources(spec) == {"cpu": 1, "gpu": 0, "memory": 12 * 2**30}, "what with_resources is given"
 
 
 # ---------------------------------------------------------------- a real search: Tune trials of 2 Ray Train workers

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, one_line_error, run_search
-from tune_llama import errors, search, train
+from tune_llama import errors, search
+from tune_llama.__main__ import command
 
 
 # ---------------------------------------------------------------- the exception types
@@ -60,8 +61,8 @@ def both_commands_fail_alike(capsys, tmp_path: Path, spec: Path, overrides: list
     """The one-line error of ``train`` and of ``search`` for the same input; they must be equal, start no
     Ray and write nothing."""
     sets = [a for o in overrides for a in ("--set", o)]
-    train_err = one_line_error(train.main, [str(spec), "--output", str(tmp_path / "run"), *sets], capsys)
-    search_err = one_line_error(search.main, [str(spec), "--name", "s", "--storage", str(tmp_path / "searches"),
+    train_err = one_line_error(command("train"), [str(spec), "--output", str(tmp_path / "run"), *sets], capsys)
+    search_err = one_line_error(command("search"), [str(spec), "--name", "s", "--storage", str(tmp_path / "searches"),
                                               *sets], capsys)
     assert train_err == search_err
     assert not ray_started()

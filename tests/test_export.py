@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import one_line_error as cli_error
-from tune_llama.export import EXPORT_FILE, export, main
+from tune_llama.__main__ import command
+from tune_llama.export import EXPORT_FILE, export
 from tune_llama.export import choose
 from tune_llama.results import load_search
 from tune_llama.spec import ModelSpec
@@ -132,7 +133,7 @@ def test_export_without_any_checkpoint_left_is_a_one_line_error(tiny_search, tmp
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
-    return cli_error(main, argv, capsys)
+    return cli_error(command("export"), argv, capsys)
 
 
 def test_evaluate_runs_on_the_export_with_the_prompt_template_it_was_trained_with(exported, tmp_path):
@@ -156,7 +157,8 @@ def test_evaluate_runs_on_the_export_with_the_prompt_template_it_was_trained_wit
 @pytest.fixture(scope="module")
 def lora_search(tmp_path_factory):
     """A one-trial LoRA search folder as the search writes it, built from a plain loop run (no Ray)."""
-    from tune_llama.loop import fit, save_state, setup
+    from tune_llama.checkpoint import save_state
+    from tune_llama.loop import fit, setup
     from tune_llama.spec import apply_params, load_spec
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "search_spaces" / "tiny.yaml",

@@ -11,12 +11,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tune_llama"
 # The pipeline, bottom first. A module may import any module in an earlier (or its own) layer.
 LAYERS = [
     ["errors", "paths", "redact", "calculator"],
-    ["spec", "cli", "progress"],
+    ["spec", "cli"],
     ["data"],
     ["model", "loss", "generate"],
-    ["loop"],
-    ["ray_private", "results"],
-    ["trainable", "distributed", "evaluate"],
+    ["loop", "checkpoint"],
+    ["ray_private", "results", "resources"],
+    ["trainable", "distributed", "evaluate", "progress"],
     ["finalists"],
     ["preflight", "searcher", "tracking"],
     ["search", "train", "data.__main__"],  # data.__main__: the `data stats` command needs the tokenizer
@@ -31,9 +31,17 @@ def module_of(path: Path) -> str:
     return "data.__main__" if parts == ("data", "__main__") else parts[0]
 
 
+def is_main_block(node: ast.AST) -> bool:
+    """``if __name__ == "__main__":``, where a module hands ``python -m`` over to the one parser."""
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and \
+        isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
+
+
 def imported_modules(path: Path) -> set[str]:
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    tree.body = [node for node in tree.body if not is_main_block(node)]
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tune_llama."):
             names.add(node.module.split(".")[1])
         elif isinstance(node, ast.ImportFrom) and node.module == "tune_llama":
@@ -64,3 +72,15 @@ def test_the_package_knows_nothing_of_this_checkouts_layout():
     offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "../shared" in p.read_text()
                  or "shared/gsm8k" in p.read_text()]
     assert not offenders
+
+
+def test_there_is_one_argument_parser_and_every_module_entry_calls_it():
+    """``python -m tune_llama.X`` works for every command, through ``__main__``'s parser alone."""
+    builders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                if "ArgumentParser(" in p.read_text() and p != PACKAGE / "__main__.py"]
+    assert not builders, f"only tune_llama/__main__.py builds an ArgumentParser: {builders}"
+    for path in set(PACKAGE.rglob("*.py")) - {PACKAGE / "__main__.py"}:
+        blocks = [node for node in ast.parse(path.read_text()).body if is_main_block(node)]
+        for block in blocks:
+            assert "run_command(" in ast.unparse(block) and len(block.body) == 2, \
+                f"{path.relative_to(PACKAGE)}: its __main__ block should only call tune_llama.__main__.run_command"

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import one_line_error
 from tune_llama.cli import run_cli
-from tune_llama.report import main, param_importance, report, trial_rows
+from tune_llama.__main__ import command
+from tune_llama.report import param_importance, report, trial_rows
 from tune_llama.results import (ASHA_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING, load_search,
                                 write_driver_file)
 
@@ -72,7 +73,7 @@ def test_table_lists_every_trial_with_its_status_epochs_and_best_loss(reported_s
 
 def run_cli_ok(experiment: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, [str(experiment)])
+        run_cli(command("report"), [str(experiment)])
     assert exit_info.value.code == 0
 
 
@@ -180,4 +181,4 @@ def dead_pid() -> int:
 
 
 def test_report_of_a_folder_that_is_not_a_search_is_a_one_line_error(tmp_path, capsys):
-    assert "not a tune-llama search folder" in one_line_error(main, [str(tmp_path)], capsys)
+    assert "not a tune-llama search folder" in one_line_error(command("report"), [str(tmp_path)], capsys)

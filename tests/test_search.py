@@ -12,6 +12,7 @@ import pytest
 
 from conftest import TINY, kill_session, one_line_error, result_rows, run_search
 from tune_llama import search
+from tune_llama.__main__ import command
 
 
 def trial_dirs(experiment: Path) -> list[Path]:
@@ -152,7 +153,7 @@ def test_the_sampler_is_tpe_by_default_and_random_on_request_both_seeded():
 
 
 def search_error(capsys, argv: list[str]) -> str:
-    return one_line_error(search.main, argv, capsys)
+    return one_line_error(command("search"), argv, capsys)
 
 
 def test_a_space_key_that_is_not_a_field_is_rejected_before_ray_starts(capsys, tmp_path):

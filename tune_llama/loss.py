@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from tune_llama.data.examples import IGNORE_INDEX
 
 
 def decoder_and_head(model) -> Optional[tuple[torch.nn.Module, torch.nn.Module]]:
