@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import TINY
 from tune_llama.progress import (MAX_ROWS, WIDTH, Progress, eta_seconds, format_duration, plain_line,
                                  table)
@@ -159,6 +161,7 @@ def test_the_table_fits_100_columns_with_many_long_params_and_a_hundred_trials()
     assert all(line.split()[1].startswith("gra") for line in lines[1:-1])
 
 
+@pytest.mark.integration
 def test_the_search_printed_the_table_in_100_columns_with_each_trials_final_status(tiny_search):
     truth = {}
     for result in tiny_search.glob("*/result.json"):

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from tune_llama.cli import add_search_folder_arguments, add_set_argument
+from tune_llama.cli import add_search_folder_arguments, add_set_argument, shell_path
 
 BASE_MODEL = "embedded:smollm2"
 DATA = "embedded:gsm8k-mini"
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                                        max_new_tokens=args.max_new_tokens, device="cpu",
                                        out=experiment / f"eval-{label}.jsonl")
     report(experiment)
-    where = os.path.relpath(experiment)
+    where = shell_path(experiment)
     print("\n" + "\n".join([
         "=" * 30 + " what happened " + "=" * 30,
         f"searched {info['spec']['search']['num_samples']} configs of {BASE_MODEL} (LoRA) on {DATA}, exported "
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         f"exported model: {os.path.relpath(out)}",
         f"resume:   tune-llama search --resume {where}",
         f"export:   tune-llama export {where}",
-        f"evaluate: tune-llama evaluate {os.path.relpath(out)} --data {DATA} --limit {args.test_problems}",
+        f"evaluate: tune-llama evaluate {shell_path(out)} --data {DATA} --limit {args.test_problems}",
     ]))
     return 0
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tune_llama.checkpoint import read_metrics, read_spec
+from tune_llama.cli import shell_path
 from tune_llama.errors import UserError
 from tune_llama.loop import METRIC_NAMES
 from tune_llama.redact import scrub
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     value = info["metric"]["value"]
     print(f"exported trial {info['trial_id']} (report {info['report']}, epoch {info['epoch']}, "
           f"{info['metric']['name']}={value:.4f}; {info['reason']}) to {out}")
-    print(f"evaluate: tune-llama evaluate {out}")
+    print(f"evaluate: tune-llama evaluate {shell_path(out)}")
     return 0
 
 

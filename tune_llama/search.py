@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from tune_llama.cli import add_search_folder_arguments, add_set_argument
+from tune_llama.cli import add_search_folder_arguments, add_set_argument, shell_path
 from tune_llama.errors import UserError
 from tune_llama.results import (ERRORED, INTERRUPTED, NORMAL_ENDS, OPTUNA_DB, PENDING, RUNNING, SPEC_FILE,
                                 SUMMARY_FILE, Search, load_search, load_search_spec, write_driver_file)
@@ -195,7 +195,7 @@ def check_resumable(experiment: Path) -> Spec:
 def start(spec: Spec, experiment: Path, spec_file: str, verbose: bool):
     from ray import tune
     if (experiment / SPEC_FILE).exists():
-        raise UserError(f"{experiment} already holds a search: resume it with --resume {experiment}, "
+        raise UserError(f"{experiment} already holds a search: resume it with --resume {shell_path(experiment)}, "
                         "or pick another --name")
     concurrent = start_ray(spec, verbose)  # before the folder exists: a refused search leaves nothing behind
     experiment.mkdir(parents=True, exist_ok=True)
@@ -303,7 +303,7 @@ def write_summary(experiment: Path) -> int:
     search = load_search(experiment)
     search.driver_alive = False  # this process is the driver, and its search is over
     lines, counts = summary_lines(search)
-    where = os.path.relpath(experiment) if experiment.is_relative_to(Path.cwd()) else str(experiment)
+    where = shell_path(experiment)
     lines += ["next:",
               f"  report:   tune-llama report {where}",
               f"  export:   tune-llama export {where}",
