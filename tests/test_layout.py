@@ -84,3 +84,32 @@ def test_there_is_one_argument_parser_and_every_module_entry_calls_it():
         for block in blocks:
             assert "run_command(" in ast.unparse(block) and len(block.body) == 2, \
                 f"{path.relative_to(PACKAGE)}: its __main__ block should only call tune_llama.__main__.run_command"
+
+
+def string_literals(path: Path) -> list[str]:
+    """Every string constant in a module but its docstrings (text about a name is not a use of it)."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)
+                  and isinstance(node.value, ast.Constant)}
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+            and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def owners_of(words: list[str], exact: bool = False) -> set[str]:
+    """Modules with a string literal that holds one of ``words`` (``exact``: is it, or ends in ``/`` + it)."""
+    def holds(text: str, word: str) -> bool:
+        return text == word or text.endswith("/" + word) if exact else word in text
+    return {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+            if any(holds(text, word) for text in string_literals(path) for word in words)}
+
+
+def test_only_checkpoint_py_spells_a_checkpoint_file_name():
+    from tune_llama import checkpoint
+    names = [checkpoint.TRAINABLE, checkpoint.OPTIMIZER, checkpoint.STATE, checkpoint.METRICS, checkpoint.WORKERS,
+             checkpoint.SPEC, checkpoint.SHARDED]
+    assert owners_of(names, exact=True) - {"train.py"} == {"checkpoint.py"}  # train: its run folder's own spec.json
+
+
+def test_only_results_py_spells_the_words_for_trial_states():
+    from tune_llama import results
+    assert owners_of([results.ASHA_STOPPED, results.EARLY_STOPPED, results.NO_RESULT]) == {"results.py"}
