@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,9 +21,17 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m tune_llama.demo
 
+# Passive OpenMP threads: on 2 shared cores, spinning workers slowed the loop tests about 8x.
+PYTEST := OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q
+
+# Both tiers: the unit tests and the integration tests (Ray, Slurm, Chromium; their system packages first).
 test: $(STAMP)
-	# Passive OpenMP threads: on 2 shared cores, spinning workers slowed the loop tests about 8x.
-	OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q tests
+	bash tests/system_packages.sh
+	$(PYTEST) tests
+
+# The unit tier alone: no Ray, Slurm or Chromium.
+test-fast: $(STAMP)
+	$(PYTEST) -m "not integration" tests
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py

@@ -20,7 +20,8 @@ import common  # noqa: E402  (puts the repo on sys.path)
 
 
 def measure(args, full: bool) -> dict:
-    from tune_llama.loop import save_state, setup
+    from tune_llama.checkpoint import save_state
+    from tune_llama.loop import setup
     args.full = full
     run = setup(common.make_spec(args, *([f"training.optimizer={args.full_optimizer}"] if full else [])))
     common.train_steps(run, args.warmup_steps)

@@ -10,7 +10,7 @@
 
 Every option left out keeps the spec's value.
 
-asha: ``tune_llama.search.main`` with the spec's sampler (TPE). asha-random-sampler: the same with
+asha: ``tune-llama search`` with the spec's sampler (TPE). asha-random-sampler: the same with
 ``search.sampler=random``, which separates what ASHA's stops save from where TPE moves the budget (TPE's later
 configs are better, so more of them survive the rungs). random: the same trainable, space, samples, concurrency
 and epochs, FIFO, with Optuna's random sampler: the very configs asha-random-sampler tried, so the two differ
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the repo on sys.path)
 
 from tune_llama import search  # noqa: E402
+from tune_llama.__main__ import command  # noqa: E402
 from tune_llama.results import SPEC_FILE, load_search  # noqa: E402
 from tune_llama.spec import load_spec  # noqa: E402
 
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
         searches = [("asha", [])] + ([("asha-random-sampler", ["search.sampler=random"])] if args.random_sampler else [])
         for name, extra in searches:
             start = time.perf_counter()
-            code = search.main([args.spec, "--name", name, "--storage", str(storage),
+            code = command("search")([args.spec, "--name", name, "--storage", str(storage),
                                 *[x for o in overrides + extra for x in ("--set", o)]])
             if code:
                 sys.exit(f"the {name} search exited {code}; see {storage / name}")

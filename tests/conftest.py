@@ -61,6 +61,23 @@ def smollm2_tokenizer():
     return load_tokenizer(ModelSpec(name="embedded:smollm2"))
 
 
+def popen_search(args: list[str], cwd: Path, env_extra: dict | None = None):
+    """The search CLI in its own session (so kill_session can end all of it), output into cwd/search.log."""
+    import os
+    import subprocess
+    import sys
+
+    log = (cwd / "search.log").open("w")
+    return subprocess.Popen([sys.executable, "-m", "tune_llama.search", *args], cwd=cwd,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def summary_counts(experiment: Path) -> str:
+    """The ``trials:`` line of a finished search's summary."""
+    return next(line for line in (experiment / "summary.txt").read_text().splitlines() if line.startswith("trials:"))
+
+
 # ---------------------------------------------------------------- a finished tiny search, shared
 
 FAKE_SECRETS = {"WANDB_API_KEY": "wandb-secret-0123456789abcdef0123456789abcdef", "HF_TOKEN": "hf_secretTOKEN0123456789"}

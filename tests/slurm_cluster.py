@@ -9,7 +9,7 @@ a GRES backed by /dev/null, so Slurm's GPU bookkeeping (CUDA_VISIBLE_DEVICES,
 SLURM_GPUS_ON_NODE) is real although the machine has no GPU.
 
 Needs root (the daemons run as root, as on the CI machines) and Debian's
-slurm-wlm and munge, which `ensure_packages` installs with apt when missing.
+slurm-wlm and munge, which `tests/system_packages.sh` (run by `make test`) installs when missing.
 """
 
 from __future__ import annotations
@@ -34,20 +34,11 @@ def which(program: str) -> str | None:
 
 
 def ensure_packages() -> None:
-    """Install what is missing with apt; raise with the reason when that is impossible."""
+    """Fail naming what is missing: ``tests/system_packages.sh`` (one policy for every system package the
+    tests use) installs it; ``make test`` runs that first."""
     missing = sorted({package for program, package in PROGRAMS.items() if which(program) is None})
-    if not missing:
-        return
-    if os.geteuid() != 0:
-        raise RuntimeError(f"Slurm tests need {' '.join(missing)} and root to install them (apt-get)")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    still = [program for program in PROGRAMS if which(program) is None]
-    if still:
-        raise RuntimeError(f"apt-get installed {missing} but {still} are still missing")
+    if missing:
+        raise RuntimeError(f"Slurm tests need {' '.join(missing)}: run tests/system_packages.sh (as root)")
 
 
 def free_port() -> int:

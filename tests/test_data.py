@@ -22,7 +22,7 @@ from tune_llama.data import (IGNORE_INDEX, Encoded, count_batches, encode, final
                              load_test, make_batches, real_token_share)
 from tune_llama.data import synthetic
 from tune_llama.data.sources import EMBEDDED, split_train
-from tune_llama.data.__main__ import cli
+from tune_llama.__main__ import run_command
 from tune_llama.model import char_tokenizer as build_char_tokenizer
 from tune_llama.spec import DataSpec, SpecError, load_spec
 
@@ -449,7 +449,7 @@ def test_shipped_demo_spec_runs_on_full_gsm8k_dropping_the_few_examples_over_its
     demo = repo_root / "search_spaces" / "demo.yaml"
     max_length = load_spec(demo).data.max_length
     with pytest.raises(SystemExit) as exit_:
-        cli(["stats", str(demo), "--json", "--set", f"data.source={gsm8k_dir}", "--set", "data.train_size=null"])
+        run_command("data", ["stats", str(demo), "--json", "--set", f"data.source={gsm8k_dir}", "--set", "data.train_size=null"])
     assert exit_.value.code == 0
     train = json.loads(capsys.readouterr().out)["splits"]["train"]
     assert train["problems"] > 7000, "all of GSM8K's train split"
@@ -470,7 +470,7 @@ def tiny_spec(tmp_path):
 
 def test_stats_cli_json_output_parses(tiny_spec, capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli(["stats", str(tiny_spec), "--json", "--set", "data.batching=packed"])
+        run_command("data", ["stats", str(tiny_spec), "--json", "--set", "data.batching=packed"])
     assert exit_.value.code == 0
     report = json.loads(capsys.readouterr().out)
     assert {k: v["problems"] for k, v in report["splits"].items()} == {"train": 50, "val": 10, "test": 200}
@@ -484,13 +484,13 @@ def test_stats_cli_json_output_parses(tiny_spec, capsys):
 def test_stats_cli_counts_truncated_and_dropped_examples_in_text_and_json(tiny_spec, capsys):
     overrides = ["--set", "data.max_length=150"]  # between the shortest and the longest synthetic prompt
     with pytest.raises(SystemExit) as exit_:
-        cli(["stats", str(tiny_spec), "--json", *overrides])
+        run_command("data", ["stats", str(tiny_spec), "--json", *overrides])
     assert exit_.value.code == 0
     train = json.loads(capsys.readouterr().out)["splits"]["train"]
     assert train["dropped"] > 0 and train["truncated"] > 0
     assert train["examples"] + train["dropped"] == train["problems"] == 50
     with pytest.raises(SystemExit):
-        cli(["stats", str(tiny_spec), *overrides])
+        run_command("data", ["stats", str(tiny_spec), *overrides])
     assert f"truncated {train['truncated']}  dropped {train['dropped']}" in capsys.readouterr().out
 
 
@@ -499,7 +499,7 @@ def test_stats_cli_runs_on_a_local_source_without_test_jsonl(local_source, tmp_p
     spec = tmp_path / "local.yaml"
     spec.write_text(f"model: {{name: 'random:tiny'}}\ndata: {{source: '{local_source}', val_size: 5}}\n")
     with pytest.raises(SystemExit) as exit_:
-        cli(["stats", str(spec)])
+        run_command("data", ["stats", str(spec)])
     assert exit_.value.code == 0
     assert "test: no test.jsonl" in capsys.readouterr().out
 
@@ -509,7 +509,7 @@ def test_stats_cli_runs_on_a_local_source_without_test_jsonl(local_source, tmp_p
                                             ("data.overlong=skip", "data.overlong")])
 def test_stats_cli_bad_set_exits_2_with_one_line_naming_the_field(tiny_spec, capsys, setting, field):
     with pytest.raises(SystemExit) as exit_:
-        cli(["stats", str(tiny_spec), "--set", setting])
+        run_command("data", ["stats", str(tiny_spec), "--set", setting])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and field in err

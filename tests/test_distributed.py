@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, result_rows
+from conftest import TINY, popen_search, result_rows, summary_counts
 from tune_llama.spec import Spec, spec_from_dict
 
 WORLD = 2
@@ -95,6 +95,7 @@ def max_difference(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+@pytest.mark.integration
 def test_two_workers_of_batch_4_make_the_update_of_one_process_of_batch_8_and_resume_exactly_ddp_and_fsdp(
         tmp_path):
     """The last global micro-batch has one row, so one worker's share of it is empty (a zero-weighted pass)."""
@@ -121,18 +122,19 @@ def test_two_workers_of_batch_4_make_the_update_of_one_process_of_batch_8_and_re
 
     # Export reads the FSDP checkpoint's shards as one ordinary safetensors file, every weight at full shape.
     from safetensors.torch import load_file
-    from tune_llama.distributed import checkpoint_weights
+    from tune_llama.checkpoint import weights_file
     assert (tmp_path / "fsdp" / "sharded").is_dir() and not (tmp_path / "fsdp" / "trainable.safetensors").exists()
-    with checkpoint_weights(tmp_path / "fsdp") as weights:
+    with weights_file(tmp_path / "fsdp") as weights:
         consolidated = load_file(weights)
     assert {k: v.shape for k, v in consolidated.items()} == {k: v.shape for k, v in reference.items()}
     assert max_difference(consolidated, reference) > 0, "the step-2 checkpoint, not the final weights"
 
 
 def test_a_checkpoint_of_two_workers_is_refused_in_one_line_by_another_number_of_workers(tmp_path):
-    from tune_llama.distributed import WORKERS_FILE, Team, load_worker_state
+    from tune_llama.checkpoint import WORKERS
+    from tune_llama.distributed import Team, load_worker_state
     from tune_llama.errors import CheckpointError
-    (tmp_path / WORKERS_FILE).write_text(json.dumps({"workers": 2, "parallel": "ddp"}))
+    (tmp_path / WORKERS).write_text(json.dumps({"workers": 2, "parallel": "ddp"}))
     with pytest.raises(CheckpointError) as err:
         load_worker_state(None, Team(0, 3, torch.device("cpu"), "ddp"), tmp_path)
     assert "\n" not in str(err.value) and "search.resources.workers=2" in str(err.value)
@@ -156,12 +158,12 @@ def test_concurrent_trials_fit_the_cluster_unless_the_spec_asks_for_fewer():
 def test_a_trial_asking_more_memory_than_any_node_has_is_refused_naming_memory_gb():
     from tune_llama.errors import UserError
     from tune_llama.preflight import check_cluster
-    from tune_llama.search import trial_resources
+    from tune_llama.resources import tune_trial_resources
     spec = spec_from_dict({"search": {"resources": {"cpu": 1, "gpu": 0, "memory_gb": 12}}})
     assert check_cluster(spec, [{"CPU": 2, "memory": 16 * 2**30}]) == spec.search.max_concurrent
     with pytest.raises(UserError, match=r"memory_gb=12, but the largest node offers cpu=2, gpu=0, memory_gb=8"):
         check_cluster(spec, [{"CPU": 2, "memory": 8 * 2**30}])
-    assert trial_resources(spec) == {"cpu": 1, "gpu": 0, "memory": 12 * 2**30}, "what with_resources is given"
+    assert tune_trial_resources(spec) == {"cpu": 1, "gpu": 0, "memory": 12 * 2**30}, "what with_resources is given"
 
 
 # ---------------------------------------------------------------- a real search: Tune trials of 2 Ray Train workers
@@ -181,7 +183,6 @@ def worker_search(tmp_path_factory):
     """The search above, with one Ray Train worker of the first trial SIGKILLed after that trial's first report.
     Returns (experiment folder, killed trial folder name, the trial driver's pid when it was killed)."""
     from conftest import first_report, kill_session, session_processes, wait_until
-    from test_faults import popen_search
 
     storage = tmp_path_factory.mktemp("workers")
     experiment = storage / "workers"
@@ -203,9 +204,9 @@ def worker_search(tmp_path_factory):
     return experiment, trial, driver_pid
 
 
+@pytest.mark.integration
 def test_a_search_of_two_worker_trials_finishes_with_one_report_per_point_and_checkpoints_in_each_trial(
         worker_search):
-    from test_faults import summary_counts
     experiment, _, _ = worker_search
     assert "2 ended normally, 0 errored" in summary_counts(experiment)
     rows = result_rows(experiment)
@@ -221,6 +222,7 @@ def test_a_search_of_two_worker_trials_finishes_with_one_report_per_point_and_ch
             assert {"trainable.safetensors", "rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in checkpoint.iterdir()}
 
 
+@pytest.mark.integration
 def test_a_killed_worker_makes_tune_retry_its_trial_from_the_last_checkpoint(worker_search):
     experiment, trial, driver_pid = worker_search
     killed = result_rows(experiment)[trial]
@@ -233,6 +235,7 @@ def test_a_killed_worker_makes_tune_retry_its_trial_from_the_last_checkpoint(wor
     assert after[0]["tokens_seen"] > before[-1]["tokens_seen"]
 
 
+@pytest.mark.integration
 def test_the_best_two_worker_checkpoint_exports_as_an_ordinary_model(worker_search, tmp_path):
     import subprocess
     import sys
@@ -258,6 +261,7 @@ def test_the_worker_fields_are_checked_with_one_line_naming_them():
     assert spec_from_dict({}).search.resources.workers == 1 and spec_from_dict({}).training.parallel == "ddp"
 
 
+@pytest.mark.integration
 def test_a_trial_whose_workers_the_cluster_cannot_hold_is_one_line_and_leaves_no_folder(tmp_path):
     from conftest import run_search
     proc = run_search([str(TINY), "--name", "big", "--storage", str(tmp_path), "--set", "search.resources.workers=64"],

@@ -6,13 +6,13 @@ from __future__ import annotations
 import copy
 import pickle
 import re
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import TINY, one_line_error, run_search
-from tune_llama import errors, search, train
+from tune_llama import errors
+from tune_llama.__main__ import command
 
 
 # ---------------------------------------------------------------- the exception types
@@ -60,8 +60,8 @@ def both_commands_fail_alike(capsys, tmp_path: Path, spec: Path, overrides: list
     """The one-line error of ``train`` and of ``search`` for the same input; they must be equal, start no
     Ray and write nothing."""
     sets = [a for o in overrides for a in ("--set", o)]
-    train_err = one_line_error(train.main, [str(spec), "--output", str(tmp_path / "run"), *sets], capsys)
-    search_err = one_line_error(search.main, [str(spec), "--name", "s", "--storage", str(tmp_path / "searches"),
+    train_err = one_line_error(command("train"), [str(spec), "--output", str(tmp_path / "run"), *sets], capsys)
+    search_err = one_line_error(command("search"), [str(spec), "--name", "s", "--storage", str(tmp_path / "searches"),
                                               *sets], capsys)
     assert train_err == search_err
     assert not ray_started()
@@ -69,6 +69,7 @@ def both_commands_fail_alike(capsys, tmp_path: Path, spec: Path, overrides: list
     return train_err
 
 
+@pytest.mark.integration
 def test_a_broken_line_in_local_train_data_is_the_same_one_line_error_from_train_and_search(capsys, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -78,11 +79,13 @@ def test_a_broken_line_in_local_train_data_is_the_same_one_line_error_from_train
     assert f"{data / 'train.jsonl'}:21" in err and "data.source" in err
 
 
+@pytest.mark.integration
 def test_an_unknown_random_model_shape_is_the_same_one_line_error_from_train_and_search(capsys, tmp_path):
     err = both_commands_fail_alike(capsys, tmp_path, TINY, ["model.name=random:nope"])
     assert "model.name" in err and "random:nope" in err
 
 
+@pytest.mark.integration
 def test_an_empty_spec_file_is_a_one_line_error_naming_the_file_and_model_name(capsys, tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing here yet\n")
@@ -90,6 +93,7 @@ def test_an_empty_spec_file_is_a_one_line_error_naming_the_file_and_model_name(c
     assert str(empty) in err and "model.name" in err
 
 
+@pytest.mark.integration
 def test_a_spec_without_model_name_is_a_one_line_error_naming_model_name_and_the_file(capsys, tmp_path):
     nameless = tmp_path / "nameless.yaml"
     nameless.write_text(re.sub(r"(?m)^model:\n  name: random:tiny\n", "", TINY.read_text()))
@@ -102,33 +106,35 @@ def test_a_spec_without_model_name_is_a_one_line_error_naming_model_name_and_the
 
 @pytest.fixture(scope="module")
 def oversized_search(tmp_path_factory):
-    """A search whose trials ask for more CPUs than any node has: (process, seconds it took, storage)."""
+    """A search whose trials ask for more CPUs than any node has: (process, storage). An endless pending search
+    would run into the timeout."""
     storage = tmp_path_factory.mktemp("oversized")
-    began = time.monotonic()
     proc = run_search([str(TINY), "--name", "huge", "--storage", str(storage),
                        "--set", "search.num_samples=2", "--set", "search.resources.cpu=64"], cwd=storage, timeout=120)
-    return proc, time.monotonic() - began, storage
+    return proc, storage
 
 
+@pytest.mark.integration
 def test_a_trial_no_node_can_hold_is_a_one_line_error_and_not_an_endless_pending_search(oversized_search):
-    proc, took, storage = oversized_search
+    proc, storage = oversized_search
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: search.resources") and "cpu=64" in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not list((storage / "huge").glob("*/params.json")), "a trial was started"
-    assert took < 100, f"took {took:.0f} s"
 
 
+@pytest.mark.integration
 def test_a_search_refused_for_its_resources_leaves_no_folder_that_blocks_its_name(oversized_search):
     """Otherwise the same --name is refused ("already holds a search: resume it") and --resume is refused too
     ("not a tune-llama search folder"): the user must find and delete the folder by hand."""
-    proc, _, storage = oversized_search
+    proc, storage = oversized_search
     assert proc.returncode == 2
     leftover = storage / "huge" / "tune_llama_spec.json"
     assert not leftover.exists(), f"{leftover} was left behind by a search that never started a trial"
 
 
+@pytest.mark.integration
 def test_a_search_whose_every_trial_fails_at_runtime_exits_4_with_one_line_per_trial_and_no_traceback(tmp_path):
     # A LoRA target the model lacks passes preflight (which loads no weights) and fails in each trial's setup.
     proc = run_search([str(TINY), "--name", "allfail", "--storage", str(tmp_path),

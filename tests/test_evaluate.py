@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from tune_llama.calculator import calculate
+from tune_llama.__main__ import command
 from tune_llama.cli import run_cli
 from tune_llama.data import final_answer, load_test
 from tune_llama.evaluate import (
-    DATA_VARIABLE, add_arguments, default_data_source, extract_flexible, extract_strict, gsm8k_accuracy, main,
+    DATA_VARIABLE, add_arguments, default_data_source, extract_flexible, extract_strict, gsm8k_accuracy,
     normalize, run, score, wilson_interval,
 )
 from tune_llama.generate import Row, RowWatch, truncate_at_stop
@@ -196,7 +197,7 @@ def test_without_data_the_evaluation_reads_the_folder_the_environment_names(tmp_
 
 def one_line_error(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, argv)
+        run_cli(command("evaluate"), argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err

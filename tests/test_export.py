@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import one_line_error as cli_error
-from tune_llama.export import EXPORT_FILE, export, main
+from tune_llama.__main__ import command
+from tune_llama.export import EXPORT_FILE, export
 from tune_llama.export import choose
 from tune_llama.results import load_search
 from tune_llama.spec import ModelSpec
@@ -40,6 +41,7 @@ def best_reported(experiment: Path) -> tuple[str, dict]:
     return best
 
 
+@pytest.mark.integration
 def test_export_picks_the_best_report_of_any_trial_and_records_it(tiny_search, exported):
     trial_id, row = best_reported(tiny_search)
     info = json.loads((exported / EXPORT_FILE).read_text())
@@ -51,6 +53,7 @@ def test_export_picks_the_best_report_of_any_trial_and_records_it(tiny_search, e
     assert {"torch", "transformers", "python"} <= set(info["versions"])
 
 
+@pytest.mark.integration
 def test_exported_model_loads_with_plain_transformers_and_reproduces_the_best_eval_loss(tiny_search, exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from tune_llama.loop import setup, validation_loss
@@ -69,12 +72,14 @@ def test_exported_model_loads_with_plain_transformers_and_reproduces_the_best_ev
     assert out.shape[1] > prompt.input_ids.shape[1]
 
 
+@pytest.mark.integration
 def test_export_json_holds_no_secret_from_the_environment(exported, fake_secrets):
     text = (exported / EXPORT_FILE).read_text()
     for name, value in fake_secrets.items():
         assert value not in text, f"{name} leaked into export.json"
 
 
+@pytest.mark.integration
 def test_adapter_only_on_a_full_fine_tune_is_a_one_line_error(tiny_search, tmp_path, capsys):
     err = one_line_error(capsys, [str(tiny_search), "--adapter-only", "--out", str(tmp_path / "out")])
     assert "--adapter-only" in err and "model.lora.enabled" in err
@@ -91,12 +96,14 @@ def test_export_of_a_folder_that_is_not_a_search_is_a_one_line_error(tmp_path, c
     assert "not a tune-llama search folder" in err
 
 
+@pytest.mark.integration
 def test_export_of_a_search_without_results_is_a_one_line_error(tiny_search, tmp_path, capsys):
     (tmp_path / "tune_llama_spec.json").write_text((tiny_search / "tune_llama_spec.json").read_text())
     err = one_line_error(capsys, [str(tmp_path)])
     assert "no trial has a checkpoint" in err
 
 
+@pytest.mark.integration
 def test_a_checkpoint_ray_has_not_listed_yet_is_still_ranked_by_the_metrics_it_holds(tiny_search, tmp_path):
     """Right after a kill, result.json can lag behind the checkpoints on disk: export must still see them."""
     import shutil
@@ -109,6 +116,7 @@ def test_a_checkpoint_ray_has_not_listed_yet_is_still_ranked_by_the_metrics_it_h
     assert (choice.trial.trial_id, choice.row["step"]) == (trial_id, row["step"])
 
 
+@pytest.mark.integration
 def test_an_interrupted_export_leaves_no_folder_that_looks_complete(tiny_search, tmp_path, monkeypatch):
     import tune_llama.model as model_module
 
@@ -122,6 +130,7 @@ def test_an_interrupted_export_leaves_no_folder_that_looks_complete(tiny_search,
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
 
 
+@pytest.mark.integration
 def test_export_without_any_checkpoint_left_is_a_one_line_error(tiny_search, tmp_path, capsys):
     import shutil
     copy = tmp_path / "copy"
@@ -132,9 +141,10 @@ def test_export_without_any_checkpoint_left_is_a_one_line_error(tiny_search, tmp
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
-    return cli_error(main, argv, capsys)
+    return cli_error(command("export"), argv, capsys)
 
 
+@pytest.mark.integration
 def test_evaluate_runs_on_the_export_with_the_prompt_template_it_was_trained_with(exported, tmp_path):
     import shutil
     from tune_llama.evaluate import gsm8k_accuracy
@@ -156,7 +166,8 @@ def test_evaluate_runs_on_the_export_with_the_prompt_template_it_was_trained_wit
 @pytest.fixture(scope="module")
 def lora_search(tmp_path_factory):
     """A one-trial LoRA search folder as the search writes it, built from a plain loop run (no Ray)."""
-    from tune_llama.loop import fit, save_state, setup
+    from tune_llama.checkpoint import save_state
+    from tune_llama.loop import fit, setup
     from tune_llama.spec import apply_params, load_spec
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "search_spaces" / "tiny.yaml",

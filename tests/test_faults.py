@@ -16,8 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, cmdline, first_report, kill_session, proc_stat, result_rows, run_search, wait_until
+from conftest import (TINY, cmdline, first_report, kill_session, popen_search, proc_stat, result_rows, run_search,
+                      summary_counts, wait_until)
+from tune_llama.ray_private import newest_state
 from tune_llama.results import read_result_rows
+
+pytestmark = pytest.mark.integration  # every test here starts Ray, Slurm or Chromium
 
 # Two trials side by side, four reports (with checkpoints) in their one epoch, no ASHA stop before the end, and
 # enough rows that a trial runs for some seconds after its first report: time to inject a fault mid-epoch.
@@ -30,24 +34,12 @@ REPORTS = 4
 FRESH_STATE = {"TUNE_GLOBAL_CHECKPOINT_S": "1"}
 
 
-def popen_search(args: list[str], cwd: Path, env_extra: dict | None = None) -> subprocess.Popen:
-    """The search CLI in its own session (so kill_session can end all of it), output into cwd/search.log."""
-    log = (cwd / "search.log").open("w")
-    return subprocess.Popen([sys.executable, "-m", "tune_llama.search", *args], cwd=cwd,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def trial_folders(experiment: Path) -> list[Path]:
     return sorted(p.parent for p in experiment.glob("*/params.json"))
 
 
 def reports(rows: list[dict]) -> list[int]:
     return [r["report"] for r in rows]
-
-
-def summary_counts(experiment: Path) -> str:
-    return next(line for line in (experiment / "summary.txt").read_text().splitlines() if line.startswith("trials:"))
 
 
 # ---------------------------------------------------------------- a trial worker is SIGKILLed
@@ -86,10 +78,10 @@ def test_a_killed_trial_worker_is_retried_from_its_last_checkpoint_and_the_searc
 def resume_points(experiment: Path) -> dict[str, dict]:
     """Per trial id, what a resume will hand back, from Ray's newest experiment state (a Ray internal, see
     ``tune_llama.ray_private``): the trial folder, its last result's checkpoint folder name and ``done``."""
-    states = sorted(experiment.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    newest = newest_state(experiment)  # by name, as Ray picks it: a resumed search may touch an older one last
     try:
-        entries = [(json.loads(t), json.loads(r)) for t, r in json.loads(states[-1].read_text())["trial_data"]]
-    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        entries = [(json.loads(t), json.loads(r)) for t, r in json.loads(newest.read_text())["trial_data"]]
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):
         return {}  # none yet, or being written
     out = {}
     for trial, runtime in entries:

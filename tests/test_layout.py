@@ -11,12 +11,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tune_llama"
 # The pipeline, bottom first. A module may import any module in an earlier (or its own) layer.
 LAYERS = [
     ["errors", "paths", "redact", "calculator"],
-    ["spec", "cli", "progress"],
+    ["spec", "cli"],
     ["data"],
     ["model", "loss", "generate", "speed"],
-    ["loop"],
-    ["ray_private", "results"],
-    ["trainable", "distributed", "evaluate"],
+    ["loop", "checkpoint"],
+    ["ray_private", "results", "resources"],
+    ["trainable", "distributed", "evaluate", "progress"],
     ["finalists"],
     ["preflight", "searcher", "tracking"],
     ["search", "train", "data.__main__"],  # data.__main__: the `data stats` command needs the tokenizer
@@ -31,9 +31,17 @@ def module_of(path: Path) -> str:
     return "data.__main__" if parts == ("data", "__main__") else parts[0]
 
 
+def is_main_block(node: ast.AST) -> bool:
+    """``if __name__ == "__main__":``, where a module hands ``python -m`` over to the one parser."""
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and \
+        isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
+
+
 def imported_modules(path: Path) -> set[str]:
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    tree.body = [node for node in tree.body if not is_main_block(node)]
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tune_llama."):
             names.add(node.module.split(".")[1])
         elif isinstance(node, ast.ImportFrom) and node.module == "tune_llama":
@@ -64,3 +72,44 @@ def test_the_package_knows_nothing_of_this_checkouts_layout():
     offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "../shared" in p.read_text()
                  or "shared/gsm8k" in p.read_text()]
     assert not offenders
+
+
+def test_there_is_one_argument_parser_and_every_module_entry_calls_it():
+    """``python -m tune_llama.X`` works for every command, through ``__main__``'s parser alone."""
+    builders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                if "ArgumentParser(" in p.read_text() and p != PACKAGE / "__main__.py"]
+    assert not builders, f"only tune_llama/__main__.py builds an ArgumentParser: {builders}"
+    for path in set(PACKAGE.rglob("*.py")) - {PACKAGE / "__main__.py"}:
+        blocks = [node for node in ast.parse(path.read_text()).body if is_main_block(node)]
+        for block in blocks:
+            assert "run_command(" in ast.unparse(block) and len(block.body) == 2, \
+                f"{path.relative_to(PACKAGE)}: its __main__ block should only call tune_llama.__main__.run_command"
+
+
+def string_literals(path: Path) -> list[str]:
+    """Every string constant in a module but its docstrings (text about a name is not a use of it)."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)
+                  and isinstance(node.value, ast.Constant)}
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+            and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def owners_of(words: list[str], exact: bool = False) -> set[str]:
+    """Modules with a string literal that holds one of ``words`` (``exact``: is it, or ends in ``/`` + it)."""
+    def holds(text: str, word: str) -> bool:
+        return text == word or text.endswith("/" + word) if exact else word in text
+    return {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+            if any(holds(text, word) for text in string_literals(path) for word in words)}
+
+
+def test_only_checkpoint_py_spells_a_checkpoint_file_name():
+    from tune_llama import checkpoint
+    names = [checkpoint.TRAINABLE, checkpoint.OPTIMIZER, checkpoint.STATE, checkpoint.METRICS, checkpoint.WORKERS,
+             checkpoint.SPEC, checkpoint.SHARDED]
+    assert owners_of(names, exact=True) - {"train.py"} == {"checkpoint.py"}  # train: its run folder's own spec.json
+
+
+def test_only_results_py_spells_the_words_for_trial_states():
+    from tune_llama import results
+    assert owners_of([results.ASHA_STOPPED, results.EARLY_STOPPED, results.NO_RESULT]) == {"results.py"}

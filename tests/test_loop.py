@@ -10,8 +10,8 @@ import torch
 
 from tune_llama.errors import CheckpointError
 from conftest import TINY
-from tune_llama.loop import (METRIC_NAMES, epoch_windows, fit, load_state, report_steps, save_state, setup,
-                             train_step, validation_loss)
+from tune_llama.checkpoint import load_state, save_state
+from tune_llama.loop import METRIC_NAMES, epoch_windows, fit, report_steps, setup, train_step, validation_loss
 from tune_llama.model import trainable_state
 from tune_llama.spec import load_spec
 

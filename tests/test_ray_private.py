@@ -137,6 +137,7 @@ def test_reading_a_search_does_not_import_ray():
 
 # ---------------------------------------------------------------- searcher: public hooks only
 
+@pytest.mark.integration
 def test_the_searcher_drops_updates_to_a_trial_optuna_already_closed(tmp_path):
     # After a hard kill, Tune's snapshot can be older than the SQLite study: Tune replays epochs of a trial
     # that Optuna already closed. The search must go on, and the recorded value must stay.

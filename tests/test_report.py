@@ -12,7 +12,8 @@ import pytest
 
 from conftest import one_line_error
 from tune_llama.cli import run_cli
-from tune_llama.report import main, param_importance, report, trial_rows
+from tune_llama.__main__ import command
+from tune_llama.report import param_importance, report, trial_rows
 from tune_llama.results import (ASHA_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING, load_search,
                                 write_driver_file)
 
@@ -32,6 +33,7 @@ def reported_search(tiny_search) -> tuple[Path, list[Path]]:
     return tiny_search, report(tiny_search)
 
 
+@pytest.mark.integration
 def test_report_writes_valid_non_trivial_pngs_including_metric_against_lr(reported_search):
     import matplotlib.image
 
@@ -50,6 +52,7 @@ def test_report_writes_valid_non_trivial_pngs_including_metric_against_lr(report
             assert height >= 300 and width >= 500
 
 
+@pytest.mark.integration
 def test_table_lists_every_trial_with_its_status_epochs_and_best_loss(reported_search, capsys):
     experiment, _ = reported_search
     run_cli_ok(experiment)
@@ -72,7 +75,7 @@ def test_table_lists_every_trial_with_its_status_epochs_and_best_loss(reported_s
 
 def run_cli_ok(experiment: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, [str(experiment)])
+        run_cli(command("report"), [str(experiment)])
     assert exit_info.value.code == 0
 
 
@@ -105,6 +108,7 @@ def longest_trial(experiment: Path) -> tuple[str, Path]:
     return trial_id, folder
 
 
+@pytest.mark.integration
 def test_a_trial_still_running_is_reported_as_running(tiny_search, tmp_path):
     experiment = copy_search(tiny_search, tmp_path / "live")
     trial_id, folder = longest_trial(experiment)
@@ -116,6 +120,7 @@ def test_a_trial_still_running_is_reported_as_running(tiny_search, tmp_path):
     assert {p.name for p in report(experiment)} >= {"trials.csv", "eval_loss.png", "report.html"}
 
 
+@pytest.mark.integration
 def test_trials_of_a_search_whose_driver_is_gone_are_interrupted_not_running(tiny_search, tmp_path):
     experiment = copy_search(tiny_search, tmp_path / "driver-gone")
     trial_id, folder = longest_trial(experiment)
@@ -126,6 +131,7 @@ def test_trials_of_a_search_whose_driver_is_gone_are_interrupted_not_running(tin
     assert rows[trial_id]["status"] == INTERRUPTED  # ... but nothing drives the search any more
 
 
+@pytest.mark.integration
 def test_a_search_killed_before_its_first_report_says_there_is_nothing_to_plot(tiny_search, tmp_path, capsys):
     experiment = tmp_path / "early"
     experiment.mkdir()
@@ -136,12 +142,14 @@ def test_a_search_killed_before_its_first_report_says_there_is_nothing_to_plot(t
     assert "Nothing to plot yet" in (experiment / "report" / "report.html").read_text()
 
 
+@pytest.mark.integration
 def test_parameter_importance_comes_from_the_searchs_optuna_study(tiny_search):
     importance = param_importance(load_search(tiny_search))
     assert set(importance) == {"training.lr", "training.gradient_accumulation_steps", "training.optimizer"}
     assert sum(importance.values()) == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.integration
 def test_the_optuna_study_holds_every_report_as_an_intermediate_value(tiny_search):
     import optuna
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tiny_search / 'optuna.db'}")
@@ -149,6 +157,7 @@ def test_the_optuna_study_holds_every_report_as_an_intermediate_value(tiny_searc
     assert sorted(len(t.intermediate_values) for t in study.trials) == truth
 
 
+@pytest.mark.integration
 def test_an_interrupted_search_without_ray_state_still_reports(tiny_search, tmp_path, capsys):
     experiment = copy_search(tiny_search, tmp_path / "killed")
     trial_id, folder = longest_trial(experiment)
@@ -164,6 +173,7 @@ def test_an_interrupted_search_without_ray_state_still_reports(tiny_search, tmp_
     assert (experiment / "report" / "eval_loss.png").stat().st_size > 10_000
 
 
+@pytest.mark.integration
 def test_a_trial_ray_marked_as_errored_is_reported_as_errored(tiny_search, tmp_path, capsys):
     experiment = copy_search(tiny_search, tmp_path / "failed")
     trial_id, _ = longest_trial(experiment)
@@ -180,4 +190,4 @@ def dead_pid() -> int:
 
 
 def test_report_of_a_folder_that_is_not_a_search_is_a_one_line_error(tmp_path, capsys):
-    assert "not a tune-llama search folder" in one_line_error(main, [str(tmp_path)], capsys)
+    assert "not a tune-llama search folder" in one_line_error(command("report"), [str(tmp_path)], capsys)

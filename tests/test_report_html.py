@@ -16,6 +16,8 @@ from PIL import Image
 from tune_llama.report import report, trial_rows
 from tune_llama.results import load_search
 
+pytestmark = pytest.mark.integration  # every test here starts Ray, Slurm or Chromium
+
 WINDOW = (1200, 6000)  # tall enough for the whole report of a small search in one screenshot
 BORDER = (204, 204, 204)  # report.html's table border colour, #ccc
 
@@ -23,7 +25,7 @@ BORDER = (204, 204, 204)  # report.html's table border colour, #ccc
 def chromium() -> str:
     path = shutil.which("chromium")
     if path is None:  # not a skip: CI installs it, and without it this check would silently not run
-        pytest.fail("chromium not found on PATH: install Debian's `chromium` package (.ci/run does)")
+        pytest.fail("chromium not found on PATH: run tests/system_packages.sh (make test does)")
     return path
 
 

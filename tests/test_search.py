@@ -12,6 +12,7 @@ import pytest
 
 from conftest import TINY, kill_session, one_line_error, result_rows, run_search
 from tune_llama import search
+from tune_llama.__main__ import command
 
 
 def trial_dirs(experiment: Path) -> list[Path]:
@@ -24,6 +25,7 @@ def epochs_reported(trial: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- a finished search
 
+@pytest.mark.integration
 def test_tiny_search_runs_every_trial_and_asha_stops_some_early(tiny_search):
     trials = trial_dirs(tiny_search)
     assert len(trials) == 6
@@ -33,6 +35,7 @@ def test_tiny_search_runs_every_trial_and_asha_stops_some_early(tiny_search):
     assert min(epochs_run) < 4, f"ASHA stopped no trial early: {epochs_run}"
 
 
+@pytest.mark.integration
 def test_the_summary_export_report_and_single_run_name_the_same_best_trial_report_and_checkpoint(tiny_search):
     """One ranking: the best report is not always a trial's last one, and all four readers agree on it."""
     from tune_llama.export import choose
@@ -67,6 +70,7 @@ def test_ranking_by_the_best_report_can_pick_a_trial_whose_last_report_is_worse(
                                       row=lambda t: t.best("eval_loss", "max"))] == ["a", "b"]
 
 
+@pytest.mark.integration
 def test_every_trial_reported_eval_loss_and_perplexity_each_epoch(tiny_search):
     for trial in trial_dirs(tiny_search):
         rows = epochs_reported(trial)
@@ -76,6 +80,7 @@ def test_every_trial_reported_eval_loss_and_perplexity_each_epoch(tiny_search):
             assert row["eval_loss"] > 0 and row["eval_perplexity"] == pytest.approx(2.718281828 ** row["eval_loss"])
 
 
+@pytest.mark.integration
 def test_optuna_study_is_kept_in_sqlite_inside_the_experiment(tiny_search):
     import optuna
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tiny_search / 'optuna.db'}")
@@ -83,13 +88,15 @@ def test_optuna_study_is_kept_in_sqlite_inside_the_experiment(tiny_search):
     assert {"training.lr", "training.optimizer", "training.gradient_accumulation_steps"} <= set(study.trials[0].params)
 
 
+@pytest.mark.integration
 def test_search_prints_the_best_trial_and_next_commands(tiny_search):
     out = (tiny_search / "summary.txt").read_text()
     assert "best trial:" in out and "eval_loss" in out
-    for command in ("tune-llama export", "tune-llama report", "--resume"):
-        assert command in out
+    for hint in ("tune-llama export", "tune-llama report", "--resume"):
+        assert hint in out
 
 
+@pytest.mark.integration
 def test_kept_checkpoints_are_the_best_by_the_metric_plus_the_latest(tmp_path):
     # mode=max makes the *worst* (earliest) epochs "best", so keeping by score and keeping
     # the most recent give different folders: the test can tell them apart.
@@ -108,6 +115,7 @@ def test_kept_checkpoints_are_the_best_by_the_metric_plus_the_latest(tmp_path):
 
 # ---------------------------------------------------------------- kill and resume
 
+@pytest.mark.integration
 def test_a_killed_search_resumes_to_exactly_num_samples_without_restarting_checkpointed_trials(tmp_path):
     experiment = tmp_path / "killed"
     leader = subprocess.Popen(
@@ -152,9 +160,10 @@ def test_the_sampler_is_tpe_by_default_and_random_on_request_both_seeded():
 
 
 def search_error(capsys, argv: list[str]) -> str:
-    return one_line_error(search.main, argv, capsys)
+    return one_line_error(command("search"), argv, capsys)
 
 
+@pytest.mark.integration
 def test_a_space_key_that_is_not_a_field_is_rejected_before_ray_starts(capsys, tmp_path):
     err = search_error(capsys, [str(TINY), "--storage", str(tmp_path),
                                   "--set", "search.space={training.learning_rate: {uniform: [0.1, 0.2]}}"])
@@ -163,12 +172,14 @@ def test_a_space_key_that_is_not_a_field_is_rejected_before_ray_starts(capsys, t
     assert not search_started_ray()
 
 
+@pytest.mark.integration
 def test_an_empty_space_is_rejected_before_ray_starts(capsys, tmp_path):
     err = search_error(capsys, [str(TINY), "--storage", str(tmp_path), "--set", "search.space={}"])
     assert "search.space" in err
     assert not search_started_ray()
 
 
+@pytest.mark.integration
 def test_resume_of_a_missing_folder_is_rejected(capsys, tmp_path):
     err = search_error(capsys, ["--resume", str(tmp_path / "nope")])
     assert str(tmp_path / "nope") in err
@@ -194,6 +205,7 @@ def search_started_ray() -> bool:
 
 # ---------------------------------------------------------------- finalists
 
+@pytest.mark.integration
 def test_finalists_are_scored_on_gsm8k_accuracy_and_export_follows_their_winner(tmp_path):
     from tune_llama.export import EXPORT_FILE, export
     from tune_llama.results import load_search

@@ -20,6 +20,8 @@ import pytest
 
 from slurm_cluster import SlurmCluster, ensure_packages, free_port
 
+pytestmark = pytest.mark.integration  # every test here starts Ray, Slurm or Chromium
+
 REPO = Path(__file__).resolve().parent.parent
 SINGLE = REPO / "slurm" / "tune_single_node.sbatch"
 MULTI = REPO / "slurm" / "tune_multi_node.sbatch"
@@ -284,13 +286,11 @@ def test_multi_node_script_outside_slurm_is_one_line_error():
 
 
 def test_a_ray_head_that_does_not_come_up_in_time_is_one_line_error(tmp_path, ray_tmp):
-    started = time.monotonic()
-    # A head stopped mid-start-up may sit out the stop timeout before it is killed: 20 s of the 60.
+    # A head stopped mid-start-up may sit out the stop timeout before it is killed: 20 s of the 60 allowed.
     done = run_script(SINGLE, [TINY, "--storage", str(tmp_path)], RAY_START_TIMEOUT="1", RAY_STOP_TIMEOUT="20",
-                      RAY_TMPDIR=str(ray_tmp))
+                      RAY_TMPDIR=str(ray_tmp), timeout=60)
 
     assert_one_line_error(done, "did not come up within 1s")
-    assert time.monotonic() - started < 60
     assert_ray_gone(ray_tmp)
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT, TINY, one_line_error
-from tune_llama import train
+from tune_llama.__main__ import command
 from tune_llama.spec import SpecError, apply_params, load_spec, spec_from_dict
 
 
@@ -87,25 +87,25 @@ def cli_error(capsys, main, argv) -> str:
     ("training.lr=fast", "training.lr"),
 ])
 def test_train_cli_rejects_bad_overrides_in_one_line(capsys, tmp_path, override, field):
-    err = cli_error(capsys, train.main, [str(TINY), "--output", str(tmp_path / "run"), "--set", override])
+    err = cli_error(capsys, command("train"), [str(TINY), "--output", str(tmp_path / "run"), "--set", override])
     assert field in err
     assert not (tmp_path / "run").exists()
 
 
 def test_max_length_below_the_longest_prompt_is_rejected(capsys, tmp_path):
-    err = cli_error(capsys, train.main, [str(TINY), "--output", str(tmp_path), "--set", "data.max_length=20"])
+    err = cli_error(capsys, command("train"), [str(TINY), "--output", str(tmp_path), "--set", "data.max_length=20"])
     assert "data.max_length" in err
 
 
 def test_a_missing_spec_file_is_named(capsys, tmp_path):
-    err = cli_error(capsys, train.main, [str(tmp_path / "nope.yaml")])
+    err = cli_error(capsys, command("train"), [str(tmp_path / "nope.yaml")])
     assert "nope.yaml" in err
 
 
 def test_invalid_yaml_is_reported_with_its_line(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  lr: [1\n")
-    err = cli_error(capsys, train.main, [str(bad)])
+    err = cli_error(capsys, command("train"), [str(bad)])
     assert "bad.yaml" in err and "line" in err
 
 

@@ -95,6 +95,7 @@ def reported_epochs(experiment: Path) -> dict[str, list[int]]:
 
 # ---------------------------------------------------------------- the shared search
 
+@pytest.mark.integration
 def test_every_trial_has_one_offline_run_in_the_search_folder_with_every_epoch(tiny_search):
     epochs = reported_epochs(tiny_search)
     run_dirs = sorted((tiny_search / "wandb").glob("offline-run-*"))
@@ -113,6 +114,7 @@ def test_every_trial_has_one_offline_run_in_the_search_folder_with_every_epoch(t
         assert logged["closed"], f"run {trial_id} was not finished: its last records may be missing"
 
 
+@pytest.mark.integration
 def test_each_run_config_is_the_flat_sampled_params_with_numbers_kept_numbers(tiny_search):
     for run_dir in (tiny_search / "wandb").glob("offline-run-*"):
         config = read_run(run_dir)["config"]
@@ -121,6 +123,7 @@ def test_each_run_config_is_the_flat_sampled_params_with_numbers_kept_numbers(ti
         assert config["training.optimizer"] in ("sgd", "adamw")
 
 
+@pytest.mark.integration
 def test_each_run_logs_every_report_and_keeps_the_best_eval_loss_in_its_summary(tiny_search):
     for run_dir in (tiny_search / "wandb").glob("offline-run-*"):
         logged = read_run(run_dir)
@@ -133,6 +136,7 @@ def test_each_run_logs_every_report_and_keeps_the_best_eval_loss_in_its_summary(
         assert summary["status"] == read_status(tiny_search, logged["run"].run_id)
 
 
+@pytest.mark.integration
 def test_runs_are_tagged_with_the_spec_name(tiny_search):
     # tiny_search runs search_spaces/tiny.yaml: search.py passes the spec's stem to callbacks(spec_name=...).
     for run_dir in (tiny_search / "wandb").glob("offline-run-*"):
@@ -150,12 +154,14 @@ def read_status(experiment: Path, trial_id: str) -> str:
     raise AssertionError(f"no result.json for trial {trial_id}")
 
 
+@pytest.mark.integration
 def test_runs_are_written_into_the_search_folder_not_the_working_directory(tiny_search):
     # The fixture runs the search with cwd = the folder that holds the experiment.
     assert (tiny_search / "wandb").is_dir()
     assert not (tiny_search.parent / "wandb").exists()
 
 
+@pytest.mark.integration
 def test_no_secret_reaches_a_wandb_file_a_config_or_the_search_log(tiny_search, fake_secrets):
     files = [p for p in (tiny_search / "wandb").rglob("*") if p.is_file()]
     files.append(tiny_search.parent / "search.log")

@@ -1,7 +1,8 @@
 """One command for the whole pipeline: ``tune-llama COMMAND ...``.
 
 Each subcommand is a module with ``add_arguments(parser)`` and ``run(args)``;
-``python -m tune_llama.MODULE`` runs the same code.
+this is the one parser: ``python -m tune_llama.MODULE ...`` is ``tune-llama COMMAND ...``
+(each module's ``__main__`` block calls ``run_command``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Callable
 
 from tune_llama.cli import run_cli
 
@@ -19,6 +21,7 @@ COMMANDS = {
     "evaluate": ("tune_llama.evaluate", "GSM8K accuracy of a model (strict and flexible, with 95 percent intervals)"),
     "train": ("tune_llama.train", "fine-tune one configuration of a spec, without Ray"),
     "data": ("tune_llama.data.__main__", "split sizes, token lengths and padding of a spec's data"),
+    "demo": ("tune_llama.demo", "search, export and score SmolLM2 on GSM8K problems offline on CPU (make demo)"),
 }
 
 
@@ -38,6 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     return importlib.import_module(COMMANDS[args.command][0]).run(args)
+
+
+def command(name: str) -> Callable[[list[str] | None], int]:
+    """``tune-llama NAME ARGS...`` as a function of ARGS (``sys.argv[1:]`` when None)."""
+    def run_named(argv: list[str] | None = None) -> int:
+        return main([name, *(sys.argv[1:] if argv is None else argv)])
+    return run_named
+
+
+def run_command(name: str, argv: list[str] | None = None) -> None:
+    """``python -m tune_llama.MODULE``: the subcommand ``name`` with one-line errors, then exit."""
+    run_cli(command(name), argv)
 
 
 def cli() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn
@@ -21,6 +23,14 @@ def add_search_folder_arguments(parser: argparse.ArgumentParser) -> None:
     """--name and --storage: where a search lives (STORAGE/NAME)."""
     parser.add_argument("--name", help="search name (default: the spec's stem and a timestamp)")
     parser.add_argument("--storage", type=Path, help="folder that holds searches (default results/)")
+
+
+def shell_path(path: Path | str) -> str:
+    """``path`` as a printed command should hold it: relative when under the working folder, quoted for the
+    shell (a folder name with spaces stays one argument when the line is pasted)."""
+    path = Path(path)
+    shown = os.path.relpath(path) if path.is_absolute() and path.is_relative_to(Path.cwd()) else str(path)
+    return shlex.quote(shown)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

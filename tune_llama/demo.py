@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from tune_llama.cli import add_search_folder_arguments, add_set_argument, run_cli
+from tune_llama.cli import add_search_folder_arguments, add_set_argument, shell_path
 
 BASE_MODEL = "embedded:smollm2"
 DATA = "embedded:gsm8k-mini"
@@ -36,26 +36,28 @@ def format_line(before: Path, after: Path) -> str:
     return f"answers in GSM8K's '#### N' format before -> after: {count(before)} -> {count(after)}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spec", default="search_spaces/demo.yaml", help="the demo's spec (default %(default)s)")
+    parser.add_argument("--test-problems", type=int, default=12, help="test problems scored before and after")
+    parser.add_argument("--max-new-tokens", type=int, default=160, help="generation cap per answer when scoring")
+    add_search_folder_arguments(parser)
+    add_set_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
     from tune_llama import search
+    from tune_llama.__main__ import command
     from tune_llama.evaluate import gsm8k_accuracy
     from tune_llama.export import EXPORT_FILE, export
     from tune_llama.report import report
 
-    parser = argparse.ArgumentParser(prog="python -m tune_llama.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", default="search_spaces/demo.yaml")
-    parser.add_argument("--test-problems", type=int, default=12, help="test problems scored before and after")
-    parser.add_argument("--max-new-tokens", type=int, default=160)
-    add_search_folder_arguments(parser)
-    add_set_argument(parser)
-    args = parser.parse_args(argv)
     name = args.name or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.perf_counter()
 
     search_args = [args.spec, "--name", name, *sum((["--set", o] for o in args.overrides), [])]
     if args.storage:
         search_args += ["--storage", str(args.storage)]
-    code = search.main(search_args)
+    code = command("search")(search_args)
     experiment = search.experiment_dir(args.storage, name)
     if code != 0:
         return code
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                                        max_new_tokens=args.max_new_tokens, device="cpu",
                                        out=experiment / f"eval-{label}.jsonl")
     report(experiment)
-    where = os.path.relpath(experiment)
+    where = shell_path(experiment)
     print("\n" + "\n".join([
         "=" * 30 + " what happened " + "=" * 30,
         f"searched {info['spec']['search']['num_samples']} configs of {BASE_MODEL} (LoRA) on {DATA}, exported "
@@ -82,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         f"exported model: {os.path.relpath(out)}",
         f"resume:   tune-llama search --resume {where}",
         f"export:   tune-llama export {where}",
-        f"evaluate: tune-llama evaluate {os.path.relpath(out)} --data {DATA} --limit {args.test_problems}",
+        f"evaluate: tune-llama evaluate {shell_path(out)} --data {DATA} --limit {args.test_problems}",
     ]))
     return 0
 
 
-if __name__ == "__main__":
-    run_cli(main)
+if __name__ == "__main__":  # python -m tune_llama.demo is tune-llama demo
+    from tune_llama.__main__ import run_command
+    run_command("demo")

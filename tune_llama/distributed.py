@@ -1,5 +1,5 @@
-"""Trials larger than one process: N data-parallel workers (DDP or FSDP2) over the plain loop, launched by Ray
-Train (V2) from inside the Tune trial.
+"""The worker side of trials larger than one process: N data-parallel workers (DDP or FSDP2) over the plain
+loop. Ray Train (V2) launches them from inside the Tune trial (``tune_llama.trainable.train_trial_on_workers``).
 
 ``search.resources.workers: N`` gives each trial N workers, each with ``search.resources.cpu`` CPUs and
 ``search.resources.gpu`` GPUs. The Tune trial itself is only a driver (no resources of its own): it starts a
@@ -28,42 +28,26 @@ its shard; for LoRA rank 0 also writes the whole adapter, so export works as for
 so a resume with the same number of workers is exact; a checkpoint written by another number of workers
 is refused with one line (the global batch, hence the step count, would differ).
 
-The worker-side functions only need ``torch.distributed`` to be initialised; Ray is imported only by the
-functions that launch workers.
+Nothing here imports Ray: these functions only need ``torch.distributed`` to be initialised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import json
-import os
-import random
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from tune_llama import checkpoint
 from tune_llama.data import make_batches
-from tune_llama.errors import CheckpointError, SpecError
-from tune_llama.loop import (METRICS, PROGRESS, STATE, Interval, Run, Window, Workers, build_optimizer,
-                             build_scheduler, fit, load_state, one_line, save_state, setup)
+from tune_llama.errors import SpecError
+from tune_llama.loop import DataParallelHooks, Interval, Run, Window, build_optimizer, build_scheduler, fit, setup
 from tune_llama.loss import answer_only_loss, decoder_and_head
-from tune_llama.ray_private import register_placement_group, release_placement_group
 from tune_llama.spec import Spec, TrainingSpec
-
-WORKERS_FILE = "workers.json"
-SHARDED_DIR = "sharded"
-"""The ``torch.distributed.checkpoint`` folder of an FSDP checkpoint (one file per worker + metadata)."""
-
-
-def rng_file(rank: int) -> str:
-    return f"rng_rank{rank}.pt"
 
 
 # ---------------------------------------------------------------- who we are
@@ -129,7 +113,7 @@ def worker_windows(run: Run, team: Team, data_spec, epoch: int) -> list[Window]:
 
 # ---------------------------------------------------------------- the model: loss as one forward, summed grads
 
-class StepLoss(torch.nn.Module):
+class MicroBatchLoss(torch.nn.Module):
     """The loop's micro-batch loss as one module's forward, so DDP and FSDP see every micro-batch pass through
     the module they wrap (the answer-only loss calls the decoder and the LM head separately)."""
 
@@ -195,7 +179,7 @@ def decoder_layers(inner: torch.nn.Module) -> list[torch.nn.Module]:
 
 def wrap(run: Run, team: Team) -> None:
     """Wrap ``run.model`` for data parallelism; FSDP shards parameters, so the optimizer is rebuilt over them."""
-    loss = StepLoss(run.model, run.spec.training, run.tokenizer.pad_token_id)
+    loss = MicroBatchLoss(run.model, run.spec.training, run.tokenizer.pad_token_id)
     if team.parallel == "ddp":
         ids = [run.device.index if run.device.index is not None else torch.cuda.current_device()] \
             if run.device.type == "cuda" else None
@@ -224,10 +208,10 @@ def wrap(run: Run, team: Team) -> None:
 
 def inner_model(run: Run) -> torch.nn.Module:
     model = run.model.module if hasattr(run.model, "module") else run.model
-    return model.inner if isinstance(model, StepLoss) else model
+    return model.inner if isinstance(model, MicroBatchLoss) else model
 
 
-def step_loss(run: Run) -> StepLoss:
+def micro_batch_loss(run: Run) -> MicroBatchLoss:
     return run.model.module if hasattr(run.model, "module") else run.model
 
 
@@ -250,7 +234,7 @@ def setup_workers(spec: Spec) -> tuple[Run, Team]:
     return run, team
 
 
-class TeamWorkers(Workers):
+class TeamHooks(DataParallelHooks):
     """``loop.fit`` as one worker of N: the same report points, with the interval's loss, tokens and time
     combined over the workers first, so every worker reports (and decides) the same thing."""
 
@@ -261,7 +245,7 @@ class TeamWorkers(Workers):
         return worker_windows(run, self.team, self.data_spec, epoch)
 
     def before_step(self, run: Run, window: Window) -> None:
-        step_loss(run).pending = len(window)
+        micro_batch_loss(run).pending = len(window)
 
     def loss_sum(self, interval: Interval) -> float:
         return self.team.reduce([float(interval.loss_sum)])[0]
@@ -282,54 +266,44 @@ class TeamWorkers(Workers):
 
 
 def fit_workers(run: Run, team: Team, save_checkpoint=None, report=None) -> Run:
-    """``loop.fit`` for one worker of N (see ``TeamWorkers``)."""
-    return fit(run, save_checkpoint, report, workers=TeamWorkers(run, team))
+    """``loop.fit`` for one worker of N (see ``TeamHooks``)."""
+    return fit(run, save_checkpoint, report, workers=TeamHooks(run, team))
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- checkpoints (the layout is tune_llama.checkpoint's)
 
 def save_worker_state(run: Run, team: Team, directory: Path) -> Path:
     """This worker's part of a checkpoint into ``directory`` (under Ray Train, each worker's folder is merged
     into one checkpoint). Collective under FSDP: every worker must call it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), directory / rng_file(team.rank))
+    checkpoint.save_worker_rng(directory, team.rank)
     if team.parallel == "fsdp":
-        save_sharded(run, team, directory)
+        checkpoint.save_sharded(run, directory, team.rank)
     elif team.rank == 0:
         with model_swapped(run, inner_model(run)):
-            save_state(run, directory)
+            checkpoint.save_state(run, directory)
     if team.rank == 0:
-        (directory / WORKERS_FILE).write_text(json.dumps({"workers": team.world, "parallel": team.parallel}))
+        checkpoint.write_workers(directory, team.world, team.parallel)
     return directory
 
 
 def load_worker_state(run: Run, team: Team, directory: Path) -> Run:
     """Restore what ``save_worker_state`` wrote, on every worker; another worker count is one-line refused."""
     directory = Path(directory)
-    try:
-        written = json.loads((directory / WORKERS_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {directory} cannot be read: {one_line(err)}") from None
-    if (written.get("workers"), written.get("parallel")) != (team.world, team.parallel):
-        raise CheckpointError(
-            f"checkpoint {directory} was written by {written.get('workers')} {written.get('parallel')} workers, "
-            f"this trial has {team.world} {team.parallel} workers: resume with search.resources.workers="
-            f"{written.get('workers')} and training.parallel={written.get('parallel')}")
+    checkpoint.check_workers(directory, team.world, team.parallel)
     if team.parallel == "fsdp":
-        load_sharded(run, directory)
+        checkpoint.load_sharded(run, directory)
     else:
         with model_swapped(run, inner_model(run)):
-            load_state(run, directory)
-    own = directory / rng_file(team.rank)
-    if own.is_file():
-        set_rng_state(torch.load(own, weights_only=False))
+            checkpoint.load_state(run, directory)
+    checkpoint.load_worker_rng(directory, team.rank)
     return run
 
 
 @contextlib.contextmanager
 def model_swapped(run: Run, model: torch.nn.Module):
-    """``run.model`` temporarily the plain model, so the loop's save/load see the one-process names."""
+    """``run.model`` temporarily the plain model, so the one-process save/load see the one-process names."""
     wrapped, run.model = run.model, model
     try:
         yield
@@ -337,199 +311,9 @@ def model_swapped(run: Run, model: torch.nn.Module):
         run.model = wrapped
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(rng: dict) -> None:
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
 def trainable_weights(run: Run, team: Team) -> dict[str, torch.Tensor]:
     """The whole trained weights on the CPU under their one-process names (on rank 0 for FSDP, where every
     worker must call it; the others get an empty dict)."""
     if team.parallel == "ddp":
         return {k: v.detach().to("cpu", copy=True) for k, v in inner_model(run).named_parameters() if v.requires_grad}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    full = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                    ignore_frozen_params=True))
-    return {k.removeprefix("inner."): v.contiguous() for k, v in full.items()}
-
-
-def fsdp_state(run: Run):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    model, optim = get_state_dict(run.model, run.optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    return {"model": model, "optim": optim}
-
-
-def save_sharded(run: Run, team: Team, directory: Path) -> None:
-    """FSDP: weights and optimizer as a sharded checkpoint; rank 0 adds progress, and for LoRA the whole adapter."""
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
-    dcp.save(fsdp_state(run), checkpoint_id=str(directory / SHARDED_DIR))
-    if run.spec.model.lora.enabled:  # small: the ordinary one-process file, as export and finalists read it
-        full = trainable_weights(run, team)
-        if team.rank == 0:
-            save_file(full, directory / "trainable.safetensors")
-    if team.rank == 0:
-        torch.save({**{key: getattr(run, key) for key in PROGRESS}, "scheduler": run.scheduler.state_dict(),
-                    "scaler": run.scaler.state_dict() if run.scaler else None, "rng": rng_state()},
-                   directory / STATE)
-        (directory / "spec.json").write_text(json.dumps(run.spec.to_dict(), indent=1))
-        (directory / METRICS).write_text(json.dumps(run.history[-1] if run.history else {}))
-
-
-def load_sharded(run: Run, directory: Path) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    try:
-        state = fsdp_state(run)
-        dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))
-        progress = torch.load(directory / STATE, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise CheckpointError(f"checkpoint {directory} cannot be read: {one_line(err)}") from None
-    set_state_dict(run.model, run.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(ignore_frozen_params=True))
-    for key in PROGRESS:
-        setattr(run, key, progress[key])
-    run.scheduler.load_state_dict(progress["scheduler"])
-    if run.scaler and progress["scaler"]:
-        run.scaler.load_state_dict(progress["scaler"])
-    set_rng_state(progress["rng"])
-
-
-def consolidate(checkpoint: Path, out: Optional[Path] = None) -> Path:
-    """A sharded (FSDP) checkpoint's trained weights as one ordinary ``trainable.safetensors`` (no process
-    group needed), so export and evaluation read it like a one-process checkpoint. Returns the file."""
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    checkpoint = Path(checkpoint)
-    out = Path(out or checkpoint / "trainable.safetensors")
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(str(checkpoint / SHARDED_DIR), str(Path(tmp) / "full.pt"))
-        model = torch.load(Path(tmp) / "full.pt", weights_only=False)["model"]
-    save_file({k.removeprefix("inner."): v.contiguous() for k, v in model.items()}, out)
-    return out
-
-
-@contextlib.contextmanager
-def checkpoint_weights(checkpoint: Path):
-    """The ``trainable.safetensors`` of any checkpoint: as saved, or consolidated from FSDP shards into a
-    temporary file that is gone afterwards (the checkpoint folder itself is never changed)."""
-    checkpoint = Path(checkpoint)
-    if (checkpoint / "trainable.safetensors").is_file() or not (checkpoint / SHARDED_DIR).is_dir():
-        yield checkpoint / "trainable.safetensors"
-        return
-    with tempfile.TemporaryDirectory(prefix="tune-llama-consolidated-") as tmp:
-        yield consolidate(checkpoint, Path(tmp) / "trainable.safetensors")
-
-
-# ---------------------------------------------------------------- Ray: the Tune driver and the Train workers
-
-RAY_NAMES = {"cpu": "CPU", "gpu": "GPU", "memory": "memory"}
-"""``worker_resources`` keys -> Ray's resource names (memory in bytes)."""
-
-
-def ray_resources(each: dict[str, float]) -> dict[str, float]:
-    """``worker_resources`` under Ray's names, the zero ones left out."""
-    return {RAY_NAMES[k]: v for k, v in each.items() if v}
-
-
-def worker_resources(spec: Spec) -> dict[str, float]:
-    """One process's resources: a one-process trial's, or each worker's of a multi-worker one
-    (``search.resources``; ``gpu: null`` is 1 when CUDA is there, else 0; ``memory`` in bytes, only when
-    ``memory_gb`` is set)."""
-    r = spec.search.resources
-    gpu = r.gpu if r.gpu is not None else (1.0 if torch.cuda.is_available() else 0.0)
-    return {"cpu": r.cpu, "gpu": gpu, **({"memory": r.memory_gb * 2**30} if r.memory_gb else {})}
-
-
-def train_trial_on_workers(spec: Spec) -> None:
-    """The Tune trial of a multi-worker spec: run its workers with Ray Train and let Tune see their reports.
-
-    Retries are Tune's (``search.max_failures``): Train's own are off, so one budget counts every failure. A
-    retried trial starts a Train run of the same name in the same folder, which hands back its latest
-    checkpoint.
-    """
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    import ray.train
-    from ray import tune
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    each, s = worker_resources(spec), spec.search
-    # The trial's folder in the search's storage (get_trial_dir is a per-session staging copy): a retry, or
-    # a resumed search, finds Train's checkpoints there.
-    storage = tune.get_context().get_storage()
-    trial_path = Path(storage.trial_fs_path)
-    trainer = TorchTrainer(
-        train_worker, train_loop_config={"spec": spec.to_dict(), "trial_id": tune.get_context().get_trial_id()},
-        torch_config=TorchConfig(backend="nccl" if each["gpu"] else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=s.resources.workers, use_gpu=bool(each["gpu"]),
-                                               resources_per_worker=ray_resources(each), placement_strategy="PACK"),
-        run_config=ray.train.RunConfig(
-            name=trial_path.name, storage_path=str(trial_path.parent), storage_filesystem=storage.storage_filesystem,
-            callbacks=[TuneReportCallback()], failure_config=ray.train.FailureConfig(max_failures=0),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=s.keep_checkpoints,
-                                                         checkpoint_score_attribute=s.metric,
-                                                         checkpoint_score_order=s.mode)))
-    trainer.fit()
-
-
-try:
-    from ray.tune import Callback as _TuneCallback
-except ImportError:  # the loop and this module's worker side run without Ray
-    _TuneCallback = object
-
-
-class ReleaseWorkers(_TuneCallback):
-    """The search-side half of the above: a trial that ended frees its workers' placement group."""
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        release_placement_group(trial.trial_id)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        release_placement_group(trial.trial_id)
-
-
-def worker_callbacks(spec: Spec) -> list:
-    """The Tune callbacks a multi-worker search needs (none for one-process trials)."""
-    return [ReleaseWorkers()] if spec.search.resources.workers > 1 else []
-
-
-def train_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker of a trial: build, restore Train's latest checkpoint, train, report every point."""
-    import ray.train
-    from tune_llama.spec import spec_from_dict
-    if torch.cuda.is_available():
-        import ray.train.torch
-        torch.cuda.set_device(ray.train.torch.get_device())
-    run, team = setup_workers(spec_from_dict(config["spec"]))
-    if team.rank == 0:
-        register_placement_group(config["trial_id"])
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            load_worker_state(run, team, Path(directory))
-
-    def save(run_: Run) -> Path:
-        return save_worker_state(run_, team, Path(tempfile.mkdtemp(prefix="tune-llama-ckpt-")))
-
-    def report(metrics: dict, directory: Optional[Path]) -> None:
-        # Tune sees rank 0's row: memory is the largest worker's (tokens and time were combined before).
-        metrics["peak_memory_gb"] = team.reduce([metrics["peak_memory_gb"]], op=dist.ReduceOp.MAX)[0]
-        if directory is not None and team.rank == 0 and (directory / METRICS).exists():
-            (directory / METRICS).write_text(json.dumps(metrics))
-        try:
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory))
-                             if directory is not None else None)
-        finally:
-            if directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
-
-    fit_workers(run, team, save_checkpoint=save, report=report)
+    return checkpoint.full_trainable_weights(run.model)

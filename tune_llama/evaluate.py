@@ -27,7 +27,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from tune_llama.cli import run_cli
 from tune_llama.errors import SpecError, UserError
 from tune_llama.generate import STRICT, generate_texts
 from tune_llama.spec import DataSpec, ModelSpec, spec_from_dict
@@ -76,7 +75,7 @@ def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, fl
 # ---------------------------------------------------------------- model and prompts
 
 @dataclass
-class Loaded:
+class LoadedModel:
     model: Any
     tokenizer: Any
     prompt_template: str
@@ -84,7 +83,7 @@ class Loaded:
     """The data spec of the export's training run, when MODEL is an export."""
 
 
-def load(name: str, device) -> Loaded:
+def load(name: str, device) -> LoadedModel:
     """Model, tokenizer and prompt template for MODEL (export dir, hub id, embedded:smollm2, random:SHAPE)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -109,7 +108,7 @@ def load(name: str, device) -> Loaded:
         except OSError as err:
             raise UserError(f"MODEL: cannot load {name!r}: {str(err).splitlines()[0]}") from None
     model.to(device).eval()
-    return Loaded(model, tokenizer, template, train_spec.data if train_spec else None)
+    return LoadedModel(model, tokenizer, template, train_spec.data if train_spec else None)
 
 
 def load_adapter(path: Path, dtype):
@@ -310,11 +309,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_llama.evaluate", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
 
 def positive(text: str) -> int:
     value = int(text)
@@ -330,5 +324,6 @@ def non_negative(text: str) -> int:
     return value
 
 
-if __name__ == "__main__":
-    run_cli(main)
+if __name__ == "__main__":  # python -m tune_llama.evaluate is tune-llama evaluate
+    from tune_llama.__main__ import run_command
+    run_command("evaluate")

@@ -24,12 +24,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tune_llama.cli import run_cli
+from tune_llama.checkpoint import read_metrics, read_spec
+from tune_llama.cli import shell_path
 from tune_llama.errors import UserError
 from tune_llama.loop import METRIC_NAMES
 from tune_llama.redact import scrub
-from tune_llama.results import FINALISTS_FILE, Search, Trial, load_search, read_json
-from tune_llama.spec import Spec, spec_from_dict
+from tune_llama.results import FINALISTS_FILE, Search, Trial, load_search
+from tune_llama.spec import Spec
 
 EXPORT_FILE = "export.json"
 PACKAGES = ("tune-llama", "torch", "transformers", "peft", "safetensors", "tokenizers", "ray", "optuna")
@@ -53,16 +54,16 @@ def choose(search: Search, by: str = "finalists") -> Choice:
     if winner:
         trial = next((t for t in search.trials if t.trial_id == winner["trial_id"]), None)
         checkpoint = Path(winner["checkpoint"])
-        if trial is None or not (checkpoint / "metrics.json").is_file():
+        metrics = read_metrics(checkpoint)
+        if trial is None or metrics is None:
             raise UserError(f"{search.path / FINALISTS_FILE}: the winner's checkpoint {checkpoint} is gone; "
                             "export with --by loss")
-        metrics = read_json(checkpoint / "metrics.json") or {}
         reason = f"finalists' winner by GSM8K strict accuracy ({winner['strict_accuracy']:.1%})"
     else:
         best = search.best_checkpoint()
         if best is None:
             raise UserError(f"{search.path}: no trial has a checkpoint with a finite {search.metric} "
-                            "(checkpoint_*/trainable.safetensors); nothing to export")
+                            "(checkpoint_*/ with weights and metrics); nothing to export")
         trial, found = best
         checkpoint, metrics = found.path, found.metrics
         reason = f"best checkpoint by {search.metric} ({search.mode})"
@@ -70,8 +71,7 @@ def choose(search: Search, by: str = "finalists") -> Choice:
         if best_trial and best_trial[0] is not trial:
             print(f"notice: the best trial {best_trial[0].trial_id} has no checkpoint of its best report on disk; "
                   f"exporting {trial.trial_id}, the best checkpoint there is", file=sys.stderr)
-    spec_file = checkpoint / "spec.json"  # the trial's full spec, sampled params applied
-    spec = spec_from_dict(json.loads(spec_file.read_text())) if spec_file.is_file() else search.trial_spec(trial)
+    spec = read_spec(checkpoint) or search.trial_spec(trial)  # the trial's full spec, sampled params applied
     return Choice(trial, checkpoint, metrics, spec, reason)
 
 
@@ -82,7 +82,8 @@ def export(experiment: Path, out: Path | None = None, adapter_only: bool = False
     folder that looks complete, and a finished one replaces the previous export whole.
     """
     import torch
-    from tune_llama.model import model_from_checkpoint, save_hf_model
+    from tune_llama.checkpoint import load_model
+    from tune_llama.model import save_hf_model
 
     search = load_search(experiment)
     choice = choose(search, by)
@@ -92,10 +93,8 @@ def export(experiment: Path, out: Path | None = None, adapter_only: bool = False
     out = (out or search.path / "export").expanduser().resolve()
     if out.is_file():
         raise UserError(f"--out: {out} is a file; give a directory")
-    from tune_llama.distributed import checkpoint_weights
-    with checkpoint_weights(choice.checkpoint) as weights:  # FSDP shards are consolidated first
-        model, tokenizer = model_from_checkpoint(choice.spec.model, choice.checkpoint, torch.device("cpu"),
-                                                 seed=choice.spec.training.seed, weights=weights)
+    model, tokenizer = load_model(choice.spec.model, choice.checkpoint, torch.device("cpu"),
+                                  seed=choice.spec.training.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
@@ -157,15 +156,11 @@ def run(args: argparse.Namespace) -> int:
     value = info["metric"]["value"]
     print(f"exported trial {info['trial_id']} (report {info['report']}, epoch {info['epoch']}, "
           f"{info['metric']['name']}={value:.4f}; {info['reason']}) to {out}")
-    print(f"evaluate: tune-llama evaluate {out}")
+    print(f"evaluate: tune-llama evaluate {shell_path(out)}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_llama.export", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
 
-
-if __name__ == "__main__":
-    run_cli(main)
+if __name__ == "__main__":  # python -m tune_llama.export is tune-llama export
+    from tune_llama.__main__ import run_command
+    run_command("export")

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from tune_llama.resources import task_options
 from tune_llama.results import FINALISTS_FILE, Search, load_search, read_json
 from tune_llama.spec import FinalistsSpec, Spec
 
@@ -34,17 +35,14 @@ def score_checkpoint(spec_dict: dict, checkpoint: str, finalists: dict, seed: Op
     import torch
     from tune_llama.evaluate import score
     from tune_llama.loop import fit, pick_device, setup, validation_loss
-    from tune_llama.model import model_from_checkpoint
+    from tune_llama.checkpoint import load_model
     from tune_llama.spec import spec_from_dict
 
     spec = spec_from_dict(spec_dict)
     f = FinalistsSpec(**finalists)
     device = pick_device(spec.training.device)
     if seed is None:
-        from tune_llama.distributed import checkpoint_weights
-        with checkpoint_weights(Path(checkpoint)) as weights:
-            model, tokenizer = model_from_checkpoint(spec.model, Path(checkpoint), device, seed=spec.training.seed,
-                                                     weights=weights)
+        model, tokenizer = load_model(spec.model, Path(checkpoint), device, seed=spec.training.seed)
         loss = None
     else:
         spec = dataclasses.replace(spec, training=dataclasses.replace(spec.training, seed=seed))
@@ -82,7 +80,7 @@ def winner(entries: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
             "strict_accuracy": best["strict_accuracy"], "eval_loss": best["eval_loss"]}
 
 
-def write(path: Path, data: dict[str, Any]) -> None:
+def write_atomically(path: Path, data: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".finalists-")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1)
@@ -107,9 +105,9 @@ def score_finalists(experiment: Path, resources: Optional[dict[str, float]] = No
         seeds = [None] + list(f.seeds)
         scores = run_tasks(spec_dict, str(checkpoint.path), f, seeds, resources)
         entries.append(summarize_scores(trial.trial_id, checkpoint.path, checkpoint.metrics, search.metric, scores))
-        write(path, finalists_record(search, f, entries))
+        write_atomically(path, finalists_record(search, f, entries))
     record = finalists_record(search, f, entries)
-    write(path, record)
+    write_atomically(path, record)
     print_finalists(record)
     return record
 
@@ -123,9 +121,7 @@ def run_tasks(spec_dict: dict, checkpoint: str, f: FinalistsSpec, seeds: list, r
     finalists = dataclasses.asdict(f)
     if ray is None or not ray.is_initialized():
         return [score_checkpoint(spec_dict, checkpoint, finalists, seed) for seed in seeds]
-    resources = resources or {"cpu": 1, "gpu": 0}
-    task = ray.remote(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0),
-                      memory=resources.get("memory"))(score_checkpoint)
+    task = ray.remote(**task_options(resources or {"cpu": 1, "gpu": 0}))(score_checkpoint)
     return ray.get([task.remote(spec_dict, checkpoint, finalists, seed) for seed in seeds])
 
 

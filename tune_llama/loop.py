@@ -2,7 +2,8 @@
 
     run = setup(spec)                       # data, model, optimizer, schedule
     fit(run, save_checkpoint, report)       # steps; at each report point: validate -> checkpoint -> report
-    save_state(run, dir) / load_state(run, dir)   # exact resume, also from the middle of an epoch
+
+Checkpoints (save and exact restore, also mid-epoch) are ``tune_llama.checkpoint``'s.
 
 ``training.eval_every`` sets the report points (a fraction of an epoch, or a
 count of optimizer steps). A caller (the single-run CLI, the Ray trainable,
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -27,15 +27,14 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from tune_llama.data import Encoded, load_splits, make_batches
+from tune_llama.data import IGNORE_INDEX, Encoded, load_splits, make_batches
 from tune_llama.data.batching import Batch, count_batches
 from tune_llama.data.cache import encode_cached
 from tune_llama.data.packing import DEVICE_KEYS, real_tokens, with_answer_positions
-from tune_llama.errors import CheckpointError, SpecError
+from tune_llama.errors import SpecError
 from tune_llama.loss import micro_batch_loss
-from tune_llama.model import cuda_package, load_model, load_tokenizer, load_trainable_state, trainable_state
+from tune_llama.model import cuda_package, load_model, load_tokenizer
 from tune_llama.speed import (AUTOCAST, CompileClock, Halving, auto_budget, check_attention, compile_layers,
                               compile_wanted, examples_in, packing_supported)
 from tune_llama.spec import Spec, TrainingSpec
@@ -203,7 +202,7 @@ def autocast(run: Run):
 
 def label_count(batch: Batch) -> int:
     """Tokens that carry loss: labels are shifted inside the model, so the first position never counts."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def epoch_windows(run: Run, epoch: int) -> list[Window]:
@@ -318,7 +317,7 @@ SaveCheckpoint = Callable[[Run], Optional[Path]]
 Report = Callable[[dict, Optional[Path]], None]
 
 
-class Workers:
+class DataParallelHooks:
     """How ``fit`` runs as one of several data-parallel workers (``tune_llama.distributed`` overrides these);
     as it stands, the single process: its own windows, nothing to combine or agree on."""
 
@@ -339,11 +338,11 @@ class Workers:
         """After a report: one status (early stop, divergence) for every worker."""
 
 
-ONE_PROCESS = Workers()
+ONE_PROCESS = DataParallelHooks()
 
 
 def fit(run: Run, save_checkpoint: Optional[SaveCheckpoint] = None, report: Optional[Report] = None,
-        on_step: Optional[Callable[[Run], None]] = None, workers: Workers = ONE_PROCESS) -> Run:
+        on_step: Optional[Callable[[Run], None]] = None, workers: DataParallelHooks = ONE_PROCESS) -> Run:
     """Train from ``run.step`` to the end of ``training.epochs``.
 
     At each report point: validate, update best / early stopping, call
@@ -457,65 +456,3 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-# ---------------------------------------------------------------- state
-
-TRAINABLE, OPTIMIZER, STATE, METRICS = "trainable.safetensors", "optimizer.pt", "state.pt", "metrics.json"
-PROGRESS = ("step", "examples_seen", "tokens_seen", "train_time_s", "eval_time_s", "history", "status",
-            "best_eval_loss", "best_report", "bad_reports")
-
-
-def save_state(run: Run, directory: Path) -> Path:
-    """Trainable weights (the adapter alone for LoRA), optimizer, schedule, scaler, RNG and progress;
-    ``metrics.json`` holds the last report's metrics, so the checkpoint says how good it is by itself."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.contiguous().cpu() for k, v in trainable_state(run.model).items()}
-    save_file(weights, directory / TRAINABLE)
-    torch.save(run.optimizer.state_dict(), directory / OPTIMIZER)
-    torch.save({
-        **{key: getattr(run, key) for key in PROGRESS},
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler else None,
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }, directory / STATE)
-    (directory / "spec.json").write_text(json.dumps(run.spec.to_dict(), indent=1))
-    (directory / METRICS).write_text(json.dumps(run.history[-1] if run.history else {}))
-    return directory
-
-
-def load_state(run: Run, directory: Path, weights_only: bool = False) -> Run:
-    """Restore what ``save_state`` wrote, so training continues exactly where it stopped.
-
-    A checkpoint that cannot be read (truncated, or from another model) is a ``CheckpointError`` naming the file.
-    """
-    directory = Path(directory)
-    try:
-        weights = load_file(directory / TRAINABLE)
-        load_trainable_state(run.model, {k: v.to(run.device) for k, v in weights.items()})
-        if weights_only:
-            return run
-        optimizer_state = torch.load(directory / OPTIMIZER, map_location=run.device, weights_only=False)
-        state = torch.load(directory / STATE, map_location="cpu", weights_only=False)
-    except Exception as err:  # safetensors, pickle and shape errors all mean: this file is unusable
-        raise CheckpointError(f"checkpoint {directory} cannot be read: {one_line(err)}") from None
-    run.optimizer.load_state_dict(optimizer_state)
-    for key in PROGRESS:
-        setattr(run, key, state[key])
-    run.scheduler.load_state_dict(state["scheduler"])
-    if run.scaler and state["scaler"]:
-        run.scaler.load_state_dict(state["scaler"])
-    rng = state["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return run
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -232,24 +232,6 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
             params[name].copy_(tensor)
 
 
-def model_from_checkpoint(spec: ModelSpec, checkpoint: Path, device: torch.device, seed: int = 0,
-                          weights: Optional[Path] = None):
-    """(model, tokenizer) with a checkpoint's trained weights loaded, in eval mode, ready to generate.
-
-    Quantization and gradient checkpointing are training-time choices: the model is rebuilt in full
-    precision, so an adapter can be merged into it.
-    """
-    import dataclasses
-    from safetensors.torch import load_file
-    spec = dataclasses.replace(spec, quantization="none", gradient_checkpointing=False)
-    tokenizer = load_tokenizer(spec)
-    model = load_model(spec, tokenizer, device, seed=seed)
-    weights = weights or Path(checkpoint) / "trainable.safetensors"
-    load_trainable_state(model, {k: v.to(device) for k, v in load_file(weights).items()})
-    model.eval()
-    return model, tokenizer
-
-
 def save_hf_model(model, tokenizer, out: Path, merge: bool = True) -> Path:
     """A standard HF model directory (safetensors + tokenizer); LoRA merged into the base unless not ``merge``."""
     out = Path(out)

@@ -66,7 +66,7 @@ def curves(search: Search, key: str, out: Path, log_y: bool = False) -> Path:
     ax.set_ylabel(key)
     if log_y:
         ax.set_yscale("log")
-    ax.set_title(f"{search.name}: {key} per report (dashed, x: stopped by ASHA)")
+    ax.set_title(f"{search.name}: {key} per report (dashed, x: {ASHA_STOPPED})")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7, loc="best")

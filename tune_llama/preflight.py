@@ -14,11 +14,12 @@ from typing import Any, Optional
 
 from tune_llama.errors import SpecError, UserError
 from tune_llama.model import EMBEDDED, SHAPES, embedded_checkpoint, load_tokenizer
+from tune_llama.resources import RAY_NAMES, ray_resources, resources_text, worker_resources
 from tune_llama.spec import ModelSpec, Spec
 
 
 @dataclass
-class Checked:
+class TokenizedData:
     """What preflight loaded: a run in this process (``train``) starts from it instead of loading it again."""
     tokenizer: Any
     train: Any
@@ -26,11 +27,11 @@ class Checked:
     """The encoded train and validation sets (``tune_llama.data.Encoded``)."""
 
 
-def preflight(spec: Spec) -> Checked:
+def preflight(spec: Spec) -> TokenizedData:
     from tune_llama.loop import encode_splits
     check_model(spec.model)
     tokenizer = load_tokenizer(spec.model)
-    return Checked(tokenizer, *encode_splits(spec, tokenizer))
+    return TokenizedData(tokenizer, *encode_splits(spec, tokenizer))
 
 
 def check_model(model: ModelSpec) -> None:
@@ -51,10 +52,6 @@ def check_model(model: ModelSpec) -> None:
         raise SpecError("model.name", f"cannot load the config of {name!r}: {reason}") from None
 
 
-def describe(resources: dict[str, float]) -> str:
-    return ", ".join(f"memory_gb={v / 2**30:.3g}" if k == "memory" else f"{k}={v:g}" for k, v in resources.items())
-
-
 def check_cluster(spec: Spec, nodes: Optional[list[dict[str, float]]] = None) -> int:
     """How many trials may run at once on the Ray cluster we joined (``nodes``: each alive node's resources,
     as ``ray.nodes()`` gives them), or one line naming ``search.resources`` when a trial cannot run.
@@ -63,7 +60,6 @@ def check_cluster(spec: Spec, nodes: Optional[list[dict[str, float]]] = None) ->
     workers on the cluster at once. ``search.max_concurrent`` is capped by the latter: Tune cannot see Ray
     Train's workers, so this is the only cap on multi-worker trials.
     """
-    from tune_llama.distributed import RAY_NAMES, ray_resources, worker_resources
     if nodes is None:
         import ray
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
@@ -71,8 +67,8 @@ def check_cluster(spec: Spec, nodes: Optional[list[dict[str, float]]] = None) ->
     if not any(all(n.get(k, 0) >= v for k, v in ray_resources(each).items()) for n in nodes):
         largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0), n.get("memory", 0)), default={})
         raise UserError(f"search.resources: each {'worker' if workers > 1 else 'trial'} asks for "
-                        f"{describe(each)}, but the largest node offers "
-                        f"{describe({k: largest.get(RAY_NAMES[k], 0) for k in each})}: lower search.resources")
+                        f"{resources_text(each)}, but the largest node offers "
+                        f"{resources_text({k: largest.get(RAY_NAMES[k], 0) for k in each})}: lower search.resources")
     if workers == 1:
         return spec.search.max_concurrent
     kind = "gpu" if each["gpu"] else "cpu"

@@ -21,12 +21,15 @@ import time
 from collections import Counter
 from typing import Any, Callable, Iterable, Optional, TextIO
 
+from tune_llama.results import ERRORED, NORMAL_ENDS, PENDING, RUNNING, better, ended_state, sort_key
 from tune_llama.spec import Spec
 
 WIDTH = 100
 TABLE_EVERY_TTY_S = 5.0
 PLAIN_EVERY_S = 30.0
 MAX_ROWS = 20
+LIVE_STATES = (PENDING, RUNNING, ERRORED, *NORMAL_ENDS)
+"""What a trial's row can say while the search runs: the words of ``results``, as the summary and report."""
 """Trials shown per table: the running ones, then the best; the rest are counted in one line."""
 
 
@@ -139,8 +142,11 @@ def progress_callbacks(spec: Spec, verbose: bool) -> list:
     return [] if verbose else [progress_table_class()(spec)]
 
 
-def format_value(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+def format_value(value: Any, fmt: str = ".3g") -> str:
+    """A param or metric in a table cell: floats by ``fmt``, nothing as ``-``."""
+    if value is None:
+        return "-"
+    return format(value, fmt) if isinstance(value, float) else str(value)
 
 
 def format_params(params: dict[str, Any], keys: list[str], key_chars: Optional[int] = None) -> str:
@@ -169,7 +175,7 @@ def key_chars_that_fit(space: dict[str, dict[str, list]], width: int) -> int:
     return 3
 
 
-def cut(text: str, width: int) -> str:
+def shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
@@ -181,15 +187,14 @@ def shown_trials(trials: list[dict[str, Any]], mode: str) -> list[dict[str, Any]
     """At most ``MAX_ROWS`` trials: the running ones first, then the rest best first."""
     if len(trials) <= MAX_ROWS:
         return trials
-    sign = 1 if mode == "min" else -1
     finite = lambda t: isinstance(t["best"], (int, float)) and math.isfinite(t["best"])  # noqa: E731
-    rest = sorted((t for t in trials if t["status"] != "running"),
-                  key=lambda t: (not finite(t), sign * t["best"] if finite(t) else 0.0))
-    return ([t for t in trials if t["status"] == "running"] + rest)[:MAX_ROWS]
+    rest = sorted((t for t in trials if t["status"] != RUNNING),
+                  key=lambda t: (not finite(t), sort_key(t["best"], mode) if finite(t) else 0.0))
+    return ([t for t in trials if t["status"] == RUNNING] + rest)[:MAX_ROWS]
 
 
 def status_counts(trials: Iterable[dict[str, Any]]) -> str:
-    """``4 done, 2 stopped early``."""
+    """``4 finished, 2 stopped by ASHA``."""
     return ", ".join(f"{n} {status}" for status, n in sorted(Counter(t["status"] for t in trials).items()))
 
 
@@ -201,10 +206,10 @@ def table(spec: Spec, trials: list[dict[str, Any]]) -> str:
     epochs = spec.training.epochs
     id_width = min(max([5, *(len(t["id"]) for t in shown)]), 14)  # Ray's ids: 8 hex digits, or 8 + _NNNNN
     progress_width = max(len("epoch"), len(f"{epochs:.2f}/{epochs:g}"))
-    status_width = len("stopped early")
+    status_width = max(len(state) for state in LIVE_STATES)
     params_width = WIDTH - id_width - progress_width - 2 * 8 - status_width - 6
     key_chars = key_chars_that_fit(spec.search.space, params_width)
-    params = [cut(format_params(t["params"], keys, key_chars), params_width) for t in shown]
+    params = [shorten(format_params(t["params"], keys, key_chars), params_width) for t in shown]
     lines = [f"{'trial':<{id_width}} {'params':<{params_width}} {'epoch':>{progress_width}} {'latest':>8} "
              f"{'best':>8}  status"]
     for t, cell in zip(shown, params):
@@ -232,25 +237,24 @@ class TrialTable:
     def _entry(self, trial) -> dict[str, Any]:
         return self.trials.setdefault(trial.trial_id, {"id": trial.trial_id, "params": dict(trial.config),
                                                        "epoch": 0.0, "latest": None, "best": None,
-                                                       "status": "pending"})
+                                                       "last": {}, "status": PENDING})
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._entry(trial)["status"] = "running"
+        self._entry(trial)["status"] = RUNNING
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         entry = self._entry(trial)
         value = result.get(self.metric)
-        entry.update(epoch=float(result.get("epoch", 0.0)), latest=value, status="running")
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            better = entry["best"] is None or (value < entry["best"] if self.mode == "min" else value > entry["best"])
-            entry["best"] = value if better else entry["best"]
+        entry.update(epoch=float(result.get("epoch", 0.0)), latest=value, last=result, status=RUNNING)
+        if better(value, entry["best"], self.mode):
+            entry["best"] = value
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         entry = self._entry(trial)
-        entry["status"] = "done" if entry["epoch"] >= self.spec.training.epochs - 1e-9 else "stopped early"
+        entry["status"] = ended_state(entry["last"], self.spec.training.epochs)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._entry(trial)["status"] = "errored"
+        self._entry(trial)["status"] = ERRORED
 
     def on_step_end(self, iteration, trials, **info):
         if time.monotonic() - self.last_print >= self.every:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tune_llama import plots
-from tune_llama.cli import run_cli
+from tune_llama.progress import format_value
 from tune_llama.results import ERRORED, OPTUNA_DB, Search, load_search
 
 
@@ -51,9 +51,9 @@ def format_table(search: Search, rows: list[dict[str, Any]]) -> str:
     params = list(search.spec.search.space)
     headers = ["trial", *[p.split(".")[-1] for p in params], "status", "epochs", "best eval_loss",
                "best ppl", "best@epoch", "time"]
-    lines = [[r["trial"], *[format_value(r[p]) for p in params], r["status"],
+    lines = [[r["trial"], *[format_value(r[p], ".4g") for p in params], r["status"],
               f"{r['epochs']:.2f}/{search.spec.training.epochs}", format_value(r["best_eval_loss"], ".4f"),
-              format_value(r["best_eval_perplexity"], ".2f"), format_value(r["best_epoch"]), f"{r['time_s']:.0f}s"]
+              format_value(r["best_eval_perplexity"], ".2f"), format_value(r["best_epoch"], ".4g"), f"{r['time_s']:.0f}s"]
              for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -62,14 +62,6 @@ def format_table(search: Search, rows: list[dict[str, Any]]) -> str:
         if r["status"] == ERRORED:
             out.append(f"{r['trial']}: {r['error'] or 'error'}" + (f"  ({r['error_file']})" if r["error_file"] else ""))
     return "\n".join(out)
-
-
-def format_value(value: Any, spec: str = "") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return format(value, spec) if spec else f"{value:.4g}"
-    return str(value)
 
 
 def format_finalists(finalists: dict[str, Any]) -> str:
@@ -159,11 +151,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_llama.report", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
 
-
-if __name__ == "__main__":
-    run_cli(main)
+if __name__ == "__main__":  # python -m tune_llama.report is tune-llama report
+    from tune_llama.__main__ import run_command
+    run_command("report")

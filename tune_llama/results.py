@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, TypeVar
 
+from tune_llama import checkpoint
 from tune_llama.errors import SpecError, UserError
 from tune_llama.ray_private import read_trial_states, trial_id_from_name, trial_sequence_number
 from tune_llama.spec import Spec, apply_params, spec_from_dict
@@ -35,19 +36,47 @@ DRIVER_FILE = "driver.json"
 OPTUNA_DB = "optuna.db"
 SUMMARY_FILE = "summary.txt"
 FINALISTS_FILE = "finalists.json"
-CHECKPOINT_METRICS = "metrics.json"
-CHECKPOINT_WEIGHTS = "trainable.safetensors"
-CHECKPOINT_SHARDS = "sharded"  # an FSDP trial's torch.distributed.checkpoint (tune_llama.distributed)
 
+# ---------------------------------------------------------------- the one vocabulary of trial states
+
+# The words every reader prints for a trial: the summary, the live table, the report and W&B.
 FINISHED, ASHA_STOPPED, EARLY_STOPPED, DIVERGED = "finished", "stopped by ASHA", "early stopped", "diverged"
 ERRORED, RUNNING, PENDING, INTERRUPTED = "errored", "running", "pending", "interrupted"
 NO_RESULT = "ended without a result"
 NORMAL_ENDS = (FINISHED, ASHA_STOPPED, EARLY_STOPPED, DIVERGED)
+TRIAL_STATES = (*NORMAL_ENDS, ERRORED, RUNNING, PENDING, INTERRUPTED, NO_RESULT)
+
+
+def ended_state(last_report: dict[str, Any], max_epochs: float) -> str:
+    """How a trial that ended without an error ended, from its last report: the loop's own run status
+    (``completed``, ``early_stopped``, ``diverged``: a report's ``status``) first, else by how far it got;
+    short of ``training.epochs`` and not stopped by the loop, the scheduler (ASHA) stopped it."""
+    loop_status = last_report.get("status")
+    if loop_status == "diverged":
+        return DIVERGED
+    if loop_status == "early_stopped":
+        return EARLY_STOPPED
+    if loop_status == "completed" or float(last_report.get("epoch", 0.0)) >= max_epochs - 1e-9:
+        return FINISHED
+    return ASHA_STOPPED
+
 
 T = TypeVar("T")
 
 
-# ---------------------------------------------------------------- the one ranking
+# ---------------------------------------------------------------- the one notion of "better", the one ranking
+
+def better(value: Any, than: Any, mode: str) -> bool:
+    """Whether ``value`` is a finite metric better than ``than`` by ``mode`` (anything beats no value)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value)):
+        return False
+    return than is None or (value < than if mode == "min" else value > than)
+
+
+def sort_key(value: float, mode: str) -> float:
+    """Ascending order of this key is best first."""
+    return value if mode == "min" else -value
+
 
 def rank(items: Iterable[T], metric: str, mode: str,
          row: Callable[[T], Optional[dict[str, Any]]] = lambda item: item) -> list[T]:  # type: ignore[assignment,return-value]
@@ -57,7 +86,7 @@ def rank(items: Iterable[T], metric: str, mode: str,
         values = row(item)
         value = values.get(metric) if values else None
         if isinstance(value, (int, float)) and math.isfinite(value):
-            scored.append(((value if mode == "min" else -value), order, item))
+            scored.append((sort_key(value, mode), order, item))
     scored.sort(key=lambda s: (s[0], s[1]))
     return [item for _, _, item in scored]
 
@@ -100,10 +129,10 @@ class Trial:
             return []
         by_name = {r.get("checkpoint_dir_name"): r for r in self.rows}
         found = []
-        for folder in sorted(self.path.glob("checkpoint_*")):
-            if not ((folder / CHECKPOINT_WEIGHTS).is_file() or (folder / CHECKPOINT_SHARDS).is_dir()):
+        for folder in checkpoint.folders(self.path):
+            if not checkpoint.holds_weights(folder):
                 continue
-            metrics = read_json(folder / CHECKPOINT_METRICS) or by_name.get(folder.name)
+            metrics = checkpoint.read_metrics(folder) or by_name.get(folder.name)
             if metrics:
                 found.append(Checkpoint(folder, metrics))
         return found
@@ -125,7 +154,6 @@ class Trial:
     def status(self, max_epochs: int, driver_alive: bool = True) -> str:
         """finished / stopped by ASHA / early stopped / diverged / errored / running / pending / interrupted."""
         last = self.rows[-1] if self.rows else {}
-        loop_status = last.get("status")
         if self.ray_status == "ERROR":
             return ERRORED
         if not self.rows:
@@ -134,12 +162,9 @@ class Trial:
             if not driver_alive:
                 return INTERRUPTED
             return RUNNING if self.ray_status == "RUNNING" else PENDING
-        if loop_status == "diverged":
-            return DIVERGED
-        if loop_status == "early_stopped":
-            return EARLY_STOPPED
-        if loop_status == "completed" or self.epochs >= max_epochs - 1e-9:
-            return FINISHED
+        ended = ended_state(last, max_epochs)
+        if ended != ASHA_STOPPED:
+            return ended
         if self.ray_status == "TERMINATED" or (self.ray_status is None and last.get("done")):
             return ASHA_STOPPED  # Tune ended it before training.epochs and the loop did not
         if not driver_alive or not process_alive(last):  # the worker that last reported

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from tune_llama.cli import add_search_folder_arguments, add_set_argument, run_cli
+from tune_llama.cli import add_search_folder_arguments, add_set_argument, shell_path
 from tune_llama.errors import UserError
 from tune_llama.results import (ERRORED, INTERRUPTED, NORMAL_ENDS, OPTUNA_DB, PENDING, RUNNING, SPEC_FILE,
                                 SUMMARY_FILE, Search, load_search, load_search_spec, write_driver_file)
@@ -54,20 +54,11 @@ def param_space(spec: Spec) -> dict[str, Any]:
     return space
 
 
-def trial_resources(spec: Spec) -> dict[str, float]:
-    """One training process's resources: the trial's, or each of its workers' when ``workers > 1``."""
-    from tune_llama.distributed import worker_resources
-    return worker_resources(spec)
-
-
 def trainable(spec: Spec):
     from ray import tune
+    from tune_llama.resources import tune_trial_resources
     from tune_llama.trainable import train_trial
-    # With workers > 1 the trial only drives Ray Train, whose workers take trial_resources each (in their own
-    # placement group): the driver holds nothing (Tune refuses an all-zero request, hence one byte of memory),
-    # and preflight.check_cluster caps how many trials run at once.
-    resources = trial_resources(spec) if spec.search.resources.workers == 1 else {"cpu": 0, "gpu": 0, "memory": 1}
-    return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict()), resources)
+    return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict()), tune_trial_resources(spec))
 
 
 def grace_period(spec: Spec) -> float:
@@ -107,9 +98,8 @@ def tune_config(spec: Spec, experiment: Path, concurrent: int):
 
 def run_config(spec: Spec, experiment: Path, verbose: bool):
     from ray import tune
-    from tune_llama.distributed import worker_callbacks
     from tune_llama.progress import progress_callbacks
-    from tune_llama.searcher import StateBackup
+    from tune_llama.searcher import StateBackup, worker_callbacks
     from tune_llama.tracking import callbacks
 
     s = spec.search
@@ -205,7 +195,7 @@ def check_resumable(experiment: Path) -> Spec:
 def start(spec: Spec, experiment: Path, spec_file: str, verbose: bool):
     from ray import tune
     if (experiment / SPEC_FILE).exists():
-        raise UserError(f"{experiment} already holds a search: resume it with --resume {experiment}, "
+        raise UserError(f"{experiment} already holds a search: resume it with --resume {shell_path(experiment)}, "
                         "or pick another --name")
     concurrent = start_ray(spec, verbose)  # before the folder exists: a refused search leaves nothing behind
     experiment.mkdir(parents=True, exist_ok=True)
@@ -260,7 +250,7 @@ def start_ray(spec: Spec, verbose: bool) -> int:
     return concurrent
 
 
-def fit(tuner, experiment: Path) -> None:
+def run_tuner(tuner, experiment: Path) -> None:
     """``tuner.fit()``; a results disk that filled up is one line naming the folder, not Ray's tracebacks."""
     try:
         tuner.fit()
@@ -313,7 +303,7 @@ def write_summary(experiment: Path) -> int:
     search = load_search(experiment)
     search.driver_alive = False  # this process is the driver, and its search is over
     lines, counts = summary_lines(search)
-    where = os.path.relpath(experiment) if experiment.is_relative_to(Path.cwd()) else str(experiment)
+    where = shell_path(experiment)
     lines += ["next:",
               f"  report:   tune-llama report {where}",
               f"  export:   tune-llama export {where}",
@@ -359,22 +349,19 @@ def run(args: argparse.Namespace) -> int:
         spec, tuner = resume(experiment, args.verbose)
     else:
         tuner = start(spec, experiment, args.spec, args.verbose)
-    fit(tuner, experiment)
+    run_tuner(tuner, experiment)
     code = write_summary(experiment)
     if code == 0 and spec.search.finalists.top_k > 0:
         from tune_llama.finalists import print_finalists, score_finalists
-        record = score_finalists(experiment, trial_resources(spec))
+        from tune_llama.resources import worker_resources
+        record = score_finalists(experiment, worker_resources(spec))
         with (experiment / SUMMARY_FILE).open("a") as summary:
             with contextlib.redirect_stdout(summary):
                 print_finalists(record)
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_llama.search", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
 
-
-if __name__ == "__main__":
-    run_cli(main)
+if __name__ == "__main__":  # python -m tune_llama.search is tune-llama search
+    from tune_llama.__main__ import run_command
+    run_command("search")

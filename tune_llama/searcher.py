@@ -1,4 +1,5 @@
-"""The Optuna searcher, made safe for resuming a search after a hard kill, and a backup of Tune's state."""
+"""The Tune-side pieces of a search: the Optuna searcher, made safe for resuming after a hard kill, and the
+callbacks (a backup of Tune's state; freeing a multi-worker trial's workers)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from tune_llama.ray_private import back_up_state
+from tune_llama.ray_private import back_up_state, release_placement_group
+from tune_llama.spec import Spec
 
 
 class ResumableOptunaSearch(OptunaSearch):
@@ -57,3 +59,19 @@ class StateBackup(Callback):
 
     def on_experiment_end(self, trials, **info):
         self.saved_mtime = back_up_state(Path(self.experiment), self.saved_mtime)
+
+
+class ReleaseWorkers(Callback):
+    """A multi-worker trial that ended frees its workers' placement group (``ray_private``): Ray Train V2
+    inside Tune can leave it allocated when a scheduler stops the trial (ray-project/ray#54305)."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        release_placement_group(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        release_placement_group(trial.trial_id)
+
+
+def worker_callbacks(spec: Spec) -> list:
+    """The Tune callbacks a multi-worker search needs (none for one-process trials)."""
+    return [ReleaseWorkers()] if spec.search.resources.workers > 1 else []

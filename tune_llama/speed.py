@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from tune_llama.data.examples import IGNORE_INDEX
 from tune_llama.data.packing import DEVICE_KEYS, PACKING_ATTENTION, split_batch, with_answer_positions
 from tune_llama.loss import micro_batch_loss
 from tune_llama.spec import Spec
@@ -146,7 +147,7 @@ def auto_budget(spec: Spec, model, tokenizer, device: torch.device, packing: boo
         from tune_llama.data.batching import collate
         from tune_llama.data.packing import collate_packed
         rows = [torch.randint(4, vocab, (data.max_length,)) for _ in range(tokens // data.max_length)]
-        labels = [torch.cat([torch.full((r.numel() // 3,), -100), r[r.numel() // 3:]]) for r in rows]
+        labels = [torch.cat([torch.full((r.numel() // 3,), IGNORE_INDEX), r[r.numel() // 3:]]) for r in rows]
         batch = collate_packed(rows, labels, tokenizer.pad_token_id) if packing \
             else collate(rows, labels, tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in with_answer_positions(batch).items() if k in DEVICE_KEYS}

@@ -25,7 +25,6 @@ internals are involved:
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from numbers import Number
@@ -35,6 +34,7 @@ from typing import Any, Optional
 from ray.tune.logger import LoggerCallback
 
 from tune_llama.redact import scrub
+from tune_llama.results import better
 from tune_llama.spec import Spec
 
 # silent: W&B's per-run banner would interleave with the search's progress table; errors still raise.
@@ -64,7 +64,7 @@ def callbacks(spec: Spec, search_name: str, spec_name: Optional[str] = None) -> 
                               tags=tags, metric=spec.search.metric, metric_mode=spec.search.mode)]
 
 
-def run_dir(trial) -> Path:
+def search_folder(trial) -> Path:
     """The search folder the trial belongs to; W&B adds ``wandb/`` below it."""
     return Path(trial.path).parent
 
@@ -83,7 +83,7 @@ class TrialRunsCallback(LoggerCallback):
             return  # a restarted trial keeps its open run
         self._runs[trial.trial_id] = open_run(
             project=self.project, entity=self.entity, group=self.group, tags=self.tags, mode=self.mode,
-            id=trial.trial_id, name=str(trial), dir=str(run_dir(trial)), config=scrub(flatten(trial.config)))
+            id=trial.trial_id, name=str(trial), dir=str(search_folder(trial)), config=scrub(flatten(trial.config)))
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         self.log_trial_start(trial)
@@ -111,9 +111,7 @@ class TrialRunsCallback(LoggerCallback):
             goals[f"best_{self.metric}"] = (self.metric, self.metric_mode)
         for key, (name, mode) in goals.items():
             value = result.get(name)
-            if not _finite(value):
-                continue
-            if key not in best or (value < best[key] if mode == "min" else value > best[key]):
+            if not isinstance(value, bool) and better(value, best.get(key), mode):
                 best[key] = float(value)
         return dict(best)
 
@@ -162,10 +160,6 @@ def open_run(**init_kwargs):
                           reinit="create_new")  # several trials run at once, each with its own run
     finally:
         sys.argv = argv
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, Number) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _netrc_has_wandb() -> bool:

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from tune_llama.cli import add_set_argument, run_cli
-from tune_llama.loop import Run, fit, load_state, save_state, setup
+from tune_llama.cli import add_set_argument
+from tune_llama.checkpoint import load_state, save_state
+from tune_llama.loop import Run, fit, setup
 from tune_llama.model import save_hf_model
 from tune_llama.preflight import preflight
 from tune_llama.progress import Progress
@@ -96,11 +97,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary["status"] in ("completed", "early_stopped") else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_llama.train", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
 
-
-if __name__ == "__main__":
-    run_cli(main)
+if __name__ == "__main__":  # python -m tune_llama.train is tune-llama train
+    from tune_llama.__main__ import run_command
+    run_command("train")

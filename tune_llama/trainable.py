@@ -2,12 +2,15 @@
 
 Tune hands it the sampled params (and a checkpoint when resuming); it builds
 the run, restores, trains, and reports the loop's metrics with a checkpoint at
-every report point (``training.eval_every``).
+every report point (``training.eval_every``). A multi-worker trial
+(``search.resources.workers > 1``) drives Ray Train instead, whose workers run
+``tune_llama.distributed``'s side of the loop (``train_trial_on_workers``).
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import sys
 import tempfile
@@ -18,22 +21,25 @@ import torch
 from ray import tune
 
 from tune_llama.errors import CheckpointError, TrialOutOfMemory
-from tune_llama.loop import Run, fit, load_state, save_state, setup
-from tune_llama.spec import apply_params, spec_from_dict
+from tune_llama import checkpoint
+from tune_llama.checkpoint import folders, load_state, save_state
+from tune_llama.loop import Run, fit, setup
+from tune_llama.ray_private import register_placement_group
+from tune_llama.resources import ray_resources, worker_resources
+from tune_llama.spec import Spec, apply_params, spec_from_dict
 
 
 def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     """One trial: ``spec`` is the search's spec as a dict, ``config`` the sampled ``section.field`` values."""
     trial_spec = apply_params(spec_from_dict(spec), config)
     if trial_spec.search.resources.workers > 1:  # Ray Train workers; this process only drives them
-        from tune_llama.distributed import train_trial_on_workers
         return train_trial_on_workers(trial_spec)
     run: Optional[Run] = None
     try:
         run = setup(trial_spec)
-        checkpoint = tune.get_checkpoint()
-        if checkpoint:
-            restore(run, Path(checkpoint.path))
+        handed_back = tune.get_checkpoint()
+        if handed_back:
+            restore(run, Path(handed_back.path))
         fit(run, save_checkpoint=save_to_temp, report=report_to_tune)
     except torch.OutOfMemoryError:
         data, training = trial_spec.data, trial_spec.training
@@ -56,8 +62,7 @@ def restore(run: Run, newest: Path) -> None:
 
     Tune keeps the trial's checkpoints side by side in its folder, so the older ones are its siblings.
     """
-    candidates = [newest] + sorted((p for p in newest.parent.glob("checkpoint_*") if p.name < newest.name),
-                                   reverse=True)
+    candidates = [newest] + [p for p in reversed(folders(newest.parent)) if p.name < newest.name]
     for directory in candidates:
         try:
             load_state(run, directory)
@@ -91,11 +96,77 @@ def save_to_temp(run: Run) -> Path:
     return save_state(run, Path(tempfile.mkdtemp(prefix="tune-llama-ckpt-", dir=staging_dir(run))))
 
 
-def report_to_tune(metrics: dict, checkpoint_dir: Optional[Path]) -> None:
+def report_to_tune(metrics: dict, checkpoint_dir: Optional[Path], api=tune) -> None:
+    """Report the metrics with the checkpoint staged in ``checkpoint_dir`` through ``api`` (``ray.tune``, or
+    ``ray.train`` on a worker: each has its own ``report`` and ``Checkpoint``); the staged folder is gone
+    afterwards, as Ray has persisted its own copy."""
     if checkpoint_dir is None:
-        tune.report(metrics)
+        api.report(metrics)
         return
     try:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        api.report(metrics, checkpoint=api.Checkpoint.from_directory(str(checkpoint_dir)))
     finally:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray has persisted its own copy
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- trials of several workers (Ray Train)
+
+def train_trial_on_workers(spec: Spec) -> None:
+    """The Tune trial of a multi-worker spec: run its workers with Ray Train and let Tune see their reports.
+
+    Retries are Tune's (``search.max_failures``): Train's own are off, so one budget counts every failure. A
+    retried trial starts a Train run of the same name in the same folder, which hands back its latest
+    checkpoint. The search frees each ended trial's placement group (``searcher.ReleaseWorkers``).
+    """
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    each, s = worker_resources(spec), spec.search
+    # The trial's folder in the search's storage (get_trial_dir is a per-session staging copy): a retry, or
+    # a resumed search, finds Train's checkpoints there.
+    storage = tune.get_context().get_storage()
+    trial_path = Path(storage.trial_fs_path)
+    trainer = TorchTrainer(
+        train_worker, train_loop_config={"spec": spec.to_dict(), "trial_id": tune.get_context().get_trial_id()},
+        torch_config=TorchConfig(backend="nccl" if each["gpu"] else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=s.resources.workers, use_gpu=bool(each["gpu"]),
+                                               resources_per_worker=ray_resources(each), placement_strategy="PACK"),
+        run_config=ray.train.RunConfig(
+            name=trial_path.name, storage_path=str(trial_path.parent), storage_filesystem=storage.storage_filesystem,
+            callbacks=[TuneReportCallback()], failure_config=ray.train.FailureConfig(max_failures=0),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=s.keep_checkpoints,
+                                                         checkpoint_score_attribute=s.metric,
+                                                         checkpoint_score_order=s.mode)))
+    trainer.fit()
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker of a trial: build, restore Train's latest checkpoint, train, report every point."""
+    import ray.train
+    import torch.distributed as dist
+
+    from tune_llama.distributed import fit_workers, load_worker_state, save_worker_state, setup_workers
+    if torch.cuda.is_available():
+        import ray.train.torch
+        torch.cuda.set_device(ray.train.torch.get_device())
+    run, team = setup_workers(spec_from_dict(config["spec"]))
+    if team.rank == 0:
+        register_placement_group(config["trial_id"])
+    handed_back = ray.train.get_checkpoint()
+    if handed_back:
+        with handed_back.as_directory() as directory:
+            load_worker_state(run, team, Path(directory))
+
+    def save(run_: Run) -> Path:
+        return save_worker_state(run_, team, Path(tempfile.mkdtemp(prefix="tune-llama-ckpt-")))
+
+    def report(metrics: dict, directory: Optional[Path]) -> None:
+        # Tune sees rank 0's row: memory is the largest worker's (tokens and time were combined before).
+        metrics["peak_memory_gb"] = team.reduce([metrics["peak_memory_gb"]], op=dist.ReduceOp.MAX)[0]
+        if directory is not None and team.rank == 0 and (directory / checkpoint.METRICS).exists():
+            checkpoint.write_json(directory, checkpoint.METRICS, metrics)
+        report_to_tune(metrics, directory, api=ray.train)
+
+    fit_workers(run, team, save_checkpoint=save, report=report)

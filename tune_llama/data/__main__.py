@@ -9,7 +9,7 @@ import json
 import statistics
 from pathlib import Path
 
-from tune_llama.cli import add_set_argument, run_cli
+from tune_llama.cli import add_set_argument
 from tune_llama.data.batching import make_batches, real_token_share
 from tune_llama.data.examples import Encoded, encode
 from tune_llama.data.sources import Splits, load_splits
@@ -98,15 +98,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_llama.data", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-def cli(argv: list[str] | None = None) -> None:
-    run_cli(main, argv)
-
-
-if __name__ == "__main__":
-    cli()
+if __name__ == "__main__":  # python -m tune_llama.data is tune-llama data
+    from tune_llama.__main__ import run_command
+    run_command("data")
