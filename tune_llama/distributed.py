@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tune_llama import checkpoint
+from tune_llama import checkpoint, speed
 from tune_llama.data import make_batches
 from tune_llama.errors import SpecError
 from tune_llama.loop import DataParallelHooks, Interval, Run, Window, build_optimizer, build_scheduler, fit, setup
@@ -169,10 +169,9 @@ def make_ddp_class():
 
 
 def decoder_layers(inner: torch.nn.Module) -> list[torch.nn.Module]:
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    layers = getattr(getattr(base, "model", None), "layers", None)
+    layers = speed.decoder_layers(inner)
     if layers is None:
-        raise SpecError("training.parallel", f"fsdp shards decoder layers, and {type(base).__name__} has none "
+        raise SpecError("training.parallel", f"fsdp shards decoder layers, and {type(inner).__name__} has none "
                                              "(model.layers); use ddp")
     return list(layers)
 
