@@ -221,7 +221,7 @@ class Interval:
     real_tokens: int = 0
     examples: int = 0
     seconds: float = 0.0
-    """Wall time of the steps, compiling included (``fit`` takes ``compile_seconds`` out)."""
+    """Wall time of the steps, compiling included (``report_now`` takes ``compile_seconds`` out)."""
     compile_seconds: float = 0.0
     micro_batches: int = 0
     """Micro-batches run, counting the pieces of a step retried in halves."""
