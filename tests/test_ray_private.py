@@ -60,6 +60,7 @@ def states(experiment) -> dict[int, dict]:
     return {(s["config"] or {}).get("x"): s for s in found}
 
 
+@pytest.mark.integration  # the experiment fixture runs a real Tune search
 def test_the_experiment_state_holds_every_trial_with_id_status_config_and_folder(experiment, states):
     assert sorted(states) == [1, 2, 3], (
         f"experiment state entries lost their 'config': {list(states.values())}")
@@ -73,6 +74,7 @@ def test_the_experiment_state_holds_every_trial_with_id_status_config_and_folder
         "Ray's trial status names changed (results.py maps TERMINATED/ERROR/RUNNING/PENDING/PAUSED)")
 
 
+@pytest.mark.integration  # the experiment fixture runs a real Tune search
 def test_an_errored_trial_names_its_error_file_and_its_exception(experiment, states):
     errored = states[2]
     assert errored["error_file"], ("the run metadata of an errored trial has no 'error_filename' (or the file "
@@ -86,6 +88,7 @@ def test_an_errored_trial_names_its_error_file_and_its_exception(experiment, sta
         assert states[x]["error"] is None and states[x]["error_file"] is None
 
 
+@pytest.mark.integration  # the experiment fixture runs a real Tune search
 def test_trial_folder_names_carry_the_trial_id_and_the_sequence_number(experiment, states):
     folders = {x: Path(s["relative_logdir"]).name for x, s in states.items()}
     for x, name in folders.items():
