@@ -40,7 +40,8 @@ def search_cmd(spec: str, storage: Path, name: str, sets: list[str]) -> list[str
 # ---------------------------------------------------------------- a. trials per GPU
 
 def concurrency_goal(args) -> int:
-    figures = json.loads(Path(args.file).read_text())
+    # The JSON object is the last line: Ray's Tuner prints its tables on stdout too.
+    figures = json.loads([line for line in Path(args.file).read_text().splitlines() if line.startswith("{")][-1])
     peaks = figures.pop("peak_memory_gb", {})
     per_hour = list(figures.items())  # in --gpu-shares order: 1 trial per GPU first
     base_name, base = per_hour[0]

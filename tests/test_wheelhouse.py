@@ -19,7 +19,7 @@ import pytest
 from conftest import TINY, one_line_error
 from tune_llama.__main__ import main
 from tune_llama.errors import UserError
-from tune_llama.wheelhouse import platform_tags, trim_bitsandbytes, trim_ray
+from tune_llama.wheelhouse import needed_without, platform_tags, split, trim_bitsandbytes, trim_ray
 
 PIP_QUIET = ["--disable-pip-version-check", "-q"]
 
@@ -135,12 +135,32 @@ def test_a_manylinux_platform_takes_the_older_manylinux_wheels_too_never_newer()
     assert platform_tags("macosx_14_0_arm64") == ["macosx_14_0_arm64"]
 
 
+def test_an_excluded_package_takes_its_own_dependencies_along_but_not_shared_ones():
+    resolved = [{"name": "tune-llama", "requires": ["wandb", "ray", "torch"]},
+                {"name": "wandb", "requires": ["sentry-sdk", "protobuf"]}, {"name": "sentry-sdk", "requires": []},
+                {"name": "ray", "requires": ["protobuf"]}, {"name": "protobuf", "requires": []},
+                {"name": "torch", "requires": []}]
+    assert needed_without(resolved, {"wandb"}) == {"tune-llama", "ray", "protobuf", "torch"}
+    assert needed_without(resolved, set()) == {n["name"] for n in resolved}
+
+
+def test_split_sorts_the_wheels_into_folders_under_the_limit_largest_first(tmp_path):
+    sizes = {"ray.whl": 42, "matplotlib.whl": 9, "pillow.whl": 7, "fonttools.whl": 5, "a.whl": 1, "b.whl": 1}
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(b"x" * size)
+    split(tmp_path, 50)
+    folders = {p.name: sorted(w.name for w in p.glob("*.whl")) for p in tmp_path.iterdir()}
+    # 42 + 9 > 50: matplotlib opens folder 2; pillow still fits beside ray, and a.whl fills it to 50.
+    assert folders == {"1": ["a.whl", "pillow.whl", "ray.whl"], "2": ["b.whl", "fonttools.whl", "matplotlib.whl"]}
+
+
 @pytest.mark.parametrize("argv, named", [
     (["--python", "twelve"], "--python twelve"),
     (["--platform", "many linux"], "--platform many linux"),
     (["--cuda", "13"], "--cuda 13"),
     (["--cuda", "13.0"], "--cuda 13.0: only --trim"),
     (["--exclude", "tune_llama"], "--exclude tune-llama"),
+    (["--split", "0"], "--split 0"),
 ])
 def test_bad_options_are_one_line_errors_naming_them(argv, named, tmp_path, capsys):
     err = one_line_error(main, ["wheelhouse", str(tmp_path / "wh"), *argv], capsys)
@@ -191,14 +211,15 @@ def test_a_wheelhouse_for_this_machine_installs_offline_into_a_fresh_venv_and_ru
                                       text=True, check=True, env=clean_env).stdout)
     house = tmp_path / "wheels"
     built = subprocess.run([sys.executable, "-m", "tune_llama", "wheelhouse", str(house), "--present", str(present),
-                            "--trim", "--exclude", "wandb", "--exclude", "bitsandbytes"],
+                            "--trim", "--exclude", "wandb", "--exclude", "bitsandbytes", "--split", "60"],
                            capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-3000:]
-    wheels = {p.name.split("-")[0].lower() for p in house.glob("*.whl")}
+    wheels = {p.name.split("-")[0].lower() for p in house.glob("*/*.whl")}
+    assert all(sum(w.stat().st_size for w in part.glob("*.whl")) <= 60 * 2**20 for part in house.iterdir())
     assert {"tune_llama", "ray", "optuna", "transformers"} <= wheels
     assert not wheels & {"torch", "wandb", "bitsandbytes"}, wheels
     install = next(line.strip() for line in built.stdout.splitlines() if "--no-index" in line)
-    assert install == f"python -m pip install --no-index --no-deps {house}/*.whl"
+    assert install == f"python -m pip install --no-index --no-deps {house}/*/*.whl"
     # The printed command, run as printed (the shell expands the glob) with the target's python.
     proc = subprocess.run(install.replace("python", python, 1) + " --disable-pip-version-check -q", shell=True,
                           capture_output=True, text=True, env=clean_env)

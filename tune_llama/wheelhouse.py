@@ -122,8 +122,8 @@ def build_own_wheel(out: Path) -> Path:
     return next(out.glob("tune_llama-*.whl"))
 
 
-def resolve(requirement: str, target: list[str], pins: str) -> list[dict]:
-    """pip's resolution of ``requirement`` for the target: one ``{name, version, url}`` per package."""
+def resolve(requirement: str, target: list[str], pins: str, python: Optional[str]) -> list[dict]:
+    """pip's resolution of ``requirement`` for the target: one ``{name, version, requires}`` per package."""
     with tempfile.TemporaryDirectory(prefix="tune-llama-resolve-") as tmp:
         report, constraint = Path(tmp) / "report.json", Path(tmp) / "present.txt"
         constraint.write_text(pins)
@@ -131,7 +131,40 @@ def resolve(requirement: str, target: list[str], pins: str) -> list[dict]:
              "-c", str(constraint), requirement], "resolving tune-llama's dependencies for the target")
         items = json.loads(report.read_text())["install"]
     return [{"name": canonical(i["metadata"]["name"]), "version": i["metadata"]["version"],
-             "url": i["download_info"]["url"]} for i in items]
+             "requires": dependencies(i, python)} for i in items]
+
+
+def dependencies(item: dict, python: Optional[str]) -> list[str]:
+    """Names a resolved package needs on the target: its Requires-Dist whose markers hold there, for the
+    extras it was asked with."""
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    environment = default_environment()
+    if python:
+        environment.update(python_version=python, python_full_version=f"{python}.0")
+    names = []
+    for text in item["metadata"].get("requires_dist") or []:
+        requirement = Requirement(text)
+        extras = [""] + list(item.get("requested_extras") or [])
+        if requirement.marker is None or any(requirement.marker.evaluate({**environment, "extra": extra})
+                                             for extra in extras):
+            names.append(canonical(requirement.name))
+    return names
+
+
+def needed_without(resolved: list[dict], excluded: set[str]) -> set[str]:
+    """The packages tune-llama still reaches when ``excluded`` are left out: an excluded package's own
+    dependencies go too, unless something kept needs them."""
+    requires = {n["name"]: n["requires"] for n in resolved}
+    kept: set[str] = set()
+    todo = ["tune-llama"]
+    while todo:
+        name = todo.pop()
+        if name in kept or name in excluded or name not in requires:
+            continue
+        kept.add(name)
+        todo += requires[name]
+    return kept
 
 
 # ---------------------------------------------------------------- repacking
@@ -192,9 +225,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--present", type=Path, metavar="FILE",
                         help="the target's `pip list --format=freeze`: those packages are not downloaded")
     parser.add_argument("--exclude", action="append", default=[], metavar="NAME",
-                        help="a package the target will not need, e.g. wandb with W&B off (repeatable)")
+                        help="a package the target will not need, e.g. wandb with W&B off, and its own "
+                             "dependencies that nothing else needs (repeatable)")
     parser.add_argument("--trim", action="store_true",
                         help="repack Ray without jars/RLlib/Serve/LLM and bitsandbytes with one CUDA library")
+    parser.add_argument("--split", type=float, metavar="MIB",
+                        help="sort the wheels into DIR/1, DIR/2, ... of at most MIB each (for transfers of "
+                             "limited size; a larger wheel gets a folder of its own)")
     parser.add_argument("--cuda", help="the CUDA version whose bitsandbytes library --trim keeps, e.g. 13.0 "
                                        "(default: the +cuXYZ of torch in --present)")
 
@@ -207,6 +244,8 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise UserError(f"--platform {platform}: not a platform tag such as manylinux_2_28_x86_64")
     if args.cuda is not None and not re.fullmatch(r"\d{2}\.\d", args.cuda):
         raise UserError(f"--cuda {args.cuda}: give a version such as 13.0")
+    if args.split is not None and not args.split > 0:
+        raise UserError(f"--split {args.split:g}: give a size in MiB above 0")
     if args.cuda is not None and not args.trim:
         raise UserError(f"--cuda {args.cuda}: only --trim uses it")
     if args.dir.exists() and (not args.dir.is_dir() or any(args.dir.iterdir())):
@@ -223,18 +262,35 @@ def run(args: argparse.Namespace) -> int:
     cuda = args.cuda or cuda_of(present)
     with tempfile.TemporaryDirectory(prefix="tune-llama-wheel-") as tmp:
         own = build_own_wheel(Path(tmp))
-        needed = resolve(str(own), target, constraints(present))
-        for name in sorted(excluded - {n["name"] for n in needed}):
+        resolved = resolve(str(own), target, constraints(present), args.python)
+        for name in sorted(excluded - {n["name"] for n in resolved}):
             raise UserError(f"--exclude {name}: not among the packages tune-llama needs on the target")
-        wanted = [n for n in needed if n["name"] not in present and n["name"] not in excluded]
+        needed = needed_without(resolved, excluded)
+        wanted = [n for n in resolved if n["name"] in needed and n["name"] not in present]
         args.dir.mkdir(parents=True, exist_ok=True)
         shutil.copy2(own, args.dir / own.name)
     pins = [f"{n['name']}=={n['version']}" for n in wanted if n["name"] != "tune-llama"]
     if pins:
         pip(["download", "-q", "--no-deps", *target, "-d", str(args.dir), *pins], "downloading the wheels")
     notes = trim(args.dir, cuda) if args.trim else {}
+    if args.split:
+        split(args.dir, args.split * 2**20)
     print_summary(args, present, excluded, notes)
     return 0
+
+
+def split(folder: Path, limit: float) -> None:
+    """First fit, largest first: few folders, each under ``limit`` bytes."""
+    bins: list[list] = []
+    for wheel in sorted(folder.glob("*.whl"), key=lambda w: (-w.stat().st_size, w.name)):
+        size = wheel.stat().st_size
+        home = next((b for b in bins if b[0] + size <= limit), None)
+        if home is None:
+            home = [0, folder / str(len(bins) + 1)]
+            bins.append(home)
+            home[1].mkdir()
+        home[0] += size
+        wheel.rename(home[1] / wheel.name)
 
 
 def trim(folder: Path, cuda: Optional[str]) -> dict[str, str]:
@@ -260,15 +316,19 @@ def mib(size: int) -> str:
 
 
 def print_summary(args, present: dict, excluded: set[str], notes: dict[str, str]) -> None:
-    wheels = sorted(args.dir.glob("*.whl"))
+    pattern = "*/*.whl" if args.split else "*.whl"
+    wheels = sorted(args.dir.glob(pattern))
     for wheel in wheels:
-        print(f"{mib(wheel.stat().st_size):>11}  {wheel.name}" + (f"  ({notes[wheel.name]})" if wheel.name in notes else ""))
+        print(f"{mib(wheel.stat().st_size):>11}  {wheel.relative_to(args.dir)}"
+              + (f"  ({notes[wheel.name]})" if wheel.name in notes else ""))
+    for part in sorted(p for p in args.dir.iterdir() if p.is_dir()):
+        print(f"{mib(sum(w.stat().st_size for w in part.glob('*.whl'))):>11}  {part}/")
     total = sum(w.stat().st_size for w in wheels)
     skipped = f"; {len(present)} present on the target" if present else ""
     skipped += f"; excluded: {', '.join(sorted(excluded))}" if excluded else ""
     print(f"{len(wheels)} wheels, {mib(total)} in {args.dir}{skipped}")
     print("install on the target (no index needed):")
-    print(f"  python -m pip install --no-index --no-deps {args.dir}/*.whl")
+    print(f"  python -m pip install --no-index --no-deps {args.dir}/{pattern}")
     print("  (or, without write access there: add --target SITE, then put SITE on PYTHONPATH)")
 
 
