@@ -77,12 +77,16 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run with a hard timeout, log to $DIR
 
 if want install; then
     shopt -s nullglob
-    wheels=(.whl/*/*.whl)
+    wheels=()
+    for wheel in .whl/*/*.whl; do  # skip what an earlier call installed (a warm machine keeps /tmp)
+        name_version=$(basename "$wheel" | cut -d- -f1-2)
+        [ -d "$SITE/$name_version.dist-info" ] || wheels+=("$wheel")
+    done
     if [ ${#wheels[@]} -gt 0 ]; then
         stage install "${LIMITS[0]}" "$PY" -m pip install -q --no-index --no-deps --target "$SITE" \
             --disable-pip-version-check "${wheels[@]}"
     else
-        echo "install: no wheels in .whl/*/: using the packages this Python has"
+        echo "install: no wheels in .whl/*/ to install (none carried, or installed by an earlier call)"
     fi
     stage environment 30 "$PY" -c "
 import ray, optuna, torch, transformers, peft, tune_llama, importlib.util as u
