@@ -20,9 +20,11 @@
 #   STAGES="a b" bash bench/gpu_check.sh         # some stages
 #   SHAPE=tiny bash bench/gpu_check.sh           # CPU smoke test: random:tiny, small searches; c needs CUDA
 #                                                # (n/a), e injects the OOM (TUNE_LLAMA_OOM_ABOVE_ROWS)
+#   STAGES="throughput checkpoint memory" ...    # the earlier loop-level benches on the Llama-2-7B shape (~10 min;
+#                                                # not in the default run)
 # Synthetic GSM8K-style data (no download); a hard timeout per stage; logs in $OUT (else a temporary folder).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 SITE=${WHEELS_SITE:-/tmp/wheels-site}
 export PYTHONPATH=".:$SITE${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error \
     PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1 PATH="$SITE/bin:$PATH"
@@ -45,6 +47,9 @@ if [ "${SHAPE:-gpu}" = tiny ]; then
     E=(--set "search.space={data.batch_size: {choice: [4, 16]}, training.lr: {loguniform: [1.0e-3, 1.0e-2]}}")
     export TUNE_LLAMA_OOM_ABOVE_ROWS=8  # no GPU to fill: a forward of more than 8 rows raises CUDA's OOM
     LIMITS=(10 60 240 200 30 120 150)
+    LOOP=(--model random:tiny --data synthetic --examples 64 --batch-size 4)
+    THROUGHPUT=(--seconds 3 --rounds 2 --max-tokens 1024) CHECKPOINT=(--steps 2)
+    MEMORY=(--cpu-smoke --max-batch 4 --max-length 64)
 else
     DEVICE=cuda
     GPU=(--set model.dtype=bfloat16 --set training.precision=bf16 --set model.lora.enabled=true
@@ -62,6 +67,10 @@ else
        --set search.resources.gpu=1
        --set "search.space={data.batch_size: {choice: [8, 1024]}, training.lr: {loguniform: [1.0e-4, 1.0e-3]}}")
     LIMITS=(60 240 200 120 120 90 120)
+    LOOP=(--model random:llama-2-7b --data synthetic --batch-size 8)
+    THROUGHPUT=(--seconds 10 --rounds 2 --max-tokens 4096)
+    CHECKPOINT=(--full-optimizer "${CKPT_FULL_OPT:-sgd}" --epoch-tokens 1393000)  # a GSM8K train epoch
+    MEMORY=(--budget-s 15)
 fi
 
 want() { [[ "$STAGES" == *" $1 "* ]]; }
@@ -131,6 +140,9 @@ if want e; then
         --set training.eval_every=1 --set search.num_samples=4 --set search.max_concurrent=1 \
         --set search.sampler=random --set search.max_failures=0 "${E[@]}"
 fi
+want throughput && stage throughput 420 "$PY" bench/throughput.py "${LOOP[@]}" "${THROUGHPUT[@]}"
+want checkpoint && stage checkpoint 120 "$PY" bench/checkpoint.py "${LOOP[@]}" "${CHECKPOINT[@]}"
+want memory && stage memory 180 "$PY" bench/memory.py "${LOOP[@]}" "${MEMORY[@]}"
 echo -e "\n=== $(( $(date +%s) - STARTED )) s in all; logs in $DIR"
 cat "$DIR/stages.txt"
 echo "--- goals"
