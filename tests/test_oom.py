@@ -3,11 +3,14 @@ the field to lower, the others go on, and the search names the errored trial."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from conftest import TINY, run_search
 from tune_llama.results import ERRORED, load_search
 from tune_llama.trainable import OOM_ABOVE_ROWS
+
+pytestmark = pytest.mark.integration  # a real search: starts Ray
 
 
 def test_a_trial_out_of_memory_errors_with_one_line_naming_the_field_and_the_others_finish(tmp_path):

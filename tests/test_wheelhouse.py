@@ -179,6 +179,7 @@ def test_a_bad_present_line_or_a_missing_present_file_or_a_full_folder_is_named(
     assert "exists and is not an empty folder" in one_line_error(main, ["wheelhouse", str(tmp_path / "full")], capsys)
 
 
+@pytest.mark.integration  # pip reaches the package index
 def test_excluding_a_package_tune_llama_does_not_need_is_named(tmp_path, capsys):
     # Resolves for real (pip reaches the index here; its cache makes this quick).
     (tmp_path / "present.txt").write_text(subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze"],
@@ -194,6 +195,7 @@ def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
+@pytest.mark.integration  # pip reaches the package index; the search starts Ray
 @pytest.mark.timeout(600)
 def test_a_wheelhouse_for_this_machine_installs_offline_into_a_fresh_venv_and_runs_a_search(tmp_path):
     """The target: a fresh venv holding torch alone (as the GPU image holds its own torch); its freeze is
