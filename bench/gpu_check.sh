@@ -66,7 +66,7 @@ else
     E=(--set model.name=random:smollm2-135m "${GPU[@]}" --set data.synthetic_size=1100
        --set search.resources.gpu=1
        --set "search.space={data.batch_size: {choice: [8, 1024]}, training.lr: {loguniform: [1.0e-4, 1.0e-3]}}")
-    LIMITS=(60 240 200 120 120 90 120)
+    LIMITS=(60 240 240 120 120 90 120)
     LOOP=(--model random:llama-2-7b --data synthetic --batch-size 8)
     THROUGHPUT=(--seconds 10 --rounds 2 --max-tokens 4096)
     CHECKPOINT=(--full-optimizer "${CKPT_FULL_OPT:-sgd}" --epoch-tokens 1393000)  # a GSM8K train epoch
