@@ -196,7 +196,6 @@ def venv_python(venv: Path) -> Path:
 
 
 @pytest.mark.integration  # pip reaches the package index; the search starts Ray
-@pytest.mark.timeout(600)
 def test_a_wheelhouse_for_this_machine_installs_offline_into_a_fresh_venv_and_runs_a_search(tmp_path):
     """The target: a fresh venv holding torch alone (as the GPU image holds its own torch); its freeze is
     the --present list. After an install with --no-index from the wheelhouse, tune-llama and the trimmed
