@@ -97,7 +97,7 @@ if want install; then
     else
         echo "install: no wheels in .whl/*/ to install (none carried, or installed by an earlier call)"
     fi
-    stage environment 30 "$PY" -c "
+    stage environment 120 "$PY" -c "
 import ray, optuna, torch, transformers, peft, tune_llama, importlib.util as u
 print('ray', ray.__version__, 'from', ray.__file__, '| optuna', optuna.__version__, '| torch', torch.__version__,
       '| transformers', transformers.__version__, '| peft', peft.__version__,
