@@ -72,14 +72,17 @@ def kill_session(leader: subprocess.Popen) -> None:
 def kill_resume(args) -> int:
     from tune_llama.results import read_result_rows
     experiment = args.storage / "killed"
-    leader = subprocess.Popen(search_cmd(args.spec, args.storage, "killed", args.set), start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    log = args.storage / "killed.log"
+    with log.open("w") as out:
+        leader = subprocess.Popen(search_cmd(args.spec, args.storage, "killed", args.set), start_new_session=True,
+                                  stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"})
     started, deadline = time.monotonic(), time.monotonic() + args.timeout
     while len(list(experiment.glob("*/checkpoint_*"))) < args.checkpoints:
         if leader.poll() is not None or time.monotonic() > deadline:
-            goal("b. kill and resume", "SIGKILL after the first checkpoints", "the search ended or timed out first",
-                 False)
+            ended = f"the search ended first (exit {leader.returncode})" if leader.poll() is not None else "timed out"
+            print(f"b. {ended}; its output ends: " + " / ".join(log.read_text().splitlines()[-5:]))
+            goal("b. kill and resume", "SIGKILL after the first checkpoints", ended, False)
             kill_session(leader)
             return 1
         time.sleep(0.2)
