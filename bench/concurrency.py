@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/concurrency.py                          # CPU: 1 trial x all cores vs 2 x half
     .venv/bin/python bench/concurrency.py --gpu-shares 1 0.5 0.25  # one GPU: 1, 2 and 4 trials on it
-    .venv/bin/python bench/concurrency.py --json                   # {setting: trial-steps per hour, ...}
+    .venv/bin/python bench/concurrency.py --json    # {setting: trial-steps per hour, ..., "peak_memory_gb": {...}}
 
 Each setting runs the same ``--trials`` trials (the spec's config, seeds 0..N-1, FIFO, no early stopping)
 through Ray Tune in one Ray session, with ``search.resources`` split so that ``concurrent`` trials fill the
@@ -54,7 +54,8 @@ def run_setting(args, setting: dict, storage: Path, name: str) -> dict:
     ended = [t.rows[-1] for t in load_search(storage / name).trials if t.rows]
     steps, tokens = sum(r["step"] for r in ended), sum(r["tokens_seen"] for r in ended)
     common.say(f"{setting['name']}: {len(ended)} trials, {steps} steps in {wall:.0f} s")
-    return {"steps_per_hour": steps * 3600 / wall, "tokens_per_s": tokens / wall, "wall_s": wall}
+    return {"steps_per_hour": steps * 3600 / wall, "tokens_per_s": tokens / wall, "wall_s": wall,
+            "peak_gb": max((r.get("peak_memory_gb", 0.0) for r in ended), default=0.0)}
 
 
 def main(argv=None) -> int:
@@ -87,11 +88,13 @@ def main(argv=None) -> int:
         rows.append({"setting": name, "steps_per_hour": statistics.median(per_hour),
                      "spread": f"{per_hour[0]:.0f}-{per_hour[-1]:.0f}",
                      "tokens_per_s": statistics.median(f["tokens_per_s"] for f in found),
-                     "ratio": statistics.median(per_hour) / base})
+                     "ratio": statistics.median(per_hour) / base,
+                     "peak_gb": max(f["peak_gb"] for f in found)})
     common.output(args, rows, [("setting", "trials x resources"), ("steps_per_hour", "trial-steps/h (median)"),
                                ("spread", "min-max"), ("tokens_per_s", "real tok/s, all trials"),
-                               ("ratio", f"vs {chosen[0]['name']}")],
-                  {r["setting"]: r["steps_per_hour"] for r in rows})
+                               ("ratio", f"vs {chosen[0]['name']}"), ("peak_gb", "peak GiB per trial")],
+                  {**{r["setting"]: r["steps_per_hour"] for r in rows},
+                   "peak_memory_gb": {r["setting"]: r["peak_gb"] for r in rows}})
     return 0
 
 

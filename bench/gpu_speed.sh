@@ -13,7 +13,7 @@
 # Knobs (env): SHAPE=7b|tiny, OUT (logs), OURS_SET (spec fields for ours, space-separated),
 # CONTENDERS (default "ours ours-budget hf-grouped hf-flat recipes"; add hf-trainer for all of them).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error \
     PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}

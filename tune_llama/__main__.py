@@ -22,6 +22,7 @@ COMMANDS = {
     "train": ("tune_llama.train", "fine-tune one configuration of a spec, without Ray"),
     "data": ("tune_llama.data.__main__", "split sizes, token lengths and padding of a spec's data"),
     "demo": ("tune_llama.demo", "search, export and score SmolLM2 on GSM8K problems offline on CPU (make demo)"),
+    "wheelhouse": ("tune_llama.wheelhouse", "the wheels a machine without a package index lacks, for an offline install"),
 }
 
 

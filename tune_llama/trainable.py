@@ -37,24 +37,48 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     run: Optional[Run] = None
     try:
         run = setup(trial_spec)
+        limit_rows(run)
         handed_back = tune.get_checkpoint()
         if handed_back:
             restore(run, Path(handed_back.path))
         fit(run, save_checkpoint=save_to_temp, report=report_to_tune)
     except torch.OutOfMemoryError:
-        data, training = trial_spec.data, trial_spec.training
-        raise TrialOutOfMemory(
-            f"CUDA out of memory at data.batch_size={data.batch_size}, data.max_length={data.max_length}: "
-            f"lower data.batch_size and raise training.gradient_accumulation_steps (now "
-            f"{training.gradient_accumulation_steps}) to keep the same update, or set "
-            f"model.gradient_checkpointing=true"
-        ) from None
+        raise TrialOutOfMemory(out_of_memory_message(trial_spec)) from None
     finally:
         # ASHA stops, failures and normal ends all free the model before the worker is reused.
         del run
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def out_of_memory_message(spec) -> str:
+    """One line naming the field to lower: the token budget when batches are cut by it, else the batch size."""
+    data, training = spec.data, spec.training
+    if isinstance(data.max_tokens_per_batch, int):
+        where, lower = f"data.max_tokens_per_batch={data.max_tokens_per_batch}", "data.max_tokens_per_batch"
+    else:
+        where, lower = f"data.batch_size={data.batch_size}", "data.batch_size"
+    return (f"CUDA out of memory at {where}, data.max_length={data.max_length}: lower {lower} and raise "
+            f"training.gradient_accumulation_steps (now {training.gradient_accumulation_steps}) to keep the same "
+            f"update, or set model.gradient_checkpointing=true")
+
+
+# A fault to inject where there is no GPU to fill (tests, bench/gpu_check.sh SHAPE=tiny): a forward of more
+# rows than this raises CUDA's out-of-memory error, as a GPU too small for the batch would.
+OOM_ABOVE_ROWS = "TUNE_LLAMA_OOM_ABOVE_ROWS"
+
+
+def limit_rows(run: Run) -> None:
+    limit = os.environ.get(OOM_ABOVE_ROWS)
+    if not limit:
+        return
+
+    def too_many_rows(module, args):
+        if args and args[0].shape[0] > int(limit):
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected: {args[0].shape[0]} rows > {limit})")
+    # Every forward, training and validation, full or answer-only logits, starts at the embeddings.
+    run.model.get_input_embeddings().register_forward_pre_hook(too_many_rows)
 
 
 def restore(run: Run, newest: Path) -> None:
