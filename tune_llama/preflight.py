@@ -9,7 +9,9 @@ hold would otherwise wait forever, and it caps how many trials run at once.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from tune_llama.errors import SpecError, UserError
@@ -32,6 +34,16 @@ def preflight(spec: Spec) -> TokenizedData:
     check_model(spec.model)
     tokenizer = load_tokenizer(spec.model)
     return TokenizedData(tokenizer, *encode_splits(spec, tokenizer))
+
+
+def check_storage(storage: Path) -> None:
+    """The folder that holds searches exists (created here) and takes a file, or one line naming it."""
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=storage, prefix=".tune-llama-write-check-"):
+            pass
+    except OSError as err:
+        raise UserError(f"--storage {storage}: cannot create or write there ({err.strerror or err})") from None
 
 
 def check_model(model: ModelSpec) -> None:

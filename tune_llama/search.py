@@ -169,6 +169,10 @@ def experiment_dir(storage: Optional[Path], name: str) -> Path:
 def resolve_experiment(args: argparse.Namespace) -> tuple[Optional[Spec], Path]:
     """(spec for a new search or None for a resume, absolute experiment folder) from the arguments."""
     if args.resume is not None:
+        if args.overrides:
+            # Ray's restore keeps the running study's space and each trial's config: an override would be ignored.
+            raise UserError(f"--resume cannot change a search: --set {args.overrides[0]} would be ignored "
+                            "(start a new search with it, or add trials with --more N)")
         if isinstance(args.resume, str):
             return None, Path(args.resume).expanduser().resolve()
         if args.name:
@@ -194,9 +198,11 @@ def check_resumable(experiment: Path) -> Spec:
 
 def start(spec: Spec, experiment: Path, spec_file: str, verbose: bool):
     from ray import tune
+    from tune_llama.preflight import check_storage
     if (experiment / SPEC_FILE).exists():
         raise UserError(f"{experiment} already holds a search: resume it with --resume {shell_path(experiment)}, "
                         "or pick another --name")
+    check_storage(experiment.parent)  # before Ray: a storage that cannot be written leaves no Ray session behind
     concurrent = start_ray(spec, verbose)  # before the folder exists: a refused search leaves nothing behind
     experiment.mkdir(parents=True, exist_ok=True)
     (experiment / SPEC_FILE).write_text(json.dumps({**spec.to_dict(), "_spec_name": Path(spec_file).stem},

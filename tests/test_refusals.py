@@ -1,0 +1,34 @@
+"""Input a search cannot honour is refused with one line before Ray starts: an override on --resume, and a
+--storage that cannot be created or written."""
+
+from __future__ import annotations
+
+from conftest import TINY, one_line_error
+from tune_llama import search
+
+
+def ray_started() -> bool:
+    import ray
+    return ray.is_initialized()
+
+
+def test_resume_with_an_override_is_refused_naming_the_override(capsys, tmp_path):
+    err = one_line_error(search.main, ["--resume", str(tmp_path), "--set", "training.lr=0.5"], capsys)
+    assert "--set training.lr=0.5" in err and "--resume" in err
+    assert not ray_started()
+
+
+def test_a_storage_under_a_file_is_refused_before_ray_starts_and_nothing_is_written(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    err = one_line_error(search.main, [str(TINY), "--storage", str(blocker / "searches"), "--name", "x"], capsys)
+    assert str(blocker / "searches") in err
+    assert not ray_started()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_storage_that_does_not_exist_yet_is_created(tmp_path):
+    from tune_llama.preflight import check_storage
+    storage = tmp_path / "new" / "searches"
+    check_storage(storage)
+    assert storage.is_dir() and not list(storage.iterdir())
