@@ -163,3 +163,26 @@ def test_the_searcher_drops_updates_to_a_trial_optuna_already_closed(tmp_path):
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.5
     assert trial.intermediate_values == {}
     assert searcher.suggest("t2") is not None, "the search must go on after a dropped update"
+
+
+def test_optuna_search_keeps_its_study_and_trials_where_ray_private_reads_and_sets_them(tmp_path):
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tune_llama.ray_private import OPTUNA_SEARCH_ATTRIBUTES, optuna_search_study, point_optuna_search_at
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    searcher = OptunaSearch(sampler=sampler, storage=storage, study_name="s", metric="m", mode="min")
+    searcher.set_search_properties(None, None, {"x": tune.uniform(0, 1)})
+    assert all(hasattr(searcher, name) for name in OPTUNA_SEARCH_ATTRIBUTES), \
+        "ray.tune.search.optuna.OptunaSearch renamed its attributes: fix ray_private.point_optuna_search_at"
+    assert optuna_search_study(searcher) == (storage, "s", sampler)
+    searcher.suggest("a")
+    other = optuna.create_study(storage=storage, study_name="other")
+    trial = other.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    point_optuna_search_at(searcher, other, {"b": trial}, set())
+    searcher.on_trial_result("b", {"m": 0.5, "training_iteration": 1})
+    searcher.on_trial_complete("b", {"m": 0.25, "training_iteration": 2})
+    (told,) = other.get_trials()
+    assert told.value == 0.25 and told.intermediate_values == {1: 0.5}

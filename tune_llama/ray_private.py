@@ -200,3 +200,26 @@ def release_placement_group(trial_id: str) -> None:
     if placement_group_table(group).get("state") not in (None, "REMOVED"):
         remove_placement_group(group)
     internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
+
+
+# ---------------------------------------------------------------- Ray's OptunaSearch, pointed at a rebuilt study
+
+# Private attributes of ray.tune.search.optuna.OptunaSearch, checked on 2.60.0: ``_storage`` and ``_study_name``
+# (where its study lives), ``_sampler``, ``_ot_study`` (the study it asks and tells), ``_ot_trials`` (Ray trial
+# id -> optuna.Trial) and ``_completed_trials`` (Ray trial ids it already told). Its ``save``/``restore``
+# pickle all of them; after a rebuild of optuna.db (tune_llama.study) the pickled trials point at rows of the
+# old database, so the searcher must be pointed at the new study's rows.
+OPTUNA_SEARCH_ATTRIBUTES = ("_storage", "_study_name", "_sampler", "_ot_study", "_ot_trials", "_completed_trials")
+
+
+def optuna_search_study(searcher) -> tuple[Any, str, Any]:
+    """(storage, study name, sampler) of a Ray OptunaSearch."""
+    return searcher._storage, searcher._study_name, searcher._sampler
+
+
+def point_optuna_search_at(searcher, study, trials: dict[str, Any], finished: set[str]) -> None:
+    """Make a Ray OptunaSearch ask and tell ``study``: ``trials`` (Ray trial id -> optuna.Trial) replace the
+    ones it knew, and ``finished`` (Ray trial ids the study holds as ended) are the ones it will not tell."""
+    searcher._ot_study = study
+    searcher._ot_trials = dict(trials)
+    searcher._completed_trials = set(finished)

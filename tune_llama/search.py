@@ -83,10 +83,11 @@ def tune_config(spec: Spec, experiment: Path, concurrent: int):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from tune_llama.searcher import ResumableOptunaSearch
+    from tune_llama.study import storage_url
 
     s = spec.search
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{experiment / OPTUNA_DB}")
+    storage = optuna.storages.RDBStorage(storage_url(experiment))
     searcher = ResumableOptunaSearch(sampler=sampler(spec), storage=storage,
                                      study_name=experiment.name)
     # The time unit is the fractional epoch each report carries: reports inside an epoch are ASHA's rungs.
@@ -213,7 +214,8 @@ def start(spec: Spec, experiment: Path, spec_file: str, verbose: bool):
                       run_config=run_config(spec, experiment, verbose))
 
 
-def resume(experiment: Path, verbose: bool):
+def resume(experiment: Path, verbose: bool, notes: Optional[list[str]] = None):
+    """(spec, tuner) that continue the search in ``experiment``; what the summary should add goes to ``notes``."""
     from ray import tune
     from tune_llama.ray_private import repair_state
     spec = check_resumable(experiment)
@@ -221,9 +223,27 @@ def resume(experiment: Path, verbose: bool):
     repaired = repair_state(experiment)
     if repaired:
         print(f"notice: {repaired} was cut short (a full disk?); resuming from its last good copy", file=sys.stderr)
+    rebuilt = restore_study(experiment, spec)  # before the driver file: the old driver's trials are unfinished
+    if rebuilt:
+        print(f"notice: {rebuilt}", file=sys.stderr)
+        if notes is not None:
+            notes.append(rebuilt)
     write_driver_file(experiment)
     return spec, tune.Tuner.restore(str(experiment), trainable(spec), resume_unfinished=True, resume_errored=True,
                                     param_space=param_space(spec))
+
+
+def restore_study(experiment: Path, spec: Spec) -> Optional[str]:
+    """Rebuild ``optuna.db`` from the trial folders when it cannot be read or is missing (``tune_llama.study``);
+    a line saying so, or None when the study was fine. Before ``Tuner.restore``: it unpickles the searcher,
+    whose storage opens the database."""
+    from ray.tune.search.optuna import OptunaSearch
+    from tune_llama.study import DAMAGED_SUFFIX, move_aside, rebuild_study, study_readable
+    if study_readable(experiment):
+        return None
+    why = f"could not be read (moved to {OPTUNA_DB}{DAMAGED_SUFFIX})" if move_aside(experiment) else "was missing"
+    restored = rebuild_study(load_search(experiment), OptunaSearch.convert_search_space(param_space(spec)))
+    return f"study: {OPTUNA_DB} {why}; rebuilt from the trial folders, {restored} trials restored"
 
 
 def start_ray(spec: Spec, verbose: bool) -> int:
@@ -304,11 +324,13 @@ def summary_lines(search: Search) -> tuple[list[str], dict[str, int]]:
     return lines, counts
 
 
-def write_summary(experiment: Path) -> int:
-    """Print what the search came to and the commands that follow (also into summary.txt); the exit code."""
+def write_summary(experiment: Path, notes: Optional[list[str]] = None) -> int:
+    """Print what the search came to and the commands that follow (also into summary.txt); the exit code.
+    ``notes``: lines about this run of the search (a rebuilt study), after the counts."""
     search = load_search(experiment)
     search.driver_alive = False  # this process is the driver, and its search is over
     lines, counts = summary_lines(search)
+    lines[2:2] = notes or []
     where = shell_path(experiment)
     lines += ["next:",
               f"  report:   tune-llama report {where}",
@@ -351,12 +373,13 @@ def run(args: argparse.Namespace) -> int:
             check_resumable(experiment)
         print(experiment)
         return 0
+    notes: list[str] = []
     if spec is None:
-        spec, tuner = resume(experiment, args.verbose)
+        spec, tuner = resume(experiment, args.verbose, notes)
     else:
         tuner = start(spec, experiment, args.spec, args.verbose)
     run_tuner(tuner, experiment)
-    code = write_summary(experiment)
+    code = write_summary(experiment, notes)
     if code == 0 and spec.search.finalists.top_k > 0:
         from tune_llama.finalists import print_finalists, score_finalists
         from tune_llama.resources import worker_resources

@@ -11,8 +11,10 @@ from optuna.exceptions import UpdateFinishedTrialError
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from tune_llama.ray_private import back_up_state, release_placement_group
+from tune_llama.ray_private import (back_up_state, optuna_search_study, point_optuna_search_at,
+                                    release_placement_group)
 from tune_llama.spec import Spec
+from tune_llama.study import REBUILT, trials_by_ray_id
 
 
 class ResumableOptunaSearch(OptunaSearch):
@@ -43,6 +45,31 @@ class ResumableOptunaSearch(OptunaSearch):
             super().on_trial_complete(trial_id, result, error)
         except UpdateFinishedTrialError:
             pass  # Ray 2.60 logs and swallows it itself; kept in case a later Ray lets it through
+
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.follow_rebuilt_study()
+
+    def follow_rebuilt_study(self) -> None:
+        """After ``optuna.db`` was rebuilt from the trial folders (``tune_llama.study``), the pickled searcher
+        still holds the old database's trials: ask and tell the new study, each Ray trial its new row.
+
+        The rebuild's mark is remembered, so a later resume of the same study keeps the trials asked since.
+        """
+        import optuna
+        storage, name, sampler = optuna_search_study(self)
+        if storage is None:
+            return
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        mark = study.user_attrs.get(REBUILT)
+        if not mark or mark == getattr(self, "followed_rebuild", None):
+            return
+        rows = trials_by_ray_id(study)
+        # FrozenTrial._trial_id: the storage row id, which optuna.trial.Trial takes (Optuna has no public getter).
+        trials = {ray_id: optuna.trial.Trial(study, frozen._trial_id) for ray_id, frozen in rows.items()}
+        point_optuna_search_at(self, study, trials, {ray_id for ray_id, t in rows.items() if t.state.is_finished()})
+        self.followed_rebuild = mark
 
 
 class StateBackup(Callback):

@@ -1,0 +1,109 @@
+"""A search whose optuna.db is damaged or gone resumes from a study rebuilt out of its trial folders."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, kill_session, result_rows, run_search
+
+NAME = "interrupted"
+# Three trials one after another, two epochs each: the first ends, the second is cut mid-run, the third
+# never started when the search is killed.
+SMALL = ["--set", "search.num_samples=3", "--set", "search.max_concurrent=1", "--set", "training.epochs=2",
+         "--set", "search.asha.grace_period=2"]
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> Path:
+    """A search killed (SIGKILL) while its second trial runs, its first trial finished."""
+    import os
+    storage = tmp_path_factory.mktemp("interrupted")
+    experiment = storage / NAME
+    leader = subprocess.Popen(
+        [sys.executable, "-m", "tune_llama.search", str(TINY), "--name", NAME, "--storage", str(storage), *SMALL],
+        cwd=storage, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    deadline = time.monotonic() + 600
+    try:
+        while not second_trial_reported(experiment):
+            assert time.monotonic() < deadline and leader.poll() is None, "search ended before it could be killed"
+            time.sleep(0.3)
+        time.sleep(1.5)  # one more save of Ray's state, which then knows the second trial's checkpoint
+    finally:
+        kill_session(leader)
+    return experiment
+
+
+def second_trial_reported(experiment: Path) -> bool:
+    rows = result_rows(experiment)
+    return len(rows) >= 2 and any(r and r[-1]["epoch"] < 2 for r in rows.values())
+
+
+def copy_of(interrupted: Path, tmp_path: Path) -> Path:
+    experiment = tmp_path / NAME  # the study is named after the folder
+    shutil.copytree(interrupted, experiment)
+    return experiment
+
+
+def resume_and_check(experiment: Path, expect_damaged: bytes | None) -> str:
+    import optuna
+    folders_before = {name: rows for name, rows in result_rows(experiment).items()}
+    started = len(list(experiment.glob("*/params.json")))
+    proc = run_search(["--resume", str(experiment)], cwd=experiment.parent)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert f"{started} trials restored" in (experiment / "summary.txt").read_text()
+    assert "Traceback" not in out and "sqlalchemy" not in out.lower(), out[-3000:]
+    damaged = experiment / "optuna.db.damaged"
+    if expect_damaged is None:
+        assert not damaged.exists()
+    else:
+        assert damaged.read_bytes() == expect_damaged
+
+    # The search went on to num_samples, and the study holds every trial, told as the folders say.
+    rows = result_rows(experiment)
+    assert len(rows) == 3 and all(r[-1]["epoch"] == 2 for r in rows.values()), {k: len(v) for k, v in rows.items()}
+    study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{experiment / 'optuna.db'}")
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), trials
+    by_params = {tuple(sorted(t.params.items())): t for t in trials}
+    for name, trial_rows in rows.items():
+        params = tuple(sorted(trial_rows[0]["config"].items()))
+        frozen = by_params[params]
+        # Restored trials carry their best report; those Ray tells afterwards, the last.
+        assert frozen.value == (min(r["eval_loss"] for r in trial_rows) if name in folders_before
+                                and folders_before[name][-1]["epoch"] == 2 else trial_rows[-1]["eval_loss"])
+        assert sorted(frozen.intermediate_values.values()) == sorted(r["eval_loss"] for r in trial_rows)
+        assert all(math.isfinite(v) for v in frozen.intermediate_values.values())
+    # The trial that had finished was not run again.
+    finished = [n for n, r in folders_before.items() if r and r[-1]["epoch"] == 2]
+    assert finished and all(rows[n] == folders_before[n] for n in finished)
+    return out
+
+
+def test_a_truncated_study_is_moved_aside_and_rebuilt_from_the_trial_folders(interrupted, tmp_path):
+    experiment = copy_of(interrupted, tmp_path)
+    db = experiment / "optuna.db"
+    cut = db.read_bytes()[: db.stat().st_size // 2]
+    db.write_bytes(cut)
+    resume_and_check(experiment, cut)
+
+
+def test_a_study_of_garbage_bytes_is_moved_aside_and_rebuilt(interrupted, tmp_path):
+    experiment = copy_of(interrupted, tmp_path)
+    garbage = bytes(range(256)) * 64
+    (experiment / "optuna.db").write_bytes(garbage)
+    resume_and_check(experiment, garbage)
+
+
+def test_a_missing_study_is_rebuilt(interrupted, tmp_path):
+    experiment = copy_of(interrupted, tmp_path)
+    (experiment / "optuna.db").unlink()
+    resume_and_check(experiment, None)
