@@ -6,6 +6,7 @@ the one ranking of trials and checkpoints that the summary, export, report and s
     results/NAME/optuna.db               the Optuna study
     results/NAME/summary.txt             the search's closing summary
     results/NAME/finalists.json          GSM8K accuracy of the best trials, when ``search.finalists`` is on
+    results/NAME/stopped_by_same_error.txt   why the search stopped, when trials kept failing the same way
     results/NAME/<trial folder>/         params.json, result.json (one row per report), checkpoint_*/
 
 Ray Tune's own readers need a consistent experiment state; a search that is
@@ -36,6 +37,7 @@ DRIVER_FILE = "driver.json"
 OPTUNA_DB = "optuna.db"
 SUMMARY_FILE = "summary.txt"
 FINALISTS_FILE = "finalists.json"
+SAME_ERROR_FILE = "stopped_by_same_error.txt"  # trials failing the same way stopped the search: the line to print
 
 # ---------------------------------------------------------------- the one vocabulary of trial states
 

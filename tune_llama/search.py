@@ -8,8 +8,9 @@ checked without Ray (``tune_llama.preflight``) is checked while Ray starts;
 bad input shuts that Ray down again and writes nothing.
 
 Exit codes: 0 every trial ended normally (ASHA stops included), 2 bad input,
-3 interrupted (resume it), 4 every trial errored; some errored trials are a
-warning line with exit 0.
+3 interrupted (resume it), 4 every trial errored, or ``search.stop_after_same_error``
+trials in a row failed the same way and stopped the search; some errored
+trials are a warning line with exit 0.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from typing import Any, Optional
 
 from tune_llama.cli import add_search_folder_arguments, add_set_argument, shell_path
 from tune_llama.errors import UserError
-from tune_llama.results import (ERRORED, INTERRUPTED, NORMAL_ENDS, OPTUNA_DB, PENDING, RUNNING, SPEC_FILE,
-                                SUMMARY_FILE, Search, load_search, load_search_spec, write_driver_file)
+from tune_llama.results import (ERRORED, INTERRUPTED, NORMAL_ENDS, OPTUNA_DB, PENDING, RUNNING, SAME_ERROR_FILE,
+                                SPEC_FILE, SUMMARY_FILE, Search, load_search, load_search_spec, write_driver_file)
 from tune_llama.spec import Spec, load_spec
 
 EXIT_INTERRUPTED, EXIT_ALL_ERRORED = 3, 4
@@ -100,17 +101,20 @@ def tune_config(spec: Spec, experiment: Path, concurrent: int):
 def run_config(spec: Spec, experiment: Path, verbose: bool):
     from ray import tune
     from tune_llama.progress import progress_callbacks
-    from tune_llama.searcher import StateBackup, worker_callbacks
+    from tune_llama.searcher import SameErrorStop, StateBackup, worker_callbacks
     from tune_llama.tracking import callbacks
 
     s = spec.search
+    same_error = SameErrorStop(str(experiment), s.stop_after_same_error)
     return tune.RunConfig(
         name=experiment.name,
         storage_path=str(experiment.parent),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints, checkpoint_score_attribute=s.metric,
                                                 checkpoint_score_order=s.mode),
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
-        callbacks=[StateBackup(str(experiment)), *callbacks(spec, experiment.name, spec_name=spec_name(experiment)),
+        stop=same_error.stopper,
+        callbacks=[StateBackup(str(experiment)), same_error,
+                   *callbacks(spec, experiment.name, spec_name=spec_name(experiment)),
                    *progress_callbacks(spec, verbose), *worker_callbacks(spec)],
         verbose=None if verbose else 0,
     )
@@ -134,6 +138,9 @@ def init_ray(spec: Spec, verbose: bool) -> None:
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "1" if verbose else "0")
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # A trial's error whose result Tune never collected (the search stopped first) would print its whole
+        # stack at exit; each trial's error.txt keeps it.
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     address = os.environ.get("RAY_ADDRESS")
     # "local": a Ray of our own even where another user's `ray start` registered a cluster in /tmp/ray.
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=verbose,
@@ -228,6 +235,7 @@ def resume(experiment: Path, verbose: bool, notes: Optional[list[str]] = None):
         print(f"notice: {rebuilt}", file=sys.stderr)
         if notes is not None:
             notes.append(rebuilt)
+    (experiment / SAME_ERROR_FILE).unlink(missing_ok=True)  # the errored trials are retried
     write_driver_file(experiment)
     return spec, tune.Tuner.restore(str(experiment), trainable(spec), resume_unfinished=True, resume_errored=True,
                                     param_space=param_space(spec))
@@ -340,6 +348,10 @@ def write_summary(experiment: Path, notes: Optional[list[str]] = None) -> int:
     print("\n" + text)
     (experiment / SUMMARY_FILE).write_text(text + "\n")
     errored = counts.get(ERRORED, 0)
+    same_error = experiment / SAME_ERROR_FILE
+    if same_error.is_file():
+        print(f"error: {same_error.read_text().strip()}", file=sys.stderr)
+        return EXIT_ALL_ERRORED
     if search.trials and errored == len(search.trials):
         print(f"error: every trial errored ({errored}); the first lines are above, full errors in each "
               f"trial's error.txt", file=sys.stderr)

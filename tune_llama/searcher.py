@@ -10,9 +10,11 @@ from pathlib import Path
 from optuna.exceptions import UpdateFinishedTrialError
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import Stopper
 
 from tune_llama.ray_private import (back_up_state, optuna_search_study, point_optuna_search_at,
                                     release_placement_group)
+from tune_llama.results import SAME_ERROR_FILE
 from tune_llama.spec import Spec
 from tune_llama.study import REBUILT, trials_by_ray_id
 
@@ -102,3 +104,50 @@ class ReleaseWorkers(Callback):
 def worker_callbacks(spec: Spec) -> list:
     """The Tune callbacks a multi-worker search needs (none for one-process trials)."""
     return [ReleaseWorkers()] if spec.search.resources.workers > 1 else []
+
+
+class SameErrorStop(Callback):
+    """Stops the search once ``limit`` trials in a row ended in the same error (last line of ``error.txt``:
+    type and message), and writes the line that says so into ``SAME_ERROR_FILE``.
+
+    A value that breaks every trial (a bad model file, a data column gone) otherwise fails each of
+    ``num_samples`` trials after minutes of set-up. A trial that ends normally breaks the run of errors.
+    ``stopper`` is the Tune ``Stopper`` half: Tune asks it whether to stop everything.
+    """
+
+    def __init__(self, experiment: str, limit: int):
+        self.experiment, self.limit = experiment, limit
+        self.error: str | None = None
+        self.files: list[str] = []
+        self.tripped = False
+        self.stopper = SameErrorStopper(self)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.error, self.files = None, []
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error_file = trial.error_file  # the driver's staging copy, until Tune syncs it into the trial folder
+        try:
+            lines = Path(error_file).read_text(errors="replace").strip().splitlines() if error_file else []
+        except OSError:
+            lines = []
+        error = lines[-1].strip() if lines else "error (no error file)"
+        if error != self.error:
+            self.error, self.files = error, []
+        self.files.append(str(Path(trial.path) / Path(error_file).name) if error_file else trial.path)
+        if self.limit and len(self.files) >= self.limit and not self.tripped:
+            self.tripped = True
+            line = (f"{len(self.files)} trials in a row failed the same way, so the search stopped: {error} "
+                    f"(full errors: {', '.join(self.files)})")
+            (Path(self.experiment) / SAME_ERROR_FILE).write_text(line + "\n")
+
+
+class SameErrorStopper(Stopper):
+    def __init__(self, errors: SameErrorStop):
+        self.errors = errors
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.errors.tripped

@@ -329,6 +329,9 @@ class SearchSpec:
     """Retries of a trial that raised an error (a killed worker included), each from its last checkpoint."""
     finalists: FinalistsSpec = field(default_factory=FinalistsSpec)
     """GSM8K accuracy of the best trials, after the search."""
+    stop_after_same_error: int = 3
+    """Stop the search when this many trials in a row fail with the same error (type and message): a value
+    that breaks every trial would otherwise fail them all, one after another. 0 never stops."""
 
     def validate(self, path: str) -> None:
         _require(self.num_samples >= 1, f"{path}.num_samples", f"must be >= 1, got {self.num_samples}")
@@ -349,6 +352,8 @@ class SearchSpec:
         _require(self.keep_checkpoints >= 1, f"{path}.keep_checkpoints",
                  f"must be >= 1, got {self.keep_checkpoints}")
         _require(self.max_failures >= 0, f"{path}.max_failures", f"must be >= 0, got {self.max_failures}")
+        _require(self.stop_after_same_error >= 0, f"{path}.stop_after_same_error",
+                 f"must be >= 0 (0 never stops), got {self.stop_after_same_error}")
         _require(self.asha.brackets >= 1, f"{path}.asha.brackets", f"must be >= 1, got {self.asha.brackets}")
         f = self.finalists
         _require(f.top_k >= 0, f"{path}.finalists.top_k", f"must be >= 0, got {f.top_k}")
