@@ -27,8 +27,7 @@ def test_a_storage_under_a_file_is_refused_before_ray_starts_and_nothing_is_writ
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
-def test_a_storage_that_does_not_exist_yet_is_created(tmp_path):
+def test_a_storage_that_does_not_exist_yet_passes_the_check_and_the_check_leaves_nothing(tmp_path):
     from tune_llama.preflight import check_storage
-    storage = tmp_path / "new" / "searches"
-    check_storage(storage)
-    assert storage.is_dir() and not list(storage.iterdir())
+    check_storage(tmp_path / "new" / "searches")
+    assert not list(tmp_path.iterdir())

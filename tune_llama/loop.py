@@ -150,7 +150,8 @@ def report_steps(training: TrainingSpec, steps_per_epoch: int) -> list[int]:
     """The optimizer steps after which a run reports; the last is always the end of training."""
     total = steps_per_epoch * training.epochs
     if training.eval_every <= 1:
-        per_epoch = max(1, round(1 / training.eval_every))
+        # More reports than steps in an epoch land on the same steps: no need to list them.
+        per_epoch = min(max(1, round(1 / training.eval_every)), steps_per_epoch)
         steps = {epoch * steps_per_epoch + math.ceil(j * steps_per_epoch / per_epoch)
                  for epoch in range(training.epochs) for j in range(1, per_epoch + 1)}
     else:

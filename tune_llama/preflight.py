@@ -32,18 +32,28 @@ class TokenizedData:
 def preflight(spec: Spec) -> TokenizedData:
     from tune_llama.loop import encode_splits
     check_model(spec.model)
-    tokenizer = load_tokenizer(spec.model)
+    tokenizer = check_tokenizer(spec.model)
     return TokenizedData(tokenizer, *encode_splits(spec, tokenizer))
 
 
 def check_storage(storage: Path) -> None:
-    """The folder that holds searches exists (created here) and takes a file, or one line naming it."""
+    """The folder that holds searches can be created and takes a file, or one line naming it.
+
+    Folders made for the check are removed again: input refused later (preflight) leaves nothing behind.
+    """
+    missing = [p for p in (storage, *storage.parents) if not p.exists()]
     try:
         storage.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=storage, prefix=".tune-llama-write-check-"):
             pass
     except OSError as err:
         raise UserError(f"--storage {storage}: cannot create or write there ({err.strerror or err})") from None
+    finally:
+        for folder in missing:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def check_model(model: ModelSpec) -> None:
@@ -62,6 +72,16 @@ def check_model(model: ModelSpec) -> None:
     except Exception as err:  # not found, offline, gated, malformed: all one line naming the model
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise SpecError("model.name", f"cannot load the config of {name!r}: {reason}") from None
+
+
+def check_tokenizer(model: ModelSpec):
+    """The tokenizer, loaded; or one line naming the field it comes from."""
+    try:
+        return load_tokenizer(model)
+    except (OSError, ValueError) as err:  # not found, offline, not a tokenizer folder: one line naming it
+        field = "model.tokenizer" if model.tokenizer else "model.name"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise SpecError(field, f"cannot load the tokenizer {model.tokenizer or model.name!r}: {reason}") from None
 
 
 def check_cluster(spec: Spec, nodes: Optional[list[dict[str, float]]] = None) -> int:

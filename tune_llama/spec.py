@@ -10,7 +10,6 @@ a ``SpecError`` that names the field path (``training.lr``).
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +19,13 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from tune_llama.errors import SpecError
+
+
+# Bounds past which a value can only be a slip, found by tests/test_spec_fuzz.py: each made every trial fail.
+MAX_EPOCHS = 10_000  # the report schedule is built up front
+MAX_LR = 10.0  # a step this much larger than the gradient diverges at once
+MAX_SYNTHETIC = 1_000_000
+SEED_LIMIT = 2 ** 32  # numpy's and Optuna's seeds
 
 
 @dataclass
@@ -149,6 +155,8 @@ class DataSpec:
             value = getattr(self, name)
             minimum = 0 if name == "val_size" else 1
             _require(value >= minimum, f"{path}.{name}", f"must be >= {minimum}, got {value}")
+        _require(self.synthetic_size <= MAX_SYNTHETIC, f"{path}.synthetic_size",
+                 f"must be <= {MAX_SYNTHETIC} (the generator makes every problem up front), got {self.synthetic_size}")
         if self.train_size is not None:
             _require(self.train_size >= 1, f"{path}.train_size", f"must be >= 1, got {self.train_size}")
         if self.eval_batch_size is not None:
@@ -226,9 +234,12 @@ class TrainingSpec:
 
     def validate(self, path: str) -> None:
         _require(self.epochs >= 1, f"{path}.epochs", f"must be >= 1, got {self.epochs}")
-        _require(0 < self.eval_every <= 1 or float(self.eval_every).is_integer(), f"{path}.eval_every",
+        _require(self.epochs <= MAX_EPOCHS, f"{path}.epochs", f"must be <= {MAX_EPOCHS}, got {self.epochs}")
+        _require(self.eval_every > 0 and (self.eval_every <= 1 or float(self.eval_every).is_integer()),
+                 f"{path}.eval_every",
                  f"must be a fraction of an epoch in (0, 1] or a whole number of steps, got {self.eval_every}")
-        _require(self.lr > 0 and math.isfinite(self.lr), f"{path}.lr", f"must be > 0, got {self.lr}")
+        _require(0 < self.lr <= MAX_LR, f"{path}.lr", f"must be in (0, {MAX_LR:g}], got {self.lr}")
+        _require(0 <= self.seed < SEED_LIMIT, f"{path}.seed", f"must be in [0, 2**32), got {self.seed}")
         _require(self.momentum >= 0, f"{path}.momentum", f"must be >= 0, got {self.momentum}")
         _require(not (self.nesterov and self.momentum == 0), f"{path}.nesterov",
                  "needs training.momentum > 0")
@@ -352,6 +363,7 @@ class SearchSpec:
         _require(self.keep_checkpoints >= 1, f"{path}.keep_checkpoints",
                  f"must be >= 1, got {self.keep_checkpoints}")
         _require(self.max_failures >= 0, f"{path}.max_failures", f"must be >= 0, got {self.max_failures}")
+        _require(0 <= self.seed < SEED_LIMIT, f"{path}.seed", f"must be in [0, 2**32), got {self.seed}")
         _require(self.stop_after_same_error >= 0, f"{path}.stop_after_same_error",
                  f"must be >= 0 (0 never stops), got {self.stop_after_same_error}")
         _require(self.asha.brackets >= 1, f"{path}.asha.brackets", f"must be >= 1, got {self.asha.brackets}")
