@@ -270,3 +270,43 @@ def test_a_trial_whose_workers_the_cluster_cannot_hold_is_one_line_and_leaves_no
     assert proc.stderr.strip().startswith("error: search.resources: a trial's 64 workers") and \
         "\n" not in proc.stderr.strip(), proc.stderr[-2000:]
     assert not (tmp_path / "big").exists()
+
+
+# ---------------------------------------------------------------- ASHA stops give the workers back
+
+def test_asha_stopped_two_worker_trials_give_back_their_workers_so_every_trial_runs(tmp_path):
+    """Four trials of 2 workers x 1 CPU on a cluster that holds one such trial at a time, ASHA keeping only the
+    best quarter at the first report: stopped trials must free their placement group, or the next trial waits
+    for it forever and this test times out.
+
+    The random sampler (seed 0) draws SGD at lr 0.0023, 0.0040, 0.0091, then AdamW: on the tiny model a larger
+    SGD lr lowers the loss faster, so with mode=max the first trial leads at the first rung and ASHA stops
+    the SGD trials after it."""
+    import subprocess
+
+    from conftest import kill_session
+    from test_faults import popen_search, summary_counts
+    from tune_llama.results import ASHA_STOPPED, load_search
+
+    storage = tmp_path
+    leader = popen_search([str(TINY), "--name", "asha", "--storage", str(storage),
+                           "--set", "search.resources.workers=2", "--set", "search.resources.cpu=1",
+                           "--set", "search.num_samples=4", "--set", "search.max_concurrent=4",
+                           "--set", "training.epochs=2", "--set", "search.asha.grace_period=1",
+                           "--set", "search.asha.reduction_factor=4", "--set", "search.sampler=random",
+                           "--set", "search.mode=max"],
+                          cwd=storage)
+    try:
+        code = leader.wait(timeout=1200)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the search never finished: a stopped trial's workers were not given back")
+    finally:
+        if leader.poll() is None:
+            kill_session(leader)
+    log = (storage / "search.log").read_text()
+    assert code == 0, log[-3000:]
+    assert "4 ended normally, 0 errored" in summary_counts(storage / "asha")
+    search = load_search(storage / "asha")
+    statuses = [search.status(t) for t in search.trials]
+    assert len(statuses) == 4 and all(t.rows for t in search.trials), statuses
+    assert statuses.count(ASHA_STOPPED) >= 1, f"ASHA stopped no trial, nothing was tested: {statuses}"

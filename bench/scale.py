@@ -1,0 +1,170 @@
+"""A long search: does the driver stay flat, do trials start promptly, do report and export keep up?
+
+    nice .venv/bin/python bench/scale.py                 # 200 tiny trials, 4 at a time (15+ min on 2 cores)
+    nice .venv/bin/python bench/scale.py --trials 50     # smaller; rows at 10 / 50
+    .venv/bin/python bench/scale.py --json               # one JSON object
+
+Runs ``search_spaces/tiny.yaml`` as a search of ``--trials`` trials, ``--concurrent`` at a time (each
+``search.resources.cpu`` = cores / concurrent), one epoch with two reports per trial (ASHA may stop a
+trial at the first), through ``tune_llama.search.main`` in this process, so this process is the search's
+driver. A sampler thread reads, when 10 / 50 / 100 / 200 trials (and ``--trials``) have started:
+
+- the driver's RSS (this process, ``/proc/self/status``);
+- Ray's object store use (plasma memory, from Ray's memory summary: a private Ray API, bench only);
+- per-trial scheduling overhead since the previous row: slot-seconds (wall time x concurrent) not spent
+  inside a trial's own ``time_total_s``, per trial that started; the trial's start-up in its worker
+  (imports, model build) counts as trial time, Tune's scheduling, process reuse and result handling do not;
+- the size of ``optuna.db``.
+
+After the search: the wall time of ``tune-llama report`` and ``tune-llama export`` on the finished folder,
+each as a user runs it (its own process). Goals (issue 21): driver RSS at 200 trials <= 1.3 x at 50;
+overhead <= 1 s per trial; report <= 15 s. Printed with their ratios; a bench, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (puts the repo on sys.path)
+
+TINY = common.REPO / "search_spaces" / "tiny.yaml"
+MARKS = (10, 50, 100, 200)
+
+
+def rss_mb() -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", text)[1]) / 1024
+
+
+def object_store_mb() -> float | None:
+    """Plasma memory in use on the search's Ray (None before Ray is up)."""
+    try:
+        import ray
+        from ray._private.internal_api import memory_summary  # private: no public reader without the dashboard
+        if not ray.is_initialized():
+            return None
+        summary = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
+    except Exception:  # a bench reading: a failed read is a blank cell, not a failed run
+        return None
+    match = re.search(r"Plasma memory usage (\d+(?:\.\d+)?) MiB", summary)
+    return float(match[1]) if match else None
+
+
+def trial_seconds(experiment: Path) -> tuple[int, float]:
+    """(trials started, the sum of each one's latest ``time_total_s``)."""
+    from tune_llama.results import read_result_rows
+    folders = sorted(p.parent for p in experiment.glob("*/params.json"))
+    total = 0.0
+    for folder in folders:
+        rows = read_result_rows(folder / "result.json")
+        total += float(rows[-1].get("time_total_s", 0.0)) if rows else 0.0
+    return len(folders), total
+
+
+class Sampler(threading.Thread):
+    def __init__(self, experiment: Path, marks: list[int], concurrent: int):
+        super().__init__(daemon=True)
+        self.experiment, self.marks, self.concurrent = experiment, marks, concurrent
+        self.rows: list[dict] = []
+        self.start_time = time.monotonic()
+        self.last = (self.start_time, 0, 0.0)
+        self.done = threading.Event()
+
+    def sample(self, label: str, started: int, busy: float) -> None:
+        now = time.monotonic()
+        then, trials_then, busy_then = self.last
+        new = started - trials_then
+        overhead = ((now - then) * self.concurrent - (busy - busy_then)) / new if new else float("nan")
+        db = self.experiment / "optuna.db"
+        self.rows.append({"trials": label, "driver_rss_mb": rss_mb(), "object_store_mb": object_store_mb(),
+                          "overhead_s": overhead, "optuna_db_kb": db.stat().st_size / 1024 if db.exists() else 0,
+                          "wall_s": now - self.start_time})
+        self.last = (now, started, busy)
+        common.say(f"{label} trials: {self.rows[-1]}")
+
+    def run(self) -> None:
+        pending = list(self.marks)
+        while pending and not self.done.wait(1.0):
+            started, busy = trial_seconds(self.experiment)
+            while pending and started >= pending[0] + self.concurrent:
+                # The mark's trials have all ended once `concurrent` more have started.
+                self.sample(str(pending.pop(0)), started - self.concurrent, busy)
+
+    def finish(self) -> None:
+        self.done.set()
+        self.join()
+        started, busy = trial_seconds(self.experiment)
+        if not self.rows or self.rows[-1]["trials"] != str(started):
+            self.sample(str(started), started, busy)
+
+
+def timed_command(*argv: str) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        common.say(proc.stderr[-2000:])
+        return float("nan")
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", type=int, default=200)
+    p.add_argument("--concurrent", type=int, default=4)
+    p.add_argument("--storage", type=Path, help="where the search goes (default: a temporary folder)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    from tune_llama import search
+
+    cpus = os.cpu_count() or 1
+    storage = (args.storage or Path(tempfile.mkdtemp(prefix="scale-"))).resolve()
+    experiment = storage / "scale"
+    marks = [m for m in MARKS if m < args.trials]
+    common.say(f"machine: cpu x{cpus}, load average {os.getloadavg()[0]:.1f}; python {sys.version.split()[0]}; "
+               f"{args.trials} trials, {args.concurrent} at a time, into {experiment}")
+    sampler = Sampler(experiment, marks, args.concurrent)
+    sampler.start()
+    code = search.main([str(TINY), "--name", "scale", "--storage", str(storage),
+                        "--set", f"search.num_samples={args.trials}", "--set", f"search.max_concurrent={args.concurrent}",
+                        "--set", f"search.resources.cpu={cpus / args.concurrent:g}",
+                        "--set", "training.epochs=1", "--set", "training.eval_every=0.5",
+                        "--set", "search.asha.grace_period=0.5", "--set", "data.synthetic_size=48",
+                        "--set", "data.val_size=8"])
+    sampler.finish()
+    report_s = timed_command("tune_llama.report", str(experiment))
+    export_s = timed_command("tune_llama.export", str(experiment), "--by", "loss", "--out", str(storage / "export"))
+    rows = sampler.rows
+    at = {r["trials"]: r for r in rows}
+    rss_ratio = at[str(args.trials)]["driver_rss_mb"] / at["50"]["driver_rss_mb"] if "50" in at else None
+    worst_overhead = max((r["overhead_s"] for r in rows if r["overhead_s"] == r["overhead_s"]), default=None)
+    if args.json:
+        print(json.dumps({"rows": rows, "report_s": report_s, "export_s": export_s, "search_exit": code,
+                          "rss_last_over_50": rss_ratio}))
+        return 0
+    print(f"{'trials':>6} {'wall s':>7} {'driver RSS MB':>13} {'object store MB':>15} {'overhead s/trial':>16} "
+          f"{'optuna.db KB':>12}")
+    for r in rows:
+        store = "-" if r["object_store_mb"] is None else f"{r['object_store_mb']:.1f}"
+        print(f"{r['trials']:>6} {r['wall_s']:>7.0f} {r['driver_rss_mb']:>13.0f} {store:>15} "
+              f"{r['overhead_s']:>16.2f} {r['optuna_db_kb']:>12.0f}")
+    print(f"search exit code {code}; report {report_s:.1f} s (goal <= 15), export {export_s:.1f} s")
+    if rss_ratio is not None:
+        print(f"driver RSS at {args.trials} / at 50: {rss_ratio:.2f} (goal <= 1.3)")
+    if worst_overhead is not None:
+        print(f"largest overhead per trial: {worst_overhead:.2f} s (goal <= 1)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
