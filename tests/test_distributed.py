@@ -274,6 +274,8 @@ def test_a_trial_whose_workers_the_cluster_cannot_hold_is_one_line_and_leaves_no
 
 # ---------------------------------------------------------------- ASHA stops give the workers back
 
+@pytest.mark.integration
+@pytest.mark.timeout(1500)
 def test_asha_stopped_two_worker_trials_give_back_their_workers_so_every_trial_runs(tmp_path):
     """Four trials of 2 workers x 1 CPU on a cluster that holds one such trial at a time, ASHA keeping only the
     best quarter at the first report: stopped trials must free their placement group, or the next trial waits
@@ -284,8 +286,7 @@ def test_asha_stopped_two_worker_trials_give_back_their_workers_so_every_trial_r
     the SGD trials after it."""
     import subprocess
 
-    from conftest import kill_session
-    from test_faults import popen_search, summary_counts
+    from conftest import kill_session, popen_search, summary_counts
     from tune_llama.results import ASHA_STOPPED, load_search
 
     storage = tmp_path

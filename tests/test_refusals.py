@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from conftest import TINY, one_line_error
-from tune_llama import search
+from tune_llama.__main__ import command
 
 
 def ray_started() -> bool:
@@ -13,7 +13,7 @@ def ray_started() -> bool:
 
 
 def test_resume_with_an_override_is_refused_naming_the_override(capsys, tmp_path):
-    err = one_line_error(search.main, ["--resume", str(tmp_path), "--set", "training.lr=0.5"], capsys)
+    err = one_line_error(command("search"), ["--resume", str(tmp_path), "--set", "training.lr=0.5"], capsys)
     assert "--set training.lr=0.5" in err and "--resume" in err
     assert not ray_started()
 
@@ -21,7 +21,8 @@ def test_resume_with_an_override_is_refused_naming_the_override(capsys, tmp_path
 def test_a_storage_under_a_file_is_refused_before_ray_starts_and_nothing_is_written(capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    err = one_line_error(search.main, [str(TINY), "--storage", str(blocker / "searches"), "--name", "x"], capsys)
+    err = one_line_error(command("search"), [str(TINY), "--storage", str(blocker / "searches"), "--name", "x"],
+                         capsys)
     assert str(blocker / "searches") in err
     assert not ray_started()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

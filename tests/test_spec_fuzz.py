@@ -24,7 +24,7 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from conftest import TINY
-from tune_llama import train
+from tune_llama.__main__ import command
 from tune_llama.cli import run_cli
 from tune_llama.errors import UserError
 from tune_llama.spec import Spec, spec_from_dict
@@ -129,7 +129,7 @@ def refusal_as_the_user_sees_it(path: str, value: Any, tmp_path: Path, capsys) -
     capsys.readouterr()
     code = None
     try:
-        within(SECONDS_PER_RUN, run_cli, train.main,
+        within(SECONDS_PER_RUN, run_cli, command("train"),
                [str(spec_file), "--set", f"{path}={json.dumps(value)}", "--output", str(output)])
     except SystemExit as exit_info:
         code = exit_info.code

@@ -19,6 +19,8 @@ NAME = "interrupted"
 SMALL = ["--set", "search.num_samples=3", "--set", "search.max_concurrent=1", "--set", "training.epochs=2",
          "--set", "search.asha.grace_period=2"]
 
+pytestmark = pytest.mark.integration  # every test here runs real searches (Ray)
+
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory) -> Path:
