@@ -40,7 +40,9 @@ def interrupted(tmp_path_factory) -> Path:
         time.sleep(1.5)  # one more save of Ray's state, which then knows the second trial's checkpoint
     finally:
         kill_session(leader)
-    return experiment
+    pristine = storage / "pristine"
+    shutil.copytree(experiment, pristine)
+    return pristine
 
 
 def second_trial_reported(experiment: Path) -> bool:
@@ -48,9 +50,12 @@ def second_trial_reported(experiment: Path) -> bool:
     return len(rows) >= 2 and any(r and r[-1]["epoch"] < 2 for r in rows.values())
 
 
-def copy_of(interrupted: Path, tmp_path: Path) -> Path:
-    experiment = tmp_path / NAME  # the study is named after the folder
-    shutil.copytree(interrupted, experiment)
+def copy_of(pristine: Path) -> Path:
+    """The interrupted search, as it was, back in its own folder: Ray's pickled run config names that path, so
+    a copy elsewhere would resume into the original."""
+    experiment = pristine.parent / NAME
+    shutil.rmtree(experiment, ignore_errors=True)
+    shutil.copytree(pristine, experiment)
     return experiment
 
 
@@ -90,22 +95,22 @@ def resume_and_check(experiment: Path, expect_damaged: bytes | None) -> str:
     return out
 
 
-def test_a_truncated_study_is_moved_aside_and_rebuilt_from_the_trial_folders(interrupted, tmp_path):
-    experiment = copy_of(interrupted, tmp_path)
+def test_a_truncated_study_is_moved_aside_and_rebuilt_from_the_trial_folders(interrupted):
+    experiment = copy_of(interrupted)
     db = experiment / "optuna.db"
     cut = db.read_bytes()[: db.stat().st_size // 2]
     db.write_bytes(cut)
     resume_and_check(experiment, cut)
 
 
-def test_a_study_of_garbage_bytes_is_moved_aside_and_rebuilt(interrupted, tmp_path):
-    experiment = copy_of(interrupted, tmp_path)
+def test_a_study_of_garbage_bytes_is_moved_aside_and_rebuilt(interrupted):
+    experiment = copy_of(interrupted)
     garbage = bytes(range(256)) * 64
     (experiment / "optuna.db").write_bytes(garbage)
     resume_and_check(experiment, garbage)
 
 
-def test_a_missing_study_is_rebuilt(interrupted, tmp_path):
-    experiment = copy_of(interrupted, tmp_path)
+def test_a_missing_study_is_rebuilt(interrupted):
+    experiment = copy_of(interrupted)
     (experiment / "optuna.db").unlink()
     resume_and_check(experiment, None)
