@@ -6,7 +6,7 @@
 
 Runs ``search_spaces/tiny.yaml`` as a search of ``--trials`` trials, ``--concurrent`` at a time (each
 ``search.resources.cpu`` = cores / concurrent), one epoch with two reports per trial (ASHA may stop a
-trial at the first), through ``tune_llama.search.main`` in this process, so this process is the search's
+trial at the first), through ``tune-llama search`` (``tune_llama.__main__.command``) in this process, so this process is the search's
 driver. A sampler thread reads, when 10 / 50 / 100 / 200 trials (and ``--trials``) have started:
 
 - the driver's RSS (this process, ``/proc/self/status``);
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--storage", type=Path, help="where the search goes (default: a temporary folder)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    from tune_llama import search
+    from tune_llama.__main__ import command
 
     cpus = os.cpu_count() or 1
     storage = (args.storage or Path(tempfile.mkdtemp(prefix="scale-"))).resolve()
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                f"{args.trials} trials, {args.concurrent} at a time, into {experiment}")
     sampler = Sampler(experiment, marks, args.concurrent)
     sampler.start()
-    code = search.main([str(TINY), "--name", "scale", "--storage", str(storage),
+    code = command("search")([str(TINY), "--name", "scale", "--storage", str(storage),
                         "--set", f"search.num_samples={args.trials}", "--set", f"search.max_concurrent={args.concurrent}",
                         "--set", f"search.resources.cpu={cpus / args.concurrent:g}",
                         "--set", "training.epochs=1", "--set", "training.eval_every=0.5",

@@ -83,6 +83,11 @@ def summary_counts(experiment: Path) -> str:
 FAKE_SECRETS = {"WANDB_API_KEY": "wandb-secret-0123456789abcdef0123456789abcdef", "HF_TOKEN": "hf_secretTOKEN0123456789"}
 
 
+# Ray's memory monitor kills a worker when the whole host's memory is nearly full, whoever fills it: on a
+# machine shared with other users' jobs that made a tiny trial fail at random. These searches use little memory.
+NO_HOST_OOM_KILLS = {"RAY_memory_monitor_refresh_ms": "0"}
+
+
 def run_search(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 900):
     """Run the search CLI in its own process (its own Ray), returning the CompletedProcess."""
     import os

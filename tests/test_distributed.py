@@ -286,7 +286,7 @@ def test_asha_stopped_two_worker_trials_give_back_their_workers_so_every_trial_r
     the SGD trials after it."""
     import subprocess
 
-    from conftest import kill_session, popen_search, summary_counts
+    from conftest import NO_HOST_OOM_KILLS, kill_session, popen_search, summary_counts
     from tune_llama.results import ASHA_STOPPED, load_search
 
     storage = tmp_path
@@ -296,7 +296,7 @@ def test_asha_stopped_two_worker_trials_give_back_their_workers_so_every_trial_r
                            "--set", "training.epochs=2", "--set", "search.asha.grace_period=1",
                            "--set", "search.asha.reduction_factor=4", "--set", "search.sampler=random",
                            "--set", "search.mode=max"],
-                          cwd=storage)
+                          cwd=storage, env_extra=NO_HOST_OOM_KILLS)
     try:
         code = leader.wait(timeout=1200)
     except subprocess.TimeoutExpired:

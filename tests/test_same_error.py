@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, run_search
+from conftest import NO_HOST_OOM_KILLS, TINY, run_search
 from tune_llama.model import load_model, load_tokenizer, save_hf_model
 from tune_llama.search import EXIT_ALL_ERRORED
 from tune_llama.spec import ModelSpec
@@ -36,7 +36,7 @@ def search_with(broken_model: Path, tmp_path: Path, *sets: str):
             "--set", "search.max_failures=0"]
     for item in sets:
         args += ["--set", item]
-    return run_search(args, cwd=tmp_path)
+    return run_search(args, cwd=tmp_path, env_extra=NO_HOST_OOM_KILLS)
 
 
 def test_three_trials_failing_the_same_way_stop_the_search_with_one_line(broken_model, tmp_path):

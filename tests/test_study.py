@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, kill_session, result_rows, run_search
+from conftest import NO_HOST_OOM_KILLS, TINY, kill_session, result_rows, run_search
 
 NAME = "interrupted"
 # Three trials one after another, two epochs each: the first ends, the second is cut mid-run, the third
@@ -31,7 +31,7 @@ def interrupted(tmp_path_factory) -> Path:
     leader = subprocess.Popen(
         [sys.executable, "-m", "tune_llama.search", str(TINY), "--name", NAME, "--storage", str(storage), *SMALL],
         cwd=storage, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"})
+        env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", **NO_HOST_OOM_KILLS})
     deadline = time.monotonic() + 600
     try:
         while not second_trial_reported(experiment):
@@ -63,7 +63,7 @@ def resume_and_check(experiment: Path, expect_damaged: bytes | None) -> str:
     import optuna
     folders_before = {name: rows for name, rows in result_rows(experiment).items()}
     started = len(list(experiment.glob("*/params.json")))
-    proc = run_search(["--resume", str(experiment)], cwd=experiment.parent)
+    proc = run_search(["--resume", str(experiment)], cwd=experiment.parent, env_extra=NO_HOST_OOM_KILLS)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert f"{started} trials restored" in (experiment / "summary.txt").read_text()
