@@ -227,14 +227,16 @@ def resume(experiment: Path, verbose: bool, notes: Optional[list[str]] = None):
     from tune_llama.ray_private import repair_state
     spec = check_resumable(experiment)
     start_ray(spec, verbose)
-    repaired = repair_state(experiment)
-    if repaired:
-        print(f"notice: {repaired} was cut short (a full disk?); resuming from its last good copy", file=sys.stderr)
-    rebuilt = restore_study(experiment, spec)  # before the driver file: the old driver's trials are unfinished
+    # The study first: repair_state unpickles the searcher's state, whose Optuna storage opens optuna.db (and
+    # creates an empty one where it is missing). Before the driver file: the old driver's trials are unfinished.
+    rebuilt = restore_study(experiment, spec)
     if rebuilt:
         print(f"notice: {rebuilt}", file=sys.stderr)
         if notes is not None:
             notes.append(rebuilt)
+    repaired = repair_state(experiment)
+    if repaired:
+        print(f"notice: {repaired} was cut short (a full disk?); resuming from its last good copy", file=sys.stderr)
     (experiment / SAME_ERROR_FILE).unlink(missing_ok=True)  # the errored trials are retried
     write_driver_file(experiment)
     return spec, tune.Tuner.restore(str(experiment), trainable(spec), resume_unfinished=True, resume_errored=True,
