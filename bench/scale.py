@@ -72,9 +72,9 @@ def trial_seconds(experiment: Path) -> tuple[int, float]:
 
 
 class Sampler(threading.Thread):
-    def __init__(self, experiment: Path, marks: list[int], concurrent: int):
+    def __init__(self, experiment: Path, marks: list[int], concurrent: int, total: int):
         super().__init__(daemon=True)
-        self.experiment, self.marks, self.concurrent = experiment, marks, concurrent
+        self.experiment, self.marks, self.concurrent, self.total = experiment, marks, concurrent, total
         self.rows: list[dict] = []
         self.start_time = time.monotonic()
         self.last = (self.start_time, 0, 0.0)
@@ -96,7 +96,7 @@ class Sampler(threading.Thread):
         pending = list(self.marks)
         while pending and not self.done.wait(1.0):
             started, busy = trial_seconds(self.experiment)
-            while pending and started >= pending[0] + self.concurrent:
+            while pending and started >= min(pending[0] + self.concurrent, self.total):
                 # The mark's trials have all ended once `concurrent` more have started.
                 self.sample(str(pending.pop(0)), started - self.concurrent, busy)
 
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     marks = [m for m in MARKS if m < args.trials]
     common.say(f"machine: cpu x{cpus}, load average {os.getloadavg()[0]:.1f}; python {sys.version.split()[0]}; "
                f"{args.trials} trials, {args.concurrent} at a time, into {experiment}")
-    sampler = Sampler(experiment, marks, args.concurrent)
+    sampler = Sampler(experiment, marks, args.concurrent, args.trials)
     sampler.start()
     code = command("search")([str(TINY), "--name", "scale", "--storage", str(storage),
                         "--set", f"search.num_samples={args.trials}", "--set", f"search.max_concurrent={args.concurrent}",
