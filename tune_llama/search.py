@@ -247,8 +247,10 @@ def restore_study(experiment: Path, spec: Spec) -> Optional[str]:
     """Rebuild ``optuna.db`` from the trial folders when it cannot be read or is missing (``tune_llama.study``);
     a line saying so, or None when the study was fine. Before ``Tuner.restore``: it unpickles the searcher,
     whose storage opens the database."""
+    import optuna
     from ray.tune.search.optuna import OptunaSearch
     from tune_llama.study import DAMAGED_SUFFIX, move_aside, rebuild_study, study_readable
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our notice says it; not Optuna's "new study" lines
     if study_readable(experiment):
         return None
     why = f"could not be read (moved to {OPTUNA_DB}{DAMAGED_SUFFIX})" if move_aside(experiment) else "was missing"
