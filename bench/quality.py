@@ -1,4 +1,4 @@
-"""Does the search pay? Four models, one GSM8K test slice, equal training budget per run.
+"""Does the search pay? Six models, one GSM8K test slice, equal training budget per run and per search.
 
     .venv/bin/python bench/quality.py                      # the CPU sizes (--preset cpu): <= 60 min on 2 cores
     python bench/quality.py --preset gpu                   # all of GSM8K train and test, 4 trials per GPU
@@ -15,6 +15,10 @@
     accuracy (``search.finalists``), the winner exported with ``tune_llama.export``. The search's cost is
     printed beside it: trials, trial-steps (the sum over trials of the last optimizer step each reported) and
     wall time.
+(e) the default recipe (c) given the search's whole budget, its trial-epochs as the search reported them,
+    rounded down to whole runs (N): (e1) one run of N times the epochs, keeping its best validation report;
+    (e2) the best of N seeds of (c) (seed 0 is (c) itself), picked by validation loss. Does the search beat
+    just training longer, or just trying more seeds?
 
 Every trained run, each search trial included, sees the same train and validation problems, epochs, batch size,
 report points and seed, and keeps its best report by validation loss (``tune_llama.train`` / the search's
@@ -23,7 +27,9 @@ bf16 autocast on CUDA, fp32 on CPU; no early stopping, so no run trains less tha
 loaded with ``tune_llama.evaluate.load`` and scored on the first ``--test`` problems of the test split:
 teacher-forced mean loss per gold answer token (``tune_llama.loop.validation_loss``; the sharper signal for a
 small model), then greedy generation (``tune_llama.evaluate.score``) without and with calculator-assisted
-decoding: strict and flexible accuracy with 95% Wilson intervals. Per-problem outputs go to ``--out``.
+decoding: strict and flexible accuracy with 95% Wilson intervals. (d) minus each other row, per problem:
+the paired difference in strict accuracy with its 95% interval (``tune_llama.paired``, exact McNemar), and
+whether (d) is better or not distinguishable at this size. Per-problem outputs go to ``--out``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -54,7 +61,9 @@ PRESETS = {
     "gpu": dict(train=0, val=200, test=0, epochs=2, eval_every=0.25, max_length=512, max_new_tokens=256,
                 batch_size=8, gen_batch=64, samples=16, concurrent=4, cpus=4, gpu_share=0.25, top_k=3),
 }
-METHODS = {"a": "base model", "b": "class project", "c": "default recipe", "d": "search winner"}
+METHODS = {"a": "base model", "b": "class project", "c": "default recipe", "d": "search winner",
+           "e1": "recipe, search's budget in one run", "e2": "recipe, best of N seeds"}
+ORDER = ("a", "b", "c", "d", "e1", "e2")
 
 
 # ---------------------------------------------------------------- specs
@@ -172,6 +181,36 @@ def run_search(args, spec, folder: Path) -> dict:
             "folder": str(experiment)}
 
 
+def budget_runs(args, search: dict) -> int:
+    """How many runs of one recipe the search's trial-epochs buy, rounded down (never more than it spent)."""
+    return max(1, math.floor(round(search["epochs"] / args.epochs, 6)))
+
+
+def with_training(spec, **fields):
+    return dataclasses.replace(spec, training=dataclasses.replace(spec.training, **fields))
+
+
+def longer_run(recipe_spec, runs: int, folder: Path) -> dict:
+    """(e1): the recipe for ``runs`` times its epochs, in one run (its schedule stretched to match)."""
+    row = train_run(with_training(recipe_spec, epochs=recipe_spec.training.epochs * runs), folder)
+    row["config"] += f", {row['epochs']:.3g} epochs"
+    return row
+
+
+def best_of_seeds(recipe_spec, runs: int, out: Path, seed0: dict | None) -> dict:
+    """(e2): the recipe with seeds 0..runs-1, the lowest best validation loss kept; seed 0 is (c) when it ran."""
+    first = recipe_spec.training.seed
+    tried = {first: seed0} if seed0 else {}
+    for seed in range(first, first + runs):
+        if seed not in tried:
+            tried[seed] = train_run(with_training(recipe_spec, seed=seed), out / f"e2-seed{seed}")
+    seed, best = min(tried.items(), key=lambda item: item[1]["best_eval_loss"])
+    return {**best, "config": f"{best['config']}, best of {runs} seeds (seed {seed})",
+            "wall_s": sum(r["wall_s"] for r in tried.values()), "steps": sum(r["steps"] for r in tried.values()),
+            "epochs": sum(r["epochs"] for r in tried.values()), "picked_seed": seed,
+            "seeds": {s: r["best_eval_loss"] for s, r in tried.items()}}
+
+
 # ---------------------------------------------------------------- scoring
 
 def answer_loss(measure_spec, model, tokenizer, problems) -> tuple[float, int]:
@@ -208,7 +247,20 @@ def evaluate(args, name: str, measure_spec, problems, folder: Path, key: str) ->
     return result
 
 
+def paired_to_search(rows: dict) -> None:
+    """Each row's ``d_minus``: (d) minus it, strict accuracy, problem by problem."""
+    from tune_llama.paired import paired_difference
+    if "d" not in rows:
+        return
+    for key, row in rows.items():
+        if key != "d":
+            row["d_minus"] = paired_difference(rows["d"]["strict"]["per_problem"], row["strict"]["per_problem"])
+
+
 # ---------------------------------------------------------------- output
+
+def signed(c: dict) -> str:
+    return f"{c['difference']:+.1%} [{c['ci95'][0]:+.1%}, {c['ci95'][1]:+.1%}]"
 
 def acc(m: dict, ci: bool = True) -> str:
     text = f"{m['accuracy']:.1%}"
@@ -219,12 +271,12 @@ def table(rows: dict) -> tuple[list[dict], list[tuple[str, str]]]:
     lines = [{"row": f"({k}) {METHODS[k]}", "config": r.get("config", "untrained"),
               "steps": r.get("steps", 0), "epochs": f"{r.get('epochs', 0):.3g}", "train": f"{r.get('wall_s', 0):.0f}",
               "loss": f"{r['answer_loss']:.4f}", "strict": acc(r["strict"]), "flexible": acc(r["flexible"], False),
-              "strict_calc": acc(r["strict_calc"])}
+              "strict_calc": acc(r["strict_calc"]), "d_minus": signed(r["d_minus"]) if "d_minus" in r else "-"}
              for k, r in rows.items()]
     return lines, [("row", "method"), ("config", "config"), ("epochs", "epochs trained"), ("steps", "opt. steps"),
                    ("train", "train/search s"),
                    ("loss", "test answer loss"), ("strict", "strict [95% CI]"), ("flexible", "flexible"),
-                   ("strict_calc", "strict, calculator [95% CI]")]
+                   ("strict_calc", "strict, calculator [95% CI]"), ("d_minus", "(d) − row, strict [95% CI]")]
 
 
 def machine() -> str:
@@ -256,7 +308,8 @@ def arguments(argv):
     p.add_argument("--sgd-lora", action="store_true", help="(b) with LoRA r=8 instead of a full fine-tune")
     p.add_argument("--search", metavar="DIR", help="(d) from this finished search (same data and epochs) "
                                                    "instead of running one")
-    p.add_argument("--methods", default="abcd", help="which rows to run (default %(default)s)")
+    p.add_argument("--methods", default="abcde", help="which rows to run, e = e1 and e2, which need d "
+                                                      "(default %(default)s)")
     p.add_argument("--out", type=Path, help="run folders and per-problem outputs (default results/quality-TIME)")
     p.add_argument("--threads", type=int, help="torch CPU threads in this process (default: torch's choice)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -268,9 +321,11 @@ def arguments(argv):
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.preset = preset
-    unknown = set(args.methods) - set(METHODS)
+    unknown = set(args.methods) - set("abcde")
     if unknown:
-        p.error(f"--methods: unknown {''.join(sorted(unknown))}; choose from abcd")
+        p.error(f"--methods: unknown {''.join(sorted(unknown))}; choose from abcde")
+    if "e" in args.methods and "d" not in args.methods:
+        p.error(f"--methods {args.methods}: e (the recipe at the search's budget) needs d, the search")
     return args
 
 
@@ -291,19 +346,27 @@ def main(argv=None) -> int:
         specs["c"].data, max_length=1 << 16, overlong="truncate", batching="length_grouped", train_size=None))
     common.say(f"out: {out}; {len(test)} test problems; preset {args.preset}")
 
-    rows = {}
-    for key in "abcd":
-        if key not in args.methods:
+    rows, scored = {}, {}
+    for key in ORDER:
+        if key[0] not in args.methods:
             continue
         common.say(f"--- ({key}) {METHODS[key]}")
         if key == "a":
             rows[key] = {"model": specs["c"].model.name, "config": "untrained", "steps": 0, "epochs": 0, "wall_s": 0.0}
         elif key == "d":
             rows[key] = run_search(args, specs["d"], out / "d")
+        elif key == "e1":
+            rows[key] = longer_run(specs["c"], budget_runs(args, rows["d"]), out / key)
+        elif key == "e2":
+            rows[key] = best_of_seeds(specs["c"], budget_runs(args, rows["d"]), out, rows.get("c"))
         else:
             rows[key] = train_run(specs[key], out / key)
-        rows[key].update(evaluate(args, rows[key]["model"], measure, test, out, key))
+        model = rows[key]["model"]
+        if model not in scored:  # (e2) may pick (c)'s own run: greedy scoring would repeat itself
+            scored[model] = evaluate(args, model, measure, test, out, key)
+        rows[key].update(scored[model])
         (out / "quality.json").write_text(json.dumps({"rows": rows}, indent=1, default=str))
+    paired_to_search(rows)
 
     d = specs["d"]
     notes = [f"machine: {machine()}", f"command: {command}",
@@ -320,6 +383,11 @@ def main(argv=None) -> int:
                      f"{r['epochs']:.3g} trial-epochs = {r['epochs'] / d.training.epochs:.2g}x the training of one "
                      f"run; {wall}{r['export_s']:.0f} s export; winner {r['winner']} "
                      f"{json.dumps(r['params'])}, {r['reason']}")
+    if "e1" in rows:
+        notes.append(f"(e) the search's budget for the recipe: {budget_runs(args, rows['d'])} runs' worth; (e2) "
+                     "best validation loss by seed: " + ", ".join(f"{s}: {v:.4f}" for s, v in rows["e2"]["seeds"].items()))
+    from tune_llama.paired import sentence
+    notes += [sentence(r["d_minus"], "(d)", f"({k})") for k, r in rows.items() if "d_minus" in r]
     notes.append(f"generation: greedy, {args.max_new_tokens} new tokens at most; per-problem outputs in {out}")
     payload = {"machine": machine(), "command": command, "preset": args.preset, "data": args.data,
                "test_problems": len(test), "sizes": {k: getattr(args, k) for k in PRESETS["cpu"]}, "out": str(out),

@@ -175,7 +175,7 @@ def score(model, tokenizer, problems: list[dict[str, str]], prompt_template: str
     """GSM8K accuracy of a model in memory on ``problems`` (``{"question", "answer"}`` dicts).
 
     Each prompt is ``prefix`` (worked examples) + ``prompt_template`` filled with the question.
-    Returns n, strict and flexible ``{correct, accuracy, ci95}``, seconds, problems_per_s,
+    Returns n, strict and flexible ``{correct, accuracy, ci95, per_problem}``, seconds, problems_per_s,
     calculator, max_new_tokens, prompt_template and out; writes one JSONL line per problem to
     ``out`` when given. The model is put in eval mode with its KV cache on for the call only.
     """
@@ -262,7 +262,9 @@ def accuracy_summary(rows: list[dict], **info) -> dict[str, Any]:
     for kind in ("strict", "flexible"):
         correct = sum(r[f"correct_{kind}"] for r in rows)
         low, high = wilson_interval(correct, n)
-        summary[kind] = {"correct": correct, "accuracy": correct / n if n else 0.0, "ci95": [low, high]}
+        # per_problem: kept so that two models scored on the same problems can be compared pairwise (paired.py)
+        summary[kind] = {"correct": correct, "accuracy": correct / n if n else 0.0, "ci95": [low, high],
+                         "per_problem": [bool(r[f"correct_{kind}"]) for r in rows]}
     summary["problems_per_s"] = n / summary["seconds"] if summary.get("seconds") else None
     return summary
 
