@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tune_llama"
 
 # The pipeline, bottom first. A module may import any module in an earlier (or its own) layer.
 LAYERS = [
-    ["errors", "paths", "redact", "calculator"],
+    ["errors", "paths", "redact", "calculator", "paired"],
     ["spec", "cli", "wheelhouse"],
     ["data"],
     ["model", "loss", "generate", "speed"],

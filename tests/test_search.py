@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 import sys
@@ -208,11 +209,14 @@ def search_started_ray() -> bool:
 @pytest.mark.integration
 def test_finalists_are_scored_on_gsm8k_accuracy_and_export_follows_their_winner(tmp_path):
     from tune_llama.export import EXPORT_FILE, export
+    from tune_llama.paired import paired_difference
+    from tune_llama.report import report
     from tune_llama.results import load_search
 
     proc = run_search([str(TINY), "--name", "fin", "--storage", str(tmp_path), "--set", "search.num_samples=3",
                        "--set", "training.epochs=2", "--set", "search.finalists.top_k=2",
-                       "--set", "search.finalists.limit=4", "--set", "search.finalists.max_new_tokens=8"],
+                       "--set", "search.finalists.limit=4", "--set", "search.finalists.max_new_tokens=8",
+                       "--set", "search.finalists.seeds=[1]"],
                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     experiment = tmp_path / "fin"
@@ -222,8 +226,18 @@ def test_finalists_are_scored_on_gsm8k_accuracy_and_export_follows_their_winner(
     for entry in record["finalists"]:
         assert entry["n"] == 4 and 0 <= entry["strict_accuracy"] <= 1
         assert entry["strict_ci95"][0] <= entry["strict_accuracy"] <= entry["strict_ci95"][1]
-    best = min(record["finalists"], key=lambda e: (-e["strict_accuracy"], e["eval_loss"]))
+        assert [s["seed"] for s in entry["scores"]] == [None, 1], "the checkpoint, then retrained with seed 1"
+        assert entry["strict_accuracy"] == pytest.approx(sum(s["strict"]["accuracy"] for s in entry["scores"]) / 2)
+        assert all(len(s["strict"]["per_problem"]) == 4 for s in entry["scores"])
+    best, second = sorted(record["finalists"], key=lambda e: (-e["strict_accuracy"], e["eval_loss"]))
     assert record["winner"]["trial_id"] == best["trial_id"]
+    comparison = record["comparison"]
+    assert (comparison["winner"], comparison["runner_up"]) == (best["trial_id"], second["trial_id"])
+    paired = paired_difference(best["scores"][0]["strict"]["per_problem"], second["scores"][0]["strict"]["per_problem"])
+    assert {k: comparison[k] for k in paired} == paired and comparison["over_seeds"]["seeds"] == 2
+    assert comparison["sentence"] in proc.stdout, "the search prints it"
+    report(experiment)
+    assert html.escape(comparison["sentence"]) in (experiment / "report" / "report.html").read_text()
     assert "finalists" in (experiment / "summary.txt").read_text()
 
     info = json.loads((export(experiment, tmp_path / "by-finalists") / EXPORT_FILE).read_text())

@@ -8,6 +8,10 @@ ties broken by validation loss. With ``seeds``, each finalist is retrained
 with every extra seed and mean and spread decide. Each finalist runs as a Ray
 task with the trials' resources; ``finalists.json`` is written after each one,
 so a killed search's ``--resume`` scores only the finalists still missing.
+``comparison`` in ``finalists.json`` says whether the winner really beats the
+runner-up: their difference in strict accuracy on the same problems, paired
+problem by problem (``tune_llama.paired``: exact McNemar and its 95% interval),
+and with ``seeds`` the mean and spread of that difference over the seeds.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from tune_llama.paired import over_seeds, paired_difference, sentence
 from tune_llama.resources import task_options
 from tune_llama.results import FINALISTS_FILE, Search, load_search, read_json
 from tune_llama.spec import FinalistsSpec, Spec
@@ -71,13 +76,32 @@ def summarize_scores(trial_id: str, checkpoint: Path, row: dict, metric: str, sc
     }
 
 
+def rank_key(entry: dict[str, Any]) -> tuple[float, float]:
+    """Best strict accuracy first; among equals, the lower validation loss."""
+    return -entry["strict_accuracy"], entry["eval_loss"]
+
+
 def winner(entries: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    """Best strict accuracy; among equals, the lower validation loss."""
     if not entries:
         return None
-    best = min(entries, key=lambda e: (-e["strict_accuracy"], e["eval_loss"]))
+    best = min(entries, key=rank_key)
     return {"trial_id": best["trial_id"], "checkpoint": best["checkpoint"],
             "strict_accuracy": best["strict_accuracy"], "eval_loss": best["eval_loss"]}
+
+
+def compare_to_runner_up(entries: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The winner minus the runner-up, strict accuracy, paired on the same validation problems: on the
+    checkpoints as trained, and (with ``seeds``) seed by seed. None with fewer than two finalists, or for
+    scores written before per-problem results were kept."""
+    if len(entries) < 2 or any("per_problem" not in s["strict"] for e in entries for s in e["scores"]):
+        return None
+    first, second = sorted(entries, key=rank_key)[:2]
+    runs = [(a["strict"]["per_problem"], b["strict"]["per_problem"]) for a, b in zip(first["scores"], second["scores"])]
+    result = {"winner": first["trial_id"], "runner_up": second["trial_id"], **paired_difference(*runs[0])}
+    result["sentence"] = sentence(result, f"the winner ({first['trial_id']})", f"the runner-up ({second['trial_id']})")
+    if len(runs) > 1:
+        result["over_seeds"] = over_seeds(runs)
+    return result
 
 
 def write_atomically(path: Path, data: dict[str, Any]) -> None:
@@ -127,7 +151,8 @@ def run_tasks(spec_dict: dict, checkpoint: str, f: FinalistsSpec, seeds: list, r
 
 def finalists_record(search: Search, f: FinalistsSpec, entries: list[dict]) -> dict[str, Any]:
     return {"split": "validation", "limit": f.limit, "top_k": f.top_k, "seeds": list(f.seeds),
-            "calculator": f.calculator, "metric": search.metric, "finalists": entries, "winner": winner(entries)}
+            "calculator": f.calculator, "metric": search.metric, "finalists": entries, "winner": winner(entries),
+            "comparison": compare_to_runner_up(entries)}
 
 
 def print_finalists(record: dict[str, Any]) -> None:
@@ -139,3 +164,16 @@ def print_finalists(record: dict[str, Any]) -> None:
               f"{e['metric']}={e['metric_value']:.4f}")
     if record["winner"]:
         print(f"  winner: {record['winner']['trial_id']} (export takes it; --by loss takes the best loss)")
+    if record.get("comparison"):
+        print(f"  {comparison_text(record['comparison'])}")
+
+
+def comparison_text(c: dict[str, Any]) -> str:
+    """The paired comparison's sentence, and with seeds the difference's mean and spread over them."""
+    text = c["sentence"]
+    if c.get("over_seeds"):
+        s = c["over_seeds"]
+        text += (f"; over {s['seeds']} seeds (the checkpoint's and each retrained one) the difference is "
+                 f"{s['difference_mean']:+.1%} ± {s['difference_spread']:.1%}, the winner better in {s['better_in']}"
+                 f", worse in {s['worse_in']}")
+    return text

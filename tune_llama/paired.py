@@ -4,7 +4,8 @@ Two models scored on the same problems differ only on the problems one solves an
 discordant ones); the problems both solve or both miss say nothing about which is better. The test is the
 exact McNemar test, and the interval its exact inversion: given the ``m`` discordant problems, the number the
 first model alone solves is Binomial(m, p), p's 95% Clopper-Pearson interval maps to the difference in accuracy
-as ``m (2p - 1) / n``, and the interval excludes 0 exactly when the test's p-value is below 0.05.
+as ``m (2p - 1) / n``, and the interval excludes 0 exactly when the test's p-value is below 0.05. (Being
+conditional on ``m``, it never reaches beyond the share of discordant problems ``m / n``.)
 
 Why exact McNemar rather than a paired bootstrap: at the sizes this tool is run at (tens of problems, a
 handful of discordant ones) the bootstrap's percentile interval is too narrow (4 problems against 0 out of 32

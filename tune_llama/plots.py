@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from tune_llama.finalists import comparison_text
 from tune_llama.results import ASHA_STOPPED, FINISHED, Search, Trial
 
 STATUS_STYLE = {FINISHED: "-", ASHA_STOPPED: "--"}  # anything else (running, errored, ...) is dotted
@@ -188,6 +189,8 @@ def write_html(search: Search, rows: list[dict[str, Any]], finalists: Optional[d
             ["trial", "strict", "strict 95% CI", "flexible", search.metric],
             [[f["trial_id"], f"{f['strict_accuracy']:.1%}", f"{f['strict_ci95'][0]:.1%} - {f['strict_ci95'][1]:.1%}",
               f"{f['flexible_accuracy']:.1%}", f["metric_value"]] for f in finalists.get("finalists", [])])]
+        if finalists.get("comparison"):
+            parts.append(f"<p>{html.escape(comparison_text(finalists['comparison']))}</p>")
     if importance:
         parts += ["<h2>Parameter importance</h2>",
                   html_table(["param", "importance"], [[k, v] for k, v in importance.items()])]

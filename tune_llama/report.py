@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tune_llama import plots
+from tune_llama.finalists import comparison_text
 from tune_llama.progress import format_value
 from tune_llama.results import ERRORED, OPTUNA_DB, Search, load_search
 
@@ -72,6 +73,8 @@ def format_finalists(finalists: dict[str, Any]) -> str:
                      f"{entry['flexible_accuracy']:.1%}  {entry['metric']}={entry['metric_value']:.4f}")
     if finalists.get("winner"):
         lines.append(f"  winner: {finalists['winner']['trial_id']}")
+    if finalists.get("comparison"):
+        lines.append(f"  {comparison_text(finalists['comparison'])}")
     return "\n".join(lines)
 
 
