@@ -163,6 +163,8 @@ def test_gsm8k_accuracy_on_a_tiny_model_writes_one_jsonl_line_per_problem(tmp_pa
         assert "Question:" not in r["generated"]
     assert summary["n"] == 5 and summary["shots"] == 1 and summary["calculator"] is False
     assert summary["strict"]["correct"] == sum(r["correct_strict"] for r in rows)
+    for kind in ("strict", "flexible"):  # kept problem by problem, in the problems' order, for paired comparisons
+        assert summary[kind]["per_problem"] == [r[f"correct_{kind}"] for r in rows]
     printed = capsys.readouterr().out
     assert "strict-match" in printed and "flexible-extract" in printed and "Wilson" in printed
 
@@ -259,6 +261,7 @@ def test_a_model_that_writes_the_gold_answers_is_scored_correct_strict_and_flexi
     assert [r["generated"] for r in rows] == [p["answer"] for p in LEARNED]
     assert summary["strict"]["correct"] == summary["flexible"]["correct"] == summary["n"] == 3
     assert summary["strict"]["accuracy"] == 1.0 and summary["calculator"] is False
+    assert summary["strict"]["per_problem"] == summary["flexible"]["per_problem"] == [True, True, True]
     assert learned.model.training == was_training
 
 
@@ -270,3 +273,4 @@ def test_the_calculator_overrules_the_models_arithmetic_and_leaves_right_arithme
     assert [r["generated"] for r in rows[:2]] == [p["answer"] for p in LEARNED[:2]]
     assert rows[2]["generated"].startswith("9-4 = <<9-4=5>>")
     assert summary["calculator"] is True and summary["n"] == 3
+    assert summary["strict"]["per_problem"] == [r["correct_strict"] for r in rows]
