@@ -178,7 +178,7 @@ def run_search(args, spec, folder: Path) -> dict:
             "finalists_s": sum(s["seconds"] for e in finalists.get("finalists", []) for s in e["scores"]),
             "winner": info["trial_id"], "reason": info["reason"], "params": info["params"],
             "best_eval_loss": info["metrics"].get("eval_loss"), "best_step": info["step"],
-            "folder": str(experiment)}
+            "folder": str(experiment), "finalists_comparison": finalists.get("comparison")}
 
 
 def budget_runs(args, search: dict) -> int:
@@ -383,9 +383,14 @@ def main(argv=None) -> int:
                      f"{r['epochs']:.3g} trial-epochs = {r['epochs'] / d.training.epochs:.2g}x the training of one "
                      f"run; {wall}{r['export_s']:.0f} s export; winner {r['winner']} "
                      f"{json.dumps(r['params'])}, {r['reason']}")
+    if rows.get("d", {}).get("finalists_comparison"):
+        from tune_llama.finalists import comparison_text
+        notes.append(f"(d) finalists, on {args.val} validation problems: "
+                     + comparison_text(rows["d"]["finalists_comparison"]))
     if "e1" in rows:
+        losses = ", ".join(f"{seed}: {loss:.4f}" for seed, loss in rows["e2"]["seeds"].items())
         notes.append(f"(e) the search's budget for the recipe: {budget_runs(args, rows['d'])} runs' worth; (e2) "
-                     "best validation loss by seed: " + ", ".join(f"{s}: {v:.4f}" for s, v in rows["e2"]["seeds"].items()))
+                     f"best validation loss by seed: {losses}")
     from tune_llama.paired import sentence
     notes += [sentence(r["d_minus"], "(d)", f"({k})") for k, r in rows.items() if "d_minus" in r]
     notes.append(f"generation: greedy, {args.max_new_tokens} new tokens at most; per-problem outputs in {out}")
