@@ -262,6 +262,7 @@ def paired_to_search(rows: dict) -> None:
 def signed(c: dict) -> str:
     return f"{c['difference']:+.1%} [{c['ci95'][0]:+.1%}, {c['ci95'][1]:+.1%}]"
 
+
 def acc(m: dict, ci: bool = True) -> str:
     text = f"{m['accuracy']:.1%}"
     return text + f" [{m['ci95'][0]:.1%}, {m['ci95'][1]:.1%}]" if ci else text
