@@ -223,3 +223,15 @@ def point_optuna_search_at(searcher, study, trials: dict[str, Any], finished: se
     searcher._ot_study = study
     searcher._ot_trials = dict(trials)
     searcher._completed_trials = set(finished)
+
+
+def stop_trial(controller, trial) -> None:
+    """Stop a PAUSED or PENDING trial from a scheduler: ``TuneController.stop_trial``, which Ray's own
+    ``HyperBandScheduler`` calls for the paused trials a bracket drops (tells the searcher the trial is done).
+
+    For a trial without an actor (paused), Ray 2.60 sets it TERMINATED but returns before
+    ``_mark_trial_to_checkpoint``, so the experiment state keeps the cached PAUSED entry and a reader (or a
+    resume) would see an unfinished trial: marking it here writes the new status.
+    """
+    controller.stop_trial(trial)
+    controller._mark_trial_to_checkpoint(trial)
