@@ -139,15 +139,17 @@ class HalvingScheduler(FIFOScheduler):
             return TrialScheduler.CONTINUE
         state = self._state()
         trial_id, t = trial.trial_id, result[self.time_attr]
+        if trial_id in state["stopped"]:  # judged while its pause was saving, or before a resume restarted it
+            return TrialScheduler.STOP
+        if trial_id in state["waiting"]:  # a resume restarted it before its rung was judged: wait again
+            self.limiter.on_pause(trial_id)
+            return TrialScheduler.PAUSE
         if trial_id in state["promoted"]:
             state["promoted"].remove(trial_id)
         reached = [k for k, m in enumerate(self.milestones) if m <= t + 1e-9 and trial_id not in state["recorded"][k]]
         if not reached:
-            decision = TrialScheduler.CONTINUE
-            if trial_id in state["waiting"] or trial_id in state["stopped"]:  # a resume ran it past its rung
-                decision = TrialScheduler.PAUSE if trial_id in state["waiting"] else TrialScheduler.STOP
             self._save()
-            return decision
+            return TrialScheduler.CONTINUE
         for k in reached:  # reports coarser than the rungs pass several at once, with the same value
             state["recorded"][k][trial_id] = self._value(result)
         rung = reached[-1]
