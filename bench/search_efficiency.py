@@ -131,6 +131,11 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="run every search with search.seed = 0 .. N-1 (FIFO's draws follow the seed too) and "
                         "give mean and min-max over them")
+    p.add_argument("--first-seed", type=int, default=0, metavar="K",
+                   help="seeds K .. K+N-1 instead of 0 .. N-1 (to spread seeds over several runs)")
+    p.add_argument("--summarize", nargs="+", type=Path, metavar="DIR",
+                   help="run nothing: print the result of earlier runs from their searches' folders "
+                        "(per_seed.json in each, as printed on stderr), seeds merged")
     p.add_argument("--no-random-sampler", dest="random_sampler", action="store_false",
                    help="skip the search with search.sampler=random (with num_samples <= 10 TPE has not left "
                         "its random start-up trials, so it would repeat the TPE search)")
@@ -142,16 +147,16 @@ def main(argv=None) -> int:
     storage = Path(tempfile.mkdtemp(prefix="bench-search-")).resolve()
     common.say(f"{args.spec} with {' '.join(overrides)}, {args.seeds} seed(s); searches in {storage}")
     spec = search.absolute_paths(load_spec(args.spec, overrides))
-    per_seed = {}
+    per_seed = {int(k): v for d in args.summarize or [] for k, v in json.loads((d / "per_seed.json").read_text()).items()}
     with contextlib.redirect_stdout(sys.stderr):  # the search's summary and progress table: not the result
-        for seed in range(args.seeds):
+        for seed in [] if args.summarize else range(args.first_seed, args.first_seed + args.seeds):
             (storage / f"seed{seed}").mkdir()
             per_seed[seed] = run_seed(args, overrides + [f"search.seed={seed}"], storage / f"seed{seed}")
             (storage / "per_seed.json").write_text(json.dumps(per_seed, indent=1))  # kept if a later seed fails
             common.say(f"seed {seed}: " + ", ".join(f"{k} {v['epochs_share']:.0%} of FIFO's trial-epochs, best "
                                                    f"{v['best_vs_random'] - 1:+.2%}" for k, v in per_seed[seed].items()))
     s = spec.search
-    names = list(per_seed[0])
+    names = list(next(iter(per_seed.values())))
     summary = {name: {key: spread([per_seed[seed][name][key] for seed in per_seed])
                       for key in ("epochs_share", "best_vs_random", "trial_epochs", "trial_steps", "full", "best")}
                for name in names}
@@ -164,12 +169,12 @@ def main(argv=None) -> int:
                 payload[f"{prefix}_trial_epochs_share_{stat}"] = summary[name]["epochs_share"][stat]
                 payload[f"{prefix}_best_vs_random_{stat}"] = summary[name]["best_vs_random"][stat]
     payload.update(random_trial_steps=summary["random"]["trial_steps"]["mean"],
-                   random_best=summary["random"]["best"]["mean"], seeds=args.seeds)
+                   random_best=summary["random"]["best"]["mean"], seeds=len(per_seed))
 
     rows = [{"search": name, "seed": seed, **per_seed[seed][name]} for name in names for seed in per_seed]
     lines = [f"scheduler {s.scheduler}, reduction factor {s.asha.reduction_factor}, grace period "
              f"{search.grace_period(spec):g} epoch(s), max_t {spec.training.epochs} epochs, max_concurrent "
-             f"{s.max_concurrent}, {s.num_samples} trials, sampler seeds 0..{args.seeds - 1}"]
+             f"{s.max_concurrent}, {s.num_samples} trials, search seeds {sorted(per_seed)}"]
     label = {"asha": f"{s.scheduler} + Optuna {s.sampler.upper()} (the default search)",
              "asha-random-sampler": f"{s.scheduler} + Optuna random sampler"}
     for name in names[:-1]:

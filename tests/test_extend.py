@@ -11,7 +11,7 @@ import pytest
 
 from conftest import TINY, one_line_error, result_rows, run_search
 from tune_llama.__main__ import command
-from tune_llama.ray_private import total_samples
+from tune_llama.ray_private import read_trial_states, total_samples
 from tune_llama.results import OPTUNA_DB, load_search
 from tune_llama.scheduler import STATE_FILE, rungs
 from tune_llama.spec import load_spec
@@ -59,6 +59,14 @@ def test_no_trial_goes_past_a_rung_before_reduction_factor_trials_reported_there
                 f"{name} went past epoch {milestone} before {spec.search.asha.reduction_factor} trials reported there")
     state = json.loads((tiny_search / STATE_FILE).read_text())
     assert state["waiting"] == {}, "a trial was left waiting at a rung"
+
+
+@pytest.mark.integration
+def test_every_trial_the_scheduler_stopped_is_terminated_in_tunes_state_even_when_it_was_paused(tiny_search):
+    stopped = json.loads((tiny_search / STATE_FILE).read_text())["stopped"]
+    assert stopped, "the scheduler stopped no trial"
+    status = {s["trial_id"]: s["status"] for s in read_trial_states(tiny_search)}
+    assert {t: status[t] for t in stopped} == {t: "TERMINATED" for t in stopped}
 
 
 # ---------------------------------------------------------------- --more
