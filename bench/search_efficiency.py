@@ -156,10 +156,10 @@ def main(argv=None) -> int:
             common.say(f"seed {seed}: " + ", ".join(f"{k} {v['epochs_share']:.0%} of FIFO's trial-epochs, best "
                                                    f"{v['best_vs_random'] - 1:+.2%}" for k, v in per_seed[seed].items()))
     s = spec.search
-    names = list(next(iter(per_seed.values())))
-    summary = {name: {key: spread([per_seed[seed][name][key] for seed in per_seed])
+    names = [n for n in ("asha", "asha-random-sampler", "random") if any(n in found for found in per_seed.values())]
+    summary = {name: {key: spread([found[name][key] for found in per_seed.values() if name in found])
                       for key in ("epochs_share", "best_vs_random", "trial_epochs", "trial_steps", "full", "best")}
-               for name in names}
+               for name in names}  # merged runs may differ in --no-random-sampler: each row over its own seeds
     payload = {}
     for name, prefix in (("asha", "asha"), ("asha-random-sampler", "asha_random_sampler")):
         if name in summary:
@@ -171,15 +171,17 @@ def main(argv=None) -> int:
     payload.update(random_trial_steps=summary["random"]["trial_steps"]["mean"],
                    random_best=summary["random"]["best"]["mean"], seeds=len(per_seed))
 
-    rows = [{"search": name, "seed": seed, **per_seed[seed][name]} for name in names for seed in per_seed]
+    rows = [{"search": name, "seed": seed, **per_seed[seed][name]} for name in names for seed in sorted(per_seed)
+            if name in per_seed[seed]]
     lines = [f"scheduler {s.scheduler}, reduction factor {s.asha.reduction_factor}, grace period "
              f"{search.grace_period(spec):g} epoch(s), max_t {spec.training.epochs} epochs, max_concurrent "
-             f"{s.max_concurrent}, {s.num_samples} trials, search seeds {sorted(per_seed)}"]
+             f"{s.max_concurrent}, {s.num_samples} trials"]
     label = {"asha": f"{s.scheduler} + Optuna {s.sampler.upper()} (the default search)",
              "asha-random-sampler": f"{s.scheduler} + Optuna random sampler"}
     for name in names[:-1]:
         share, best = summary[name]["epochs_share"], summary[name]["best_vs_random"]
-        lines.append(f"{label[name]}: {share['mean']:.0%} of FIFO's trial-epochs (min-max {share['min']:.0%}-"
+        seeds = sorted(seed for seed, found in per_seed.items() if name in found)
+        lines.append(f"{label[name]}, seeds {seeds}: {share['mean']:.0%} of FIFO's trial-epochs (min-max {share['min']:.0%}-"
                      f"{share['max']:.0%}; goal <= 35%), best {s.metric} {best['mean'] - 1:+.2%} against FIFO's "
                      f"(min-max {best['min'] - 1:+.2%} to {best['max'] - 1:+.2%}; goal <= +1%)")
     common.output(args, rows,
