@@ -54,7 +54,8 @@ def test_no_trial_goes_past_a_rung_before_reduction_factor_trials_reported_there
             continue
         full = arrivals[spec.search.asha.reduction_factor - 1]
         for name, trial in rows.items():
-            beyond = [r for r in trial if r["epoch"] > milestone]
+            reached = [i for i, r in enumerate(trial) if r["epoch"] >= milestone]
+            beyond = trial[reached[0] + 1:] if reached else []  # the reports after the one that reached the rung
             assert not beyond or beyond[0]["timestamp"] >= full, (
                 f"{name} went past epoch {milestone} before {spec.search.asha.reduction_factor} trials reported there")
     state = json.loads((tiny_search / STATE_FILE).read_text())
