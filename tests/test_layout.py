@@ -18,7 +18,7 @@ LAYERS = [
     ["ray_private", "results", "resources"],
     ["trainable", "distributed", "evaluate", "progress"],
     ["finalists"],
-    ["preflight", "searcher", "study", "tracking"],
+    ["preflight", "searcher", "study", "scheduler", "warm_start", "tracking"],
     ["search", "train", "data.__main__"],  # data.__main__: the `data stats` command needs the tokenizer
     ["export", "plots"],
     ["report", "demo", "__main__"],

@@ -186,3 +186,29 @@ def test_optuna_search_keeps_its_study_and_trials_where_ray_private_reads_and_se
     searcher.on_trial_complete("b", {"m": 0.25, "training_iteration": 2})
     (told,) = other.get_trials()
     assert told.value == 0.25 and told.intermediate_values == {1: 0.5}
+
+
+@pytest.mark.integration
+def test_the_search_generator_state_holds_total_samples_and_a_raised_count_is_what_a_restore_reads(experiment,
+                                                                                                     tmp_path):
+    import shutil
+
+    from ray.tune.search import SearchGenerator
+    from ray.tune.search.optuna import OptunaSearch
+    from tune_llama.ray_private import raise_total_samples, total_samples
+    assert total_samples(experiment) == 3, "search_gen_state-*.json no longer holds total_samples (--more)"
+    copy = tmp_path / "exp"
+    shutil.copytree(experiment, copy)
+    raise_total_samples(copy, 5)
+    generator = SearchGenerator(OptunaSearch())
+    generator.restore_from_dir(str(copy))
+    assert generator.total_samples == 5 and not generator.is_finished(), (
+        "SearchGenerator.restore_from_dir no longer takes total_samples/finished from search_gen_state-*.json")
+
+
+def test_the_tune_controller_still_has_the_methods_the_halving_scheduler_stops_paused_trials_with():
+    from ray.tune.execution.tune_controller import TuneController
+    assert callable(getattr(TuneController, "stop_trial", None)), "TuneController.stop_trial is gone"
+    assert callable(getattr(TuneController, "_mark_trial_to_checkpoint", None)), (
+        "TuneController._mark_trial_to_checkpoint is gone: a paused trial the halving scheduler stops would stay "
+        "PAUSED in the experiment state")

@@ -12,9 +12,12 @@ Ray itself), so tune-llama reads two things Ray does not promise to keep:
   e.g. ``train_trial_51d262fe_3_lr=0.001_2025-01-01_00-00-00``, where N is the
   trial's sequence number in the search.
 
+and, driving a search, three more: ``search_gen_state-*.json`` (``total_samples``, raised by ``--more``),
+``TuneController.stop_trial`` and ``_mark_trial_to_checkpoint`` (the halving scheduler stops paused trials).
+
 ``tests/test_ray_private.py`` runs a real Tune experiment and fails, naming the
 piece, when any of this changes; ``pyproject.toml`` pins ``ray`` to the minor
-versions it was checked on. No Ray import here: export and report read searches
+versions it was checked on. No Ray import at module level: export and report read searches
 where Ray is not installed.
 """
 
@@ -223,3 +226,45 @@ def point_optuna_search_at(searcher, study, trials: dict[str, Any], finished: se
     searcher._ot_study = study
     searcher._ot_trials = dict(trials)
     searcher._completed_trials = set(finished)
+
+
+def stop_trial(controller, trial) -> None:
+    """Stop a PAUSED or PENDING trial from a scheduler: ``TuneController.stop_trial``, which Ray's own
+    ``HyperBandScheduler`` calls for the paused trials a bracket drops (tells the searcher the trial is done).
+
+    For a trial without an actor (paused), Ray 2.60 sets it TERMINATED but returns before
+    ``_mark_trial_to_checkpoint``, so the experiment state keeps the cached PAUSED entry and a reader (or a
+    resume) would see an unfinished trial: marking it here writes the new status.
+    """
+    controller.stop_trial(trial)
+    controller._mark_trial_to_checkpoint(trial)
+
+
+SEARCH_GENERATOR_STATE_GLOB = "search_gen_state-*.json"
+
+
+def raise_total_samples(experiment: Path, total: int) -> None:
+    """Let a restored search create trials up to ``total``: the newest ``search_gen_state-*.json`` (a
+    cloudpickled dict written by ``SearchGenerator.save_to_dir``; Ray restores the newest by name) holds
+    ``total_samples``, which overrides the restored run's ``num_samples``, and ``finished``.
+
+    Ray's ``Tuner.restore`` takes no ``TuneConfig``, so there is no public way to change ``num_samples``.
+    """
+    import os
+
+    from ray import cloudpickle
+    states = sorted(Path(experiment).glob(SEARCH_GENERATOR_STATE_GLOB))
+    if not states:
+        raise FileNotFoundError(f"{experiment}: no {SEARCH_GENERATOR_STATE_GLOB} (Tune's search generator state)")
+    state = cloudpickle.loads(states[-1].read_bytes())
+    state["total_samples"], state["finished"] = total, False
+    tmp = states[-1].with_name(f".{states[-1].name}.tmp")
+    tmp.write_bytes(cloudpickle.dumps(state))
+    os.replace(tmp, states[-1])
+
+
+def total_samples(experiment: Path) -> Optional[int]:
+    """The trials the newest search generator state lets the search create (None without one)."""
+    from ray import cloudpickle
+    states = sorted(Path(experiment).glob(SEARCH_GENERATOR_STATE_GLOB))
+    return cloudpickle.loads(states[-1].read_bytes())["total_samples"] if states else None

@@ -24,6 +24,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -71,31 +72,49 @@ def grace_period(spec: Spec) -> float:
 
 
 def sampler(spec: Spec):
-    """The Optuna sampler ``search.sampler`` names, seeded with ``search.seed``."""
+    """The Optuna sampler ``search.sampler`` names, seeded with ``search.seed``.
+
+    TPE for trials that run at once: ``constant_liar`` counts running trials as poor so that concurrent
+    proposals spread out instead of piling onto the same point; ``multivariate`` models lr and optimizer
+    together (the good lr depends on the optimizer); random start-up trials in proportion to the search
+    (a quarter of it, 5 to 10), so a 16-trial search is not spent mostly at random.
+    """
     import optuna
-    kind = optuna.samplers.TPESampler if spec.search.sampler == "tpe" else optuna.samplers.RandomSampler
-    return kind(seed=spec.search.seed)
+    s = spec.search
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, multivariate=True,
+                                          n_startup_trials=min(10, max(5, s.num_samples // 4)))
 
 
-def tune_config(spec: Spec, experiment: Path, concurrent: int):
-    """Optuna (in SQLite), ASHA on the fractional epoch, and at most ``concurrent`` trials at once."""
+def tune_config(spec: Spec, experiment: Path, concurrent: int, first: Optional[list[dict[str, Any]]] = None):
+    """Optuna (in SQLite), the scheduler ``search.scheduler`` names on the fractional epoch, and at most
+    ``concurrent`` trials at once (trials paused at a rung not counted); ``first``: configs Optuna proposes
+    before its own (``warm_start``)."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
+    from tune_llama.scheduler import HalvingScheduler, WaitingLimiter
     from tune_llama.searcher import ResumableOptunaSearch
     from tune_llama.study import storage_url
 
     s = spec.search
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(storage_url(experiment))
-    searcher = ResumableOptunaSearch(sampler=sampler(spec), storage=storage,
-                                     study_name=experiment.name)
-    # The time unit is the fractional epoch each report carries: reports inside an epoch are ASHA's rungs.
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.training.epochs, grace_period=grace_period(spec),
-                              reduction_factor=s.asha.reduction_factor, brackets=s.asha.brackets)
+    searcher = ResumableOptunaSearch(sampler=sampler(spec), storage=storage, study_name=experiment.name,
+                                     points_to_evaluate=first or None)
+    limiter = WaitingLimiter(searcher, max_concurrent=concurrent)
+    # The time unit is the fractional epoch each report carries: reports inside an epoch are the rungs.
+    rungs = dict(time_attr="epoch", max_t=spec.training.epochs, grace_period=grace_period(spec),
+                 reduction_factor=s.asha.reduction_factor)
+    if s.scheduler == "asha":
+        scheduler = ASHAScheduler(**rungs, brackets=s.asha.brackets)
+    else:
+        scheduler = HalvingScheduler(experiment, limiter, **rungs)
     return tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
-                           search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent))
+                           search_alg=limiter)
 
 
 def run_config(spec: Spec, experiment: Path, verbose: bool):
@@ -211,13 +230,17 @@ def start(spec: Spec, experiment: Path, spec_file: str, verbose: bool):
         raise UserError(f"{experiment} already holds a search: resume it with --resume {shell_path(experiment)}, "
                         "or pick another --name")
     check_storage(experiment.parent)  # before Ray: a storage that cannot be written leaves no Ray session behind
+    from tune_llama.warm_start import warm_start_points
+    first, notes = warm_start_points(spec)  # a bad warm_start folder is bad input: before Ray starts
     concurrent = start_ray(spec, verbose)  # before the folder exists: a refused search leaves nothing behind
+    for note in notes:
+        print(note, file=sys.stderr)
     experiment.mkdir(parents=True, exist_ok=True)
     (experiment / SPEC_FILE).write_text(json.dumps({**spec.to_dict(), "_spec_name": Path(spec_file).stem},
                                                    indent=1))
     write_driver_file(experiment)
     return tune.Tuner(trainable(spec), param_space=param_space(spec),
-                      tune_config=tune_config(spec, experiment, concurrent),
+                      tune_config=tune_config(spec, experiment, concurrent, first),
                       run_config=run_config(spec, experiment, verbose))
 
 
@@ -256,6 +279,25 @@ def restore_study(experiment: Path, spec: Spec) -> Optional[str]:
     why = f"could not be read (moved to {OPTUNA_DB}{DAMAGED_SUFFIX})" if move_aside(experiment) else "was missing"
     restored = rebuild_study(load_search(experiment), OptunaSearch.convert_search_space(param_space(spec)))
     return f"study: {OPTUNA_DB} {why}; rebuilt from the trial folders, {restored} trials restored"
+
+
+def extend(experiment: Path, more: int, resuming: bool) -> None:
+    """``--resume DIR --more N``: raise the search's ``num_samples`` by N where the spec copy, our scheduler
+    and Tune's search generator read it, then resume as usual. Tune keeps ``num_samples`` from the first run
+    (``Tuner.restore`` takes no ``TuneConfig``, and the restored generator's count wins over the
+    experiment's), so the generator's saved count is raised in place (``ray_private.raise_total_samples``)."""
+    from tune_llama.ray_private import raise_total_samples
+    if not resuming:
+        raise UserError("--more: only with --resume DIR (it extends a search that exists)")
+    if more < 1:
+        raise UserError(f"--more: must be a positive number of trials, got {more}")
+    spec = check_resumable(experiment)
+    record = json.loads((experiment / SPEC_FILE).read_text())
+    total = spec.search.num_samples + more
+    record["search"]["num_samples"] = total
+    raise_total_samples(experiment, total)
+    (experiment / SPEC_FILE).write_text(json.dumps(record, indent=1))
+    print(f"extending {shell_path(experiment)} by {more} trials to {total}", file=sys.stderr)
 
 
 def start_ray(spec: Spec, verbose: bool) -> int:
@@ -376,6 +418,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_search_folder_arguments(parser)
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
                         help="resume the search in DIR (or the one --name/--storage point to)")
+    parser.add_argument("--more", type=int, metavar="N",
+                        help="with --resume: add N trials to the search (same study, scheduler state and folder)")
     parser.add_argument("--print-experiment", action="store_true",
                         help="check the arguments, print the absolute search folder and exit (for job scripts)")
     parser.add_argument("--verbose", action="store_true", help="Ray's own progress output and trial tracebacks")
@@ -390,6 +434,8 @@ def run(args: argparse.Namespace) -> int:
         print(experiment)
         return 0
     notes: list[str] = []
+    if args.more is not None:
+        extend(experiment, args.more, resuming=spec is None)
     if spec is None:
         spec, tuner = resume(experiment, args.verbose, notes)
     else:

@@ -327,7 +327,19 @@ class SearchSpec:
     ``loguniform: [low, high]``, ``uniform: [low, high]``, ``int: [low, high]``
     (inclusive), ``quniform: [low, high, q]`` or ``choice: [a, b, ...]``."""
     asha: AshaSpec = field(default_factory=AshaSpec)
-    """ASHA early-stopping settings; ``max_t`` is ``training.epochs``."""
+    """Early-stopping settings (both schedulers); ``max_t`` is ``training.epochs``."""
+    scheduler: Literal["halving", "asha"] = "halving"
+    """Who stops trials early, at rungs of ``asha.grace_period`` x ``asha.reduction_factor``^k epochs.
+    ``halving`` (``tune_llama.scheduler``): a trial reaching a rung waits, paused from its checkpoint, until
+    the rung holds ``reduction_factor`` results, then goes on only among the best 1/reduction_factor there;
+    ``asha``: Ray's asynchronous ASHA, which lets the first trials at each rung through unopposed (cheaper
+    per decision, but on ``tiny.yaml`` it spent 41-60% of FIFO's trial-epochs against the goal of 35%;
+    README, "What ASHA saves"). ``asha.brackets`` applies to ``asha`` only."""
+    warm_start: Optional[str] = None
+    """Folder of an earlier search (``results/OLD``): its best ``warm_start_k`` configs whose params fit this
+    space are the first trials of this one; the others are skipped with a note."""
+    warm_start_k: int = 4
+    """How many of the earlier search's best configs ``warm_start`` enqueues."""
     sampler: Literal["tpe", "random"] = "tpe"
     """Optuna sampler proposing the configs: ``tpe`` (model-based; it moves the
     budget towards good regions) or ``random`` (independent draws, e.g. to
@@ -367,6 +379,7 @@ class SearchSpec:
         _require(self.stop_after_same_error >= 0, f"{path}.stop_after_same_error",
                  f"must be >= 0 (0 never stops), got {self.stop_after_same_error}")
         _require(self.asha.brackets >= 1, f"{path}.asha.brackets", f"must be >= 1, got {self.asha.brackets}")
+        _require(self.warm_start_k >= 1, f"{path}.warm_start_k", f"must be >= 1, got {self.warm_start_k}")
         f = self.finalists
         _require(f.top_k >= 0, f"{path}.finalists.top_k", f"must be >= 0, got {f.top_k}")
         for name in ("limit", "batch_size", "max_new_tokens"):

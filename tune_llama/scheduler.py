@@ -1,0 +1,199 @@
+"""The default scheduler, ``search.scheduler: halving``: successive halving whose rungs wait for company.
+
+ASHA promotes a trial past a rung when it beats the top 1/reduction_factor of the results recorded *so far*
+there, so the first trials at each rung meet no competition and run to ``max_t`` (9 of 24 on ``tiny.yaml``,
+where synchronous halving lets about 1.5 through). ``HalvingScheduler`` keeps ASHA's rungs (``grace_period``
+x ``reduction_factor``^k epochs, below ``max_t``) but judges a trial only once its rung holds at least
+``reduction_factor`` results: until then the trial is paused (from the checkpoint its report carries) and
+frees its slot for the next trial. Once the rung is full enough, each waiting trial, and each later arrival,
+continues if it is among the best 1/reduction_factor recorded there, else it stops. When no trial is left
+that could fill a rung (every trial of ``num_samples`` created, none running or pending), the best of those
+waiting there goes on and the rest stop, so the search always ends.
+
+Paused trials must not hold the concurrency limit, or two waiting trials would block the trials that could
+judge them: ``WaitingLimiter`` is Ray's ``ConcurrencyLimiter`` that does not count them. The scheduler's
+records live in ``scheduler.json`` in the search folder (Tune does not save a scheduler's state), so a
+resumed or extended search judges against every result it had. Public Ray APIs only, except stopping a
+paused trial (``ray_private.stop_trial``), as Ray's own HyperBand does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter
+
+from tune_llama.ray_private import stop_trial
+from tune_llama.results import load_search_spec, sort_key
+
+STATE_FILE = "scheduler.json"
+
+
+def rungs(grace_period: float, reduction_factor: int, max_t: float) -> list[float]:
+    """Milestones in epochs: grace, grace x rf, ... below max_t (a trial at max_t has ended anyway)."""
+    out, t = [], grace_period
+    while t < max_t - 1e-9:
+        out.append(t)
+        t *= reduction_factor
+    return out
+
+
+class WaitingLimiter(ConcurrencyLimiter):
+    """At most ``max_concurrent`` trials that are not paused at a rung (``on_pause``/``on_unpause``)."""
+
+    def __init__(self, searcher, max_concurrent: int):
+        super().__init__(searcher, max_concurrent=max_concurrent)
+        self.waiting: set[str] = set()  # part of get_state, so a resume keeps it
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        if len(self.live_trials - self.waiting) >= self.max_concurrent:
+            return None
+        suggestion = self.searcher.suggest(trial_id)
+        if isinstance(suggestion, dict):
+            self.live_trials.add(trial_id)
+            self.num_unfinished_live_trials += 1
+        return suggestion
+
+    def on_pause(self, trial_id: str):  # not forwarded: a plain Searcher (OptunaSearch) has no such hook
+        self.waiting.add(trial_id)
+
+    def on_unpause(self, trial_id: str):
+        self.waiting.discard(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False):
+        self.waiting.discard(trial_id)
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class HalvingScheduler(FIFOScheduler):
+    _supports_buffered_results = False  # a trial must stop at its rung, not several reports past it
+
+    def __init__(self, experiment: Path, limiter: WaitingLimiter, *, time_attr: str, max_t: float,
+                 grace_period: float, reduction_factor: int):
+        super().__init__()
+        self.experiment, self.limiter, self.time_attr = str(experiment), limiter, time_attr
+        self._metric: Optional[str] = None
+        self._mode = "min"
+        self.milestones = rungs(grace_period, reduction_factor, max_t)
+        self.reduction_factor = reduction_factor
+        self.state: Optional[dict[str, Any]] = None  # loaded from STATE_FILE on first use (after a restore too)
+        self.total: Optional[int] = None
+
+    def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
+        """Metric and mode come from the ``TuneConfig``, as for Ray's schedulers."""
+        self._metric, self._mode = metric or self._metric, mode or self._mode
+        return True
+
+    # ------------------------------------------------------------ state
+    def _state(self) -> dict[str, Any]:
+        if self.state is None:
+            path = Path(self.experiment, STATE_FILE)
+            self.state = json.loads(path.read_text()) if path.is_file() else {
+                "recorded": [{} for _ in self.milestones], "waiting": {}, "promoted": [], "stopped": []}
+            # num_samples from the search folder's spec: ``--more`` raises it there
+            self.total = load_search_spec(Path(self.experiment)).search.num_samples
+        return self.state
+
+    def _save(self) -> None:
+        path = Path(self.experiment, STATE_FILE)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.state))
+        os.replace(tmp, path)  # a kill mid-write leaves the previous state, never half a file
+
+    # ------------------------------------------------------------ decisions
+    def _value(self, result: dict) -> float:
+        value = result.get(self._metric)
+        return value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf * (
+            1 if self._mode == "min" else -1)
+
+    def _passes(self, rung: int, trial_id: str) -> bool:
+        """Among the best max(1, n // reduction_factor) of the n results recorded at ``rung``."""
+        recorded = self._state()["recorded"][rung]
+        keep = max(1, len(recorded) // self.reduction_factor)
+        ranked = sorted(recorded, key=lambda t: (sort_key(recorded[t], self._mode), t))
+        return trial_id in ranked[:keep]
+
+    def _settle(self, controller, rung: int, best_only: bool = False) -> None:
+        """Judge the trials waiting at ``rung``: promoted ones run again (``choose_trial_to_run``), the rest stop;
+        ``best_only``: just the best of them goes on."""
+        state = self._state()
+        waiting = [t for t, at in state["waiting"].items() if at == rung]
+        recorded = state["recorded"][rung]
+        best = min(waiting, key=lambda t: (sort_key(recorded.get(t, math.inf), self._mode), t), default=None)
+        for trial_id in waiting:
+            del state["waiting"][trial_id]
+            if trial_id == best if best_only else self._passes(rung, trial_id):
+                state["promoted"].append(trial_id)
+                self.limiter.on_unpause(trial_id)  # it holds a slot again
+            else:
+                state["stopped"].append(trial_id)  # choose_trial_to_run stops it once its pause has saved
+
+    def on_trial_result(self, controller, trial: Trial, result: dict) -> str:
+        if self.time_attr not in result:
+            return TrialScheduler.CONTINUE
+        state = self._state()
+        trial_id, t = trial.trial_id, result[self.time_attr]
+        if trial_id in state["stopped"]:  # judged while its pause was saving, or before a resume restarted it
+            return TrialScheduler.STOP
+        if trial_id in state["waiting"]:  # a resume restarted it before its rung was judged: wait again
+            self.limiter.on_pause(trial_id)
+            return TrialScheduler.PAUSE
+        if trial_id in state["promoted"]:
+            state["promoted"].remove(trial_id)
+        reached = [k for k, m in enumerate(self.milestones) if m <= t + 1e-9 and trial_id not in state["recorded"][k]]
+        if not reached:
+            self._save()
+            return TrialScheduler.CONTINUE
+        for k in reached:  # reports coarser than the rungs pass several at once, with the same value
+            state["recorded"][k][trial_id] = self._value(result)
+        rung = reached[-1]
+        if len(state["recorded"][rung]) < self.reduction_factor:
+            state["waiting"][trial_id] = rung
+            self.limiter.on_pause(trial_id)
+            decision = TrialScheduler.PAUSE
+        else:
+            self._settle(controller, rung)
+            decision = TrialScheduler.CONTINUE if self._passes(rung, trial_id) else TrialScheduler.STOP
+            if decision == TrialScheduler.STOP:
+                state["stopped"].append(trial_id)
+        self._save()
+        return decision
+
+    def _forget(self, trial: Trial) -> None:
+        state = self._state()
+        if state["waiting"].pop(trial.trial_id, None) is not None:
+            self._save()
+
+    def on_trial_error(self, controller, trial: Trial):
+        self._forget(trial)
+
+    def on_trial_complete(self, controller, trial: Trial, result: dict):
+        self._forget(trial)
+
+    def choose_trial_to_run(self, controller) -> Optional[Trial]:
+        state = self._state()
+        trials = controller.get_trials()
+        if state["waiting"] and len(trials) >= (self.total or 0) and not any(
+                t.status in (Trial.RUNNING, Trial.PENDING) and t.trial_id not in state["waiting"] for t in trials):
+            # nobody left to fill the lowest rung that has waiting trials: judge them among themselves
+            self._settle(controller, min(state["waiting"].values()), best_only=True)
+            self._save()
+        for trial in trials:
+            if trial.status in (Trial.PAUSED, Trial.PENDING) and trial.trial_id in state["stopped"]:
+                stop_trial(controller, trial)  # a pause still saving when it was judged, or a resumed one
+        for trial in trials:
+            if trial.status == Trial.PAUSED and trial.trial_id in state["promoted"]:
+                return trial
+        for trial in trials:
+            if trial.status == Trial.PENDING and trial.trial_id not in state["waiting"]:
+                return trial
+        return None
+
+    def debug_string(self) -> str:
+        return f"Successive halving at epochs {self.milestones}, waiting for {self.reduction_factor} per rung."
