@@ -37,16 +37,26 @@ def test_rungs_are_the_grace_period_times_powers_of_the_reduction_factor_below_m
     assert rungs(4, 2, 4) == []
 
 
-def test_the_default_scheduler_is_halving_and_asha_stays_on_request():
-    assert load_spec(TINY).search.scheduler == "halving"
-    assert load_spec(TINY, ["search.scheduler=asha"]).search.scheduler == "asha"
+def test_the_default_scheduler_is_asha_and_halving_is_on_request():
+    assert load_spec(TINY).search.scheduler == "asha"
+    assert load_spec(TINY, ["search.scheduler=halving"]).search.scheduler == "halving"
+
+
+@pytest.fixture(scope="module")
+def halving_search(tmp_path_factory) -> Path:
+    """tiny.yaml's 6 trials under the halving scheduler, one at a time."""
+    storage = tmp_path_factory.mktemp("halving")
+    proc = run_search([str(TINY), "--name", "halving", "--storage", str(storage), "--set", "search.scheduler=halving",
+                       "--set", "search.max_concurrent=1", "--set", "wandb.mode=disabled"], cwd=storage)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return storage / "halving"
 
 
 @pytest.mark.integration
-def test_no_trial_goes_past_a_rung_before_reduction_factor_trials_reported_there(tiny_search):
+def test_no_trial_goes_past_a_rung_before_reduction_factor_trials_reported_there(halving_search):
     """The first trials at a rung wait (paused) for company, unlike ASHA, which lets them through unopposed."""
-    spec = load_search(tiny_search).spec
-    rows = result_rows(tiny_search)
+    spec = load_search(halving_search).spec
+    rows = result_rows(halving_search)
     for milestone in rungs(spec.search.asha.grace_period, spec.search.asha.reduction_factor, spec.training.epochs):
         arrivals = sorted(next(r["timestamp"] for r in trial if r["epoch"] >= milestone)
                           for trial in rows.values() if trial[-1]["epoch"] >= milestone)
@@ -58,15 +68,15 @@ def test_no_trial_goes_past_a_rung_before_reduction_factor_trials_reported_there
             beyond = trial[reached[0] + 1:] if reached else []  # the reports after the one that reached the rung
             assert not beyond or beyond[0]["timestamp"] >= full, (
                 f"{name} went past epoch {milestone} before {spec.search.asha.reduction_factor} trials reported there")
-    state = json.loads((tiny_search / STATE_FILE).read_text())
+    state = json.loads((halving_search / STATE_FILE).read_text())
     assert state["waiting"] == {}, "a trial was left waiting at a rung"
 
 
 @pytest.mark.integration
-def test_every_trial_the_scheduler_stopped_is_terminated_in_tunes_state_even_when_it_was_paused(tiny_search):
-    stopped = json.loads((tiny_search / STATE_FILE).read_text())["stopped"]
+def test_every_trial_the_scheduler_stopped_is_terminated_in_tunes_state_even_when_it_was_paused(halving_search):
+    stopped = json.loads((halving_search / STATE_FILE).read_text())["stopped"]
     assert stopped, "the scheduler stopped no trial"
-    status = {s["trial_id"]: s["status"] for s in read_trial_states(tiny_search)}
+    status = {s["trial_id"]: s["status"] for s in read_trial_states(halving_search)}
     assert {t: status[t] for t in stopped} == {t: "TERMINATED" for t in stopped}
 
 
@@ -76,7 +86,7 @@ def test_every_trial_the_scheduler_stopped_is_terminated_in_tunes_state_even_whe
 def test_more_adds_trials_to_a_finished_search_in_the_same_folder_study_and_scheduler_state(tmp_path):
     experiment = tmp_path / "grow"
     proc = run_search([str(TINY), "--name", "grow", "--storage", str(tmp_path), "--set", "search.num_samples=3",
-                       *SMALL], cwd=tmp_path)
+                       "--set", "search.scheduler=halving", *SMALL], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     before = {t.trial_id for t in load_search(experiment).trials}
     recorded_before = json.loads((experiment / STATE_FILE).read_text())["recorded"]
