@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from tune_llama.errors import SpecError, UserError
 from tune_llama.generate import STRICT, generate_texts
+from tune_llama.paths import missing_folder
 from tune_llama.spec import DataSpec, ModelSpec, spec_from_dict
 
 DATA_VARIABLE = "TUNE_LLAMA_GSM8K"
@@ -100,8 +101,8 @@ def load(name: str, device) -> LoadedModel:
     elif (path / "adapter_config.json").is_file():
         model, tokenizer = load_adapter(path, dtype)
     else:
-        if not path.exists() and name.startswith((".", "/", "~")):
-            raise UserError(f"MODEL: directory not found: {path}")
+        if missing_folder(name) is not None:
+            raise UserError(f"MODEL: directory not found: {missing_folder(name)}")
         try:
             tokenizer = load_tokenizer(ModelSpec(name=name))
             model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype)

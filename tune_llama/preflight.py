@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from tune_llama.errors import SpecError, UserError
 from tune_llama.model import EMBEDDED, SHAPES, embedded_checkpoint, load_tokenizer
+from tune_llama.paths import missing_folder
 from tune_llama.resources import RAY_NAMES, ray_resources, resources_text, worker_resources
 from tune_llama.spec import ModelSpec, Spec
 
@@ -66,6 +67,10 @@ def check_model(model: ModelSpec) -> None:
     if name == EMBEDDED:
         embedded_checkpoint()
         return
+    for field, value in (("model.name", name), ("model.tokenizer", model.tokenizer)):
+        missing = missing_folder(value) if value else None
+        if missing is not None:
+            raise SpecError(field, f"directory not found: {missing}")
     from transformers import AutoConfig
     try:
         AutoConfig.from_pretrained(name, trust_remote_code=model.trust_remote_code)

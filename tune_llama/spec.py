@@ -10,11 +10,12 @@ a ``SpecError`` that names the field path (``training.lr``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterable, Literal, Optional, Union
 
 import yaml
 
@@ -493,6 +494,12 @@ def set_path(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def did_you_mean(key: str, known: Iterable[str], section: str = "") -> str:
+    """``; did you mean training.lr?`` for the known name closest to a mistyped one, or nothing."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {section + '.' if section else ''}{close[0]}?" if close else ""
+
+
 def field_type(key: str) -> Any:
     """The declared type of a dotted spec field, or raise SpecError naming it."""
     cls: Any = Spec
@@ -502,7 +509,8 @@ def field_type(key: str) -> Any:
             raise SpecError(key, "is not a spec field")
         hints = typing.get_type_hints(cls)
         if part not in hints:
-            raise SpecError(".".join(parts[: i + 1]), "is not a spec field")
+            raise SpecError(".".join(parts[: i + 1]),
+                            f"is not a spec field{did_you_mean(part, hints, '.'.join(parts[:i]))}")
         cls = hints[part]
     if dataclasses.is_dataclass(cls):
         raise SpecError(key, "is a section, not a field")
@@ -573,7 +581,7 @@ def build(cls: Any, raw: Any, path: str) -> Any:
     for key, value in raw.items():
         sub = f"{path}.{key}" if path else str(key)
         if key not in names:
-            raise SpecError(sub, f"unknown key (known: {', '.join(sorted(names))})")
+            raise SpecError(sub, f"unknown key{did_you_mean(str(key), names, path)} (known: {', '.join(sorted(names))})")
         kwargs[key] = convert(value, hints[key], sub)
     return cls(**kwargs)
 
@@ -588,8 +596,9 @@ def validate_space(spec: Spec) -> None:
             raise SpecError(path, "the search section itself cannot be searched")
         try:
             tp = field_type(key)
-        except SpecError:
-            raise SpecError(path, "is not a spec field") from None
+        except SpecError as err:
+            hint = err.message.partition("; ")[2]
+            raise SpecError(path, "is not a spec field" + (f"; {hint}" if hint else "")) from None
         if not isinstance(dist, dict) or len(dist) != 1:
             raise SpecError(path, f"must be one of {{{', '.join(SPACE_KINDS)}: ...}}, got {dist!r}")
         (kind, args), = dist.items()
