@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,15 @@ def test_adapter_only_export_writes_the_peft_adapter_and_no_full_weights(lora_se
     assert config["r"] == 4 and set(config["target_modules"]) == {"q_proj", "v_proj"}
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     assert json.loads((out / EXPORT_FILE).read_text())["adapter_only"] is True
+
+
+@pytest.mark.integration
+def test_an_export_is_readable_by_the_group_under_umask_0022(tiny_search, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = export(tiny_search, tmp_path / "shared")
+    finally:
+        os.umask(old)
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert (out / "model.safetensors") in modes and modes[out] == 0o755
+    assert {p: m for p, m in modes.items() if m != (0o755 if p.is_dir() else 0o644)} == {}

@@ -98,7 +98,7 @@ def export(experiment: Path, out: Path | None = None, adapter_only: bool = False
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
-        save_hf_model(model, tokenizer, partial, merge=not adapter_only)
+        save_hf_model(model, tokenizer, partial, merge=not adapter_only)  # also undoes mkdtemp's 0700
         info = export_info(search, choice, adapter_only)
         (partial / EXPORT_FILE).write_text(json.dumps(scrub(info), indent=1))
         if out.exists():

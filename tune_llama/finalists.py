@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tune_llama.paired import over_seeds, paired_difference, sentence
+from tune_llama.paths import share_as_umask_allows
 from tune_llama.resources import task_options
 from tune_llama.results import FINALISTS_FILE, Search, load_search, read_json
 from tune_llama.spec import FinalistsSpec, Spec
@@ -108,6 +109,7 @@ def write_atomically(path: Path, data: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".finalists-")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1)
+    share_as_umask_allows(Path(tmp))  # mkstemp made it 0600
     os.replace(tmp, path)  # a reader never sees half a file
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from tune_llama.errors import SpecError
-from tune_llama.paths import cache_dir
+from tune_llama.paths import cache_dir, share_as_umask_allows
 from tune_llama.spec import ModelSpec
 
 EMBEDDED = "embedded:smollm2"
@@ -247,4 +247,4 @@ def save_hf_model(model, tokenizer, out: Path, merge: bool = True) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     model.config.use_cache = False
     tokenizer.save_pretrained(out)
-    return out
+    return share_as_umask_allows(out)

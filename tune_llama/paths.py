@@ -28,3 +28,30 @@ def missing_folder(name: str) -> Optional[Path]:
     so the error says ``directory not found`` at once instead of the hub's complaint about a repo id."""
     path = Path(name).expanduser()
     return path if looks_like_path(name) and not path.is_dir() else None
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (``os.umask`` must set one to read
+    it, which a thread writing files at that moment would see)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask_allows(path: Path) -> Path:
+    """Give ``path`` and everything under it the modes a plain ``mkdir``/``open`` would have (0755 folders,
+    0644 files under umask 0022). Atomic writes go through private temporaries (``tempfile.mkdtemp`` is 0700,
+    ``mkstemp`` and transformers' shard writer 0600), and a rename keeps those modes: a labmate could not
+    read the model."""
+    mask = current_umask()
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+    return path
