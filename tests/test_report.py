@@ -191,3 +191,66 @@ def dead_pid() -> int:
 
 def test_report_of_a_folder_that_is_not_a_search_is_a_one_line_error(tmp_path, capsys):
     assert "not a tune-llama search folder" in one_line_error(command("report"), [str(tmp_path)], capsys)
+
+
+@pytest.mark.integration
+def test_importance_from_fewer_than_8_trials_is_said_to_be_indicative_only(reported_search, capsys):
+    experiment, _ = reported_search
+    assert param_importance(load_search(experiment)).trials < 8  # tiny.yaml: 6 trials
+    run_cli_ok(experiment)
+    assert "parameter importance (Optuna PED-ANOVA, 6 trials) (few trials: indicative only):" in capsys.readouterr().out
+    assert "Parameter importance (few trials: indicative only)</h2>" in (experiment / "report" / "report.html").read_text()
+
+
+def test_importance_from_8_trials_or_more_carries_no_caveat():
+    from tune_llama.plots import Importance
+    assert Importance({"training.lr": 1.0}, 8).caveat == "" and Importance({}, 7).caveat
+
+
+@pytest.mark.integration
+def test_figure_captions_are_words_not_file_names(reported_search):
+    import re
+    experiment, written = reported_search
+    html = (experiment / "report" / "report.html").read_text()
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", html)
+    assert len(captions) == len([p for p in written if p.suffix == ".png"])
+    assert not [c for c in captions if "_" in c or ".png" in c], captions
+    assert "Validation loss per report, one line per trial" in captions
+
+
+@pytest.mark.integration
+def test_the_curves_legend_sits_beside_the_axes_never_over_a_curve(tiny_search):
+    from tune_llama.plots import curves_figure
+    fig = curves_figure(load_search(tiny_search), "eval_loss")
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= axes.x1, "the legend overlaps the plotting area"
+
+
+@pytest.mark.integration
+def test_over_length_counts_are_in_each_trials_first_report_and_in_the_report(reported_search, capsys):
+    from tune_llama.loop import DATA_COUNTS
+    experiment, _ = reported_search
+    for rows in reported(experiment).values():
+        assert set(DATA_COUNTS) <= set(rows[0]) and not set(DATA_COUNTS) & set(rows[-1] if len(rows) > 1 else {})
+    run_cli_ok(experiment)
+    line = ("examples over data.max_length=512 (data.overlong=truncate): train 0 truncated, 0 dropped; "
+            "validation 0 truncated, 0 dropped")
+    assert line in capsys.readouterr().out
+    assert line in (experiment / "report" / "report.html").read_text()
+    assert "train_truncated" in (experiment / "report" / "trials.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.integration
+def test_report_files_are_readable_by_the_group_under_umask_0022(tiny_search, tmp_path):
+    import stat
+    experiment = copy_search(tiny_search, tmp_path / "shared")
+    old = os.umask(0o022)
+    try:
+        report(experiment)
+    finally:
+        os.umask(old)
+    out = experiment / "report"
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in [out, *out.iterdir()]
+            if stat.S_IMODE(p.stat().st_mode) != (0o755 if p.is_dir() else 0o644)} == {}

@@ -45,6 +45,9 @@ METRIC_NAMES = ("report", "step", "epoch", "examples_seen", "tokens_seen", "trai
                 "eval_loss", "eval_perplexity", "tokens_per_s", "train_time_s", "eval_time_s", "eval_share",
                 "checkpoint_time_s", "peak_memory_gb", "compile_time_s", "tokens_per_batch", "token_budget",
                 "oom_retries", "status")
+DATA_COUNTS = ("train_truncated", "train_dropped", "val_truncated", "val_dropped")
+"""Examples over ``data.max_length`` cut or left out (``data.overlong``): the first report carries them, so a
+search's results and report show what the data policy did to each trial without a separate ``data stats``."""
 Window = list[Batch]
 """The micro-batches of one optimizer step."""
 
@@ -413,6 +416,9 @@ def report_now(run: Run, interval: Interval, diverged: bool, save_checkpoint: Op
         "oom_retries": run.halving.retries if run.halving else 0,
         "status": run.status if run.status != "running" or run.step < run.total_steps else "completed",
     }
+    if not run.history:
+        metrics.update({f"{split}_{kind}": getattr(data, kind, 0) for split, data in
+                        (("train", run.train_set), ("val", run.val_set)) for kind in ("truncated", "dropped")})
     run.history.append(metrics)
     checkpoint = None
     if save_checkpoint is not None and run.status != "diverged":

@@ -12,6 +12,31 @@ from tune_llama.finalists import comparison_text
 from tune_llama.results import ASHA_STOPPED, FINISHED, Search, Trial
 
 STATUS_STYLE = {FINISHED: "-", ASHA_STOPPED: "--"}  # anything else (running, errored, ...) is dotted
+FEW_TRIALS = 8
+"""Below this many finished trials, parameter importance is a guess: it is shown with ``FEW_TRIALS_NOTE``."""
+FEW_TRIALS_NOTE = " (few trials: indicative only)"
+
+
+class Importance(dict):
+    """Each searched param's importance for the metric, and how many finished trials it rests on."""
+
+    def __init__(self, values: dict[str, float], trials: int):
+        super().__init__(values)
+        self.trials = trials
+
+    @property
+    def caveat(self) -> str:
+        return FEW_TRIALS_NOTE if self.trials < FEW_TRIALS else ""
+
+
+def caption(image: Path, metric: str) -> str:
+    """What a plot shows, in words (its file name is for the folder, not for the reader)."""
+    words = {"eval_loss": "Validation loss per report, one line per trial",
+             "eval_perplexity": "Validation perplexity per report, one line per trial (log scale)",
+             f"{metric}_vs_lr": f"Each trial's best {metric} against its learning rate",
+             "parallel_coordinates": f"Searched parameters of each trial against its best {metric}",
+             "param_importance": "Which searched parameter mattered most (Optuna PED-ANOVA)"}
+    return words.get(image.stem, image.stem.replace("_", " "))
 
 
 def pyplot():
@@ -28,7 +53,7 @@ def finite(value: Any) -> bool:
 def save(fig, out: Path) -> Path:
     plt = pyplot()
     fig.tight_layout()
-    fig.savefig(out)
+    fig.savefig(out, bbox_inches="tight")  # "tight" keeps a legend placed outside the axes
     plt.close(fig)
     return out
 
@@ -38,7 +63,7 @@ def short_params(trial: Trial) -> str:
                     for k, v in trial.params.items())
 
 
-def all_plots(search: Search, importance: Optional[dict[str, float]], out: Path) -> list[Path]:
+def all_plots(search: Search, importance: Optional[Importance], out: Path) -> list[Path]:
     written = [curves(search, "eval_loss", out / "eval_loss.png"),
                curves(search, "eval_perplexity", out / "eval_perplexity.png", log_y=True)]
     for path in (metric_vs_lr(search, out / f"{search.metric}_vs_lr.png"),
@@ -50,6 +75,10 @@ def all_plots(search: Search, importance: Optional[dict[str, float]], out: Path)
 
 
 def curves(search: Search, key: str, out: Path, log_y: bool = False) -> Path:
+    return save(curves_figure(search, key, log_y), out)
+
+
+def curves_figure(search: Search, key: str, log_y: bool = False):
     """``key`` against the fractional epoch, one line per trial; ASHA-stopped trials dashed, ending in x."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
@@ -69,9 +98,9 @@ def curves(search: Search, key: str, out: Path, log_y: bool = False) -> Path:
         ax.set_yscale("log")
     ax.set_title(f"{search.name}: {key} per report (dashed, x: {ASHA_STOPPED})")
     ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7, loc="best")
-    return save(fig, out)
+    if ax.lines:  # beside the axes, never over the curves (the best one included)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return fig
 
 
 def best_points(search: Search) -> list[tuple[Trial, float, str]]:
@@ -98,7 +127,7 @@ def metric_vs_lr(search: Search, out: Path) -> Optional[Path]:
     ax.set_title(f"{search.name}: best {search.metric} against learning rate")
     ax.grid(alpha=0.3, which="both")
     if by_status:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return save(fig, out)
 
 
@@ -149,13 +178,13 @@ def parallel_coordinates(search: Search, out: Path) -> Optional[Path]:
     return save(fig, out)
 
 
-def importance_bars(importance: dict[str, float], out: Path) -> Path:
+def importance_bars(importance: Importance, out: Path) -> Path:
     plt = pyplot()
     names = sorted(importance, key=importance.get)
     fig, ax = plt.subplots(figsize=(7, max(3.5, 1 + 0.5 * len(names))), dpi=100)
     ax.barh(names, [importance[n] for n in names])
     ax.set_xlabel("importance (Optuna PED-ANOVA)")
-    ax.set_title("which searched parameter mattered")
+    ax.set_title(f"which searched parameter mattered{importance.caveat}")
     return save(fig, out)
 
 
@@ -173,8 +202,8 @@ def cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def write_html(search: Search, rows: list[dict[str, Any]], finalists: Optional[dict], importance: Optional[dict],
-               images: list[Path], out: Path) -> Path:
+def write_html(search: Search, rows: list[dict[str, Any]], finalists: Optional[dict],
+               importance: Optional[Importance], images: list[Path], out: Path, overlong: str = "") -> Path:
     """One file, images inline as data URIs: it opens anywhere, offline, and can be mailed as is."""
     keys = list(search.spec.search.space)
     parts = [f"<h1>{html.escape(search.name)}</h1>",
@@ -184,6 +213,8 @@ def write_html(search: Search, rows: list[dict[str, Any]], finalists: Optional[d
              html_table(["trial", *keys, "status", "epochs", "best eval_loss", "best ppl", "best@epoch", "error"],
                         [[r["trial"], *[r[k] for k in keys], r["status"], r["epochs"], r["best_eval_loss"],
                           r["best_eval_perplexity"], r["best_epoch"], r["error"]] for r in rows])]
+    if overlong:
+        parts.append(f"<p>{html.escape(overlong)}</p>")
     if finalists:
         parts += ["<h2>Finalists (GSM8K accuracy)</h2>", html_table(
             ["trial", "strict", "strict 95% CI", "flexible", search.metric],
@@ -192,14 +223,14 @@ def write_html(search: Search, rows: list[dict[str, Any]], finalists: Optional[d
         if finalists.get("comparison"):
             parts.append(f"<p>{html.escape(comparison_text(finalists['comparison']))}</p>")
     if importance:
-        parts += ["<h2>Parameter importance</h2>",
+        parts += [f"<h2>Parameter importance{html.escape(importance.caveat)}</h2>",
                   html_table(["param", "importance"], [[k, v] for k, v in importance.items()])]
     pngs = [p for p in images if p.suffix == ".png"]
     if pngs:
         parts.append("<h2>Plots</h2>")
-        parts += [f'<figure><img alt="{p.stem}" src="data:image/png;base64,'
-                  f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{p.stem}</figcaption></figure>'
-                  for p in pngs]
+        parts += [f'<figure><img alt="{html.escape(caption(p, search.metric))}" src="data:image/png;base64,'
+                  f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>'
+                  f'{html.escape(caption(p, search.metric))}</figcaption></figure>' for p in pngs]
     else:
         parts.append("<p>Nothing to plot yet: no trial has reported a result.</p>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"

@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 from tune_llama import plots
 from tune_llama.finalists import comparison_text
+from tune_llama.loop import DATA_COUNTS
+from tune_llama.plots import Importance
 from tune_llama.progress import format_value
 from tune_llama.results import ERRORED, OPTUNA_DB, Search, load_search
 
@@ -41,6 +43,7 @@ def trial_rows(search: Search) -> list[dict[str, Any]]:
             "best_eval_loss": best.get("eval_loss"),
             "best_eval_perplexity": best.get("eval_perplexity"),
             "best_metric": best.get(search.metric),
+            **{key: trial.rows[0].get(key) if trial.rows else None for key in DATA_COUNTS},
             "time_s": trial.time_s,
             "error": trial.error,
             "error_file": str(trial.error_file) if trial.error_file else None,
@@ -80,7 +83,7 @@ def format_finalists(finalists: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- parameter importance
 
-def param_importance(search: Search) -> Optional[dict[str, float]]:
+def param_importance(search: Search) -> Optional[Importance]:
     """Each searched param's importance for the metric (Optuna PED-ANOVA on the search's study), or None
     while the study has fewer than two finished trials or the search varied fewer than two params."""
     if len(search.spec.search.space) < 2 or not (search.path / OPTUNA_DB).is_file():
@@ -93,19 +96,33 @@ def param_importance(search: Search) -> Optional[dict[str, float]]:
     if len(names) != 1:
         return None
     study = optuna.load_study(study_name=names[0], storage=storage)
-    if sum(t.state == TrialState.COMPLETE for t in study.trials) < 2:
+    complete = sum(t.state == TrialState.COMPLETE for t in study.trials)
+    if complete < 2:
         return None
     try:
         importance = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
     except (RuntimeError, ValueError):  # e.g. every complete trial has the same params
         return None
-    return {k: float(v) for k, v in importance.items()}
+    return Importance({k: float(v) for k, v in importance.items()}, complete)
 
 
-def format_importance(importance: dict[str, float]) -> str:
-    return "parameter importance (Optuna PED-ANOVA):\n" + "\n".join(
+def format_importance(importance: Importance) -> str:
+    return f"parameter importance (Optuna PED-ANOVA, {importance.trials} trials){importance.caveat}:\n" + "\n".join(
         f"  {name:<40} {value:6.3f}" for name, value in sorted(importance.items(), key=lambda kv: -kv[1]))
+
+
+def overlong_line(search: Search, rows: list[dict[str, Any]]) -> str:
+    """What ``data.overlong`` did, from the trials' first reports: one line (the counts differ only when a data
+    field is searched; then trials.csv has each trial's)."""
+    counts = {tuple(r[k] for k in DATA_COUNTS) for r in rows if r[DATA_COUNTS[0]] is not None}
+    data = search.spec.data
+    head = f"examples over data.max_length={data.max_length} (data.overlong={data.overlong}): "
+    if len(counts) == 1:
+        (train_cut, train_dropped, val_cut, val_dropped), = counts
+        return (head + f"train {train_cut} truncated, {train_dropped} dropped; "
+                f"validation {val_cut} truncated, {val_dropped} dropped")
+    return head + "they differ between trials, see trials.csv" if counts else ""
 
 
 # ---------------------------------------------------------------- the report
@@ -119,6 +136,9 @@ def report(experiment: Path) -> list[Path]:
     print(f"search {search.name}: {len(rows)} trials, metric {search.metric} ({search.mode}), "
           f"training.epochs={search.spec.training.epochs}")
     print(format_table(search, rows) if rows else "no trial has started yet")
+    overlong = overlong_line(search, rows)
+    if overlong:
+        print(overlong)
     if finalists:
         print(format_finalists(finalists))
     if importance:
@@ -131,7 +151,7 @@ def report(experiment: Path) -> list[Path]:
     else:
         print("nothing to plot yet: no trial has reported a finite "
               f"{search.metric} (the search stopped before its first report)")
-    written.append(plots.write_html(search, rows, finalists, importance, written, out / "report.html"))
+    written.append(plots.write_html(search, rows, finalists, importance, written, out / "report.html", overlong))
     print(f"wrote {', '.join(p.name for p in written)} to {out}")
     return written
 

@@ -16,7 +16,7 @@ from typing import Optional
 
 from tune_llama.cli import add_set_argument
 from tune_llama.checkpoint import load_state, save_state
-from tune_llama.loop import Run, fit, setup
+from tune_llama.loop import DATA_COUNTS, Run, fit, setup
 from tune_llama.model import save_hf_model
 from tune_llama.preflight import preflight
 from tune_llama.progress import Progress
@@ -77,8 +77,7 @@ def train(spec: Spec, output: Path) -> dict:
         save_hf_model(run.model, run.tokenizer, output / "best")
         shutil.rmtree(best_state)
         summary["best_model"] = str(output / "best")
-    summary.update({f"{split}_{kind}": getattr(data, kind, 0) for split, data in
-                    (("train", run.train_set), ("val", run.val_set)) for kind in ("truncated", "dropped")})
+    summary.update({key: run.history[0][key] for key in DATA_COUNTS if run.history and key in run.history[0]})
     (output / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
