@@ -226,3 +226,11 @@ def test_an_export_is_readable_by_the_group_under_umask_0022(tiny_search, tmp_pa
     modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
     assert (out / "model.safetensors") in modes and modes[out] == 0o755
     assert {p: m for p, m in modes.items() if m != (0o755 if p.is_dir() else 0o644)} == {}
+
+
+@pytest.mark.parametrize("source,tail", [("openai/gsm8k", ""), ("embedded:gsm8k-mini", " --data embedded:gsm8k-mini"),
+                                         ("synthetic", " --data synthetic"),
+                                         ("/data/my gsm8k", " --data '/data/my gsm8k'")])
+def test_the_evaluate_hint_names_the_data_the_search_trained_on(source, tail, tmp_path):
+    from tune_llama.export import evaluate_command
+    assert evaluate_command(tmp_path / "out", source) == f"tune-llama evaluate {tmp_path / 'out'}{tail}"

@@ -93,8 +93,9 @@ def test_optuna_study_is_kept_in_sqlite_inside_the_experiment(tiny_search):
 def test_search_prints_the_best_trial_and_next_commands(tiny_search):
     out = (tiny_search / "summary.txt").read_text()
     assert "best trial:" in out and "eval_loss" in out
-    for hint in ("tune-llama export", "tune-llama report", "--resume"):
+    for hint in ("tune-llama export", "tune-llama report"):
         assert hint in out
+    assert "--resume" not in out, "a finished search has nothing to resume"
 
 
 @pytest.mark.integration
@@ -244,3 +245,65 @@ def test_finalists_are_scored_on_gsm8k_accuracy_and_export_follows_their_winner(
     assert info["trial_id"] == record["winner"]["trial_id"] and "finalists" in info["reason"]
     by_loss = json.loads((export(experiment, tmp_path / "by-loss", by="loss") / EXPORT_FILE).read_text())
     assert by_loss["trial_id"] == ranked[0]
+
+
+# ---------------------------------------------------------------- one account of an interrupted search
+
+def interrupted_copy(tiny_search: Path, target: Path, keep_first_checkpoint: bool) -> Path:
+    """``tiny_search`` as an interrupt leaves it: no report row reached ``result.json``, no Ray state was
+    saved, the driver is gone; with ``keep_first_checkpoint`` each trial's oldest checkpoint (weights and
+    ``metrics.json``) had been copied, else none."""
+    import shutil
+    shutil.copytree(tiny_search, target, ignore=shutil.ignore_patterns("wandb", "report", "export", "summary.txt",
+                                                                       "experiment_state-*", ".last-good-state"))
+    for trial in trial_dirs(target):
+        (trial / "result.json").write_text("")
+        checkpoints = sorted(trial.glob("checkpoint_*"))
+        for folder in checkpoints[1:] if keep_first_checkpoint else checkpoints:
+            shutil.rmtree(folder)
+    (target / "driver.json").write_text(json.dumps({"pid": -1, "hostname": "gone"}))
+    return target
+
+
+@pytest.mark.integration
+def test_interrupted_before_the_first_report_summary_report_and_export_all_say_nothing_yet(tiny_search, tmp_path,
+                                                                                            capsys):
+    from tune_llama.errors import UserError
+    from tune_llama.export import choose
+    from tune_llama.report import report
+    from tune_llama.results import load_search
+    experiment = interrupted_copy(tiny_search, tmp_path / "early", keep_first_checkpoint=False)
+    assert search.write_summary(experiment) == search.EXIT_INTERRUPTED
+    summary = (experiment / "summary.txt").read_text()
+    assert "no trial reported a finite eval_loss yet" in summary
+    assert "tune-llama export" not in summary, "nothing to export: the hint must not suggest it"
+    assert "tune-llama search --resume" in summary
+    capsys.readouterr()
+    report(experiment)
+    assert "nothing to plot yet" in capsys.readouterr().out
+    with pytest.raises(UserError, match="nothing to export"):
+        choose(load_search(experiment), by="loss")
+
+
+@pytest.mark.integration
+def test_a_checkpoint_whose_report_row_was_lost_counts_as_that_report_for_summary_report_and_export(tiny_search,
+                                                                                                  tmp_path, capsys):
+    from tune_llama.checkpoint import read_metrics
+    from tune_llama.export import choose
+    from tune_llama.report import report, trial_rows
+    from tune_llama.results import load_search
+    experiment = interrupted_copy(tiny_search, tmp_path / "after-first", keep_first_checkpoint=True)
+    kept = {folder.parent: read_metrics(folder) for folder in experiment.glob("*/checkpoint_*")}
+    assert kept and all(kept.values())
+    truth_folder, truth = min(kept.items(), key=lambda item: item[1]["eval_loss"])
+
+    assert search.write_summary(experiment) == search.EXIT_INTERRUPTED
+    summary = (experiment / "summary.txt").read_text()
+    chosen = choose(load_search(experiment), by="loss")
+    best_row = trial_rows(load_search(experiment))[0]
+    assert chosen.trial.path == truth_folder and chosen.row["report"] == truth["report"]
+    assert f"best trial: {chosen.trial.trial_id}" in summary and f"best report: {truth['report']} " in summary
+    assert best_row["trial"] == chosen.trial.trial_id and best_row["best_eval_loss"] == truth["eval_loss"]
+    assert "tune-llama export" in summary and "tune-llama search --resume" in summary
+    capsys.readouterr()
+    assert "eval_loss.png" in {p.name for p in report(experiment)}

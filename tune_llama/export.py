@@ -156,8 +156,18 @@ def run(args: argparse.Namespace) -> int:
     value = info["metric"]["value"]
     print(f"exported trial {info['trial_id']} (report {info['report']}, epoch {info['epoch']}, "
           f"{info['metric']['name']}={value:.4f}; {info['reason']}) to {out}")
-    print(f"evaluate: tune-llama evaluate {shell_path(out)}")
+    print(f"evaluate: {evaluate_command(out, info['spec']['data']['source'])}")
     return 0
+
+
+def evaluate_command(out: Path, source: str) -> str:
+    """The ``evaluate`` line that scores the export on the data its search trained on (the hub's GSM8K is
+    evaluate's default; a local folder or the embedded slice must be named, or the line fails offline)."""
+    from tune_llama.evaluate import HUB_GSM8K
+    if source == HUB_GSM8K:
+        return f"tune-llama evaluate {shell_path(out)}"
+    data = shell_path(source) if Path(source).is_absolute() else source
+    return f"tune-llama evaluate {shell_path(out)} --data {data}"
 
 
 

@@ -262,7 +262,7 @@ def trial_folders(path: Path) -> list[Path]:
 
 def read_trial_folder(folder: Path) -> Trial:
     params = read_json(folder / "params.json") or {}
-    rows = read_result_rows(folder / "result.json")
+    rows = with_checkpoint_reports(read_result_rows(folder / "result.json"), folder)
     trial_id = next((r["trial_id"] for r in rows if r.get("trial_id")), None) or trial_id_from_name(folder.name)
     return Trial(trial_id, folder, params, rows)
 
@@ -283,6 +283,20 @@ def read_result_rows(path: Path) -> list[dict[str, Any]]:
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             by_report[row["step"]] = row
     return [by_report[s] for s in sorted(by_report)]
+
+
+def with_checkpoint_reports(rows: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
+    """``rows`` plus the report of each checkpoint (with weights) that has no row: a search interrupted
+    between a checkpoint's copy and Ray's ``result.json`` line still has that report, as its ``metrics.json``
+    recorded it. So the summary, the report and export tell one story of what a trial reached: the same
+    rows, and a checkpoint counts exactly when its report does."""
+    steps = {row["step"] for row in rows}
+    for directory in checkpoint.folders(folder):
+        metrics = checkpoint.read_metrics(directory) if checkpoint.holds_weights(directory) else None
+        if metrics and isinstance(metrics.get("step"), int) and metrics["step"] not in steps:
+            rows.append({**metrics, "checkpoint_dir_name": directory.name})
+            steps.add(metrics["step"])
+    return sorted(rows, key=lambda row: row["step"])
 
 
 def read_json(path: Path) -> Any:

@@ -378,6 +378,18 @@ def summary_lines(search: Search) -> tuple[list[str], dict[str, int]]:
     return lines, counts
 
 
+def next_commands(search: Search, where: str, interrupted: bool, errored: int) -> list[str]:
+    """The commands that make sense in the search's state: export only with a checkpoint to export, resume
+    only when there is something left to run (unfinished trials, or errored ones a resume retries)."""
+    lines = [f"  report:   tune-llama report {where}"]
+    if search.best_checkpoint() is not None:
+        lines.append(f"  export:   tune-llama export {where}")
+    if interrupted or errored:
+        why = "continue the unfinished trials" if interrupted else f"retry the {errored} errored trials"
+        lines.append(f"  resume:   tune-llama search --resume {where}   ({why})")
+    return lines
+
+
 def write_summary(experiment: Path, notes: Optional[list[str]] = None) -> int:
     """Print what the search came to and the commands that follow (also into summary.txt); the exit code.
     ``notes``: lines about this run of the search (a rebuilt study), after the counts."""
@@ -386,14 +398,13 @@ def write_summary(experiment: Path, notes: Optional[list[str]] = None) -> int:
     lines, counts = summary_lines(search)
     lines[2:2] = notes or []
     where = shell_path(experiment)
-    lines += ["next:",
-              f"  report:   tune-llama report {where}",
-              f"  export:   tune-llama export {where}",
-              f"  resume:   tune-llama search --resume {where}"]
+    errored = counts.get(ERRORED, 0)
+    unfinished = len(search.trials) - errored - sum(counts.get(s, 0) for s in NORMAL_ENDS)
+    interrupted = bool(unfinished or len(search.trials) < search.spec.search.num_samples)
+    lines += ["next:", *next_commands(search, where, interrupted, errored)]
     text = "\n".join(lines)
     print("\n" + text)
     (experiment / SUMMARY_FILE).write_text(text + "\n")
-    errored = counts.get(ERRORED, 0)
     same_error = experiment / SAME_ERROR_FILE
     if same_error.is_file():
         print(f"error: {same_error.read_text().strip()}", file=sys.stderr)
@@ -402,8 +413,7 @@ def write_summary(experiment: Path, notes: Optional[list[str]] = None) -> int:
         print(f"error: every trial errored ({errored}); the first lines are above, full errors in each "
               f"trial's error.txt", file=sys.stderr)
         return EXIT_ALL_ERRORED
-    unfinished = len(search.trials) - errored - sum(counts.get(s, 0) for s in NORMAL_ENDS)
-    if unfinished or len(search.trials) < search.spec.search.num_samples:
+    if interrupted:
         print(f"the search was interrupted: continue it with tune-llama search --resume {where}")
         return EXIT_INTERRUPTED
     if errored:
