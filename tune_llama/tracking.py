@@ -4,11 +4,14 @@ A Tune ``LoggerCallback`` (public) that opens one W&B run per trial with W&B's
 public multi-run API (``wandb.init(reinit="create_new")``), so no Ray or W&B
 internals are involved:
 
-* the run's config is the trial's sampled params, flat (``training.lr``), so runs
-  compare side by side; every report is logged as metrics (step = Tune's
-  ``training_iteration``); the summary holds ``best_eval_loss`` (and
-  ``best_METRIC`` when the search optimises another metric) and the loop's last
-  ``status``; ``add_run_summary`` adds values later (e.g. finalists' accuracy);
+* the run's config is the trial's whole spec with its sampled params applied, flat
+  (``model.name``, ``data.source``, ``training.lr``), so runs can be filtered and
+  compared across searches; every report is logged as metrics (step = Tune's
+  ``training_iteration``), without Tune's bookkeeping keys; the summary holds
+  ``best_eval_loss`` (and ``best_METRIC`` when the search optimises another
+  metric) and the trial's state in ``results``' words (``running``, then
+  ``finished``, ``stopped by ASHA``, ``errored``, ...); ``add_run_summary`` adds
+  values later (e.g. finalists' accuracy);
 * runs are tagged with the spec's tags and name, grouped by the search name;
 * ``offline`` works without an API key, and ``online`` without a key falls back
   to ``offline`` with a one-line notice;
@@ -34,14 +37,17 @@ from typing import Any, Optional
 from ray.tune.logger import LoggerCallback
 
 from tune_llama.redact import scrub
-from tune_llama.results import better
-from tune_llama.spec import Spec
+from tune_llama.results import ERRORED, RUNNING, better, ended_state
+from tune_llama.spec import Spec, apply_params, spec_from_dict
 
 # silent: W&B's per-run banner would interleave with the search's progress table; errors still raise.
 WANDB_SETTINGS = {"console": "off", "disable_git": True, "disable_code": True, "save_code": False, "silent": True}
 BEST_LOSS = "best_eval_loss"
-# Tune's bookkeeping in each result that is not a metric of the trial.
-NOT_METRICS = {"config", "done", "pid", "timestamp", "should_checkpoint"}
+# Tune's bookkeeping in each result: not a metric of the trial, noise in W&B's charts.
+NOT_METRICS = {"config", "done", "pid", "timestamp", "should_checkpoint", "training_iteration", "time_this_iter_s",
+               "time_total_s", "time_since_restore", "iterations_since_restore", "timesteps_total",
+               "timesteps_since_restore", "episodes_total", "episodes_this_iter", "date", "hostname", "node_ip",
+               "trial_id", "experiment_id", "experiment_tag", "checkpoint_dir_name"}
 
 
 def wandb_mode(spec: Spec) -> str:
@@ -61,7 +67,8 @@ def callbacks(spec: Spec, search_name: str, spec_name: Optional[str] = None) -> 
         return []
     tags = list(dict.fromkeys([*spec.wandb.tags, *([spec_name] if spec_name else [])]))
     return [TrialRunsCallback(mode=mode, project=spec.wandb.project, entity=spec.wandb.entity, group=search_name,
-                              tags=tags, metric=spec.search.metric, metric_mode=spec.search.mode)]
+                              tags=tags, metric=spec.search.metric, metric_mode=spec.search.mode,
+                              spec=spec.to_dict())]
 
 
 def search_folder(trial) -> Path:
@@ -71,10 +78,13 @@ def search_folder(trial) -> Path:
 
 class TrialRunsCallback(LoggerCallback):
     def __init__(self, mode: str, project: str, group: str, entity: Optional[str] = None,
-                 tags: Optional[list[str]] = None, metric: str = "eval_loss", metric_mode: str = "min"):
+                 tags: Optional[list[str]] = None, metric: str = "eval_loss", metric_mode: str = "min",
+                 spec: Optional[dict[str, Any]] = None):
         self.mode, self.project, self.entity, self.group = mode, project, entity, group
         self.tags = list(tags or [])
         self.metric, self.metric_mode = metric, metric_mode
+        self.spec = spec  # the search's spec as a dict (picklable): each run's config is it, params applied
+        self._last: dict[str, dict] = {}  # trial id -> its last result, for the final state
         self._runs: dict[str, Any] = {}  # trial id -> open wandb Run
         self._best: dict[str, dict[str, float]] = {}  # trial id -> summary key -> best value (kept across retries)
 
@@ -83,21 +93,35 @@ class TrialRunsCallback(LoggerCallback):
             return  # a restarted trial keeps its open run
         self._runs[trial.trial_id] = open_run(
             project=self.project, entity=self.entity, group=self.group, tags=self.tags, mode=self.mode,
-            id=trial.trial_id, name=str(trial), dir=str(search_folder(trial)), config=scrub(flatten(trial.config)))
+            id=trial.trial_id, name=str(trial), dir=str(search_folder(trial)), config=scrub(self.config(trial.config)))
+
+    def config(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The trial's whole spec, flat, its sampled params applied (the params alone without a spec)."""
+        if self.spec is None:
+            return flatten(params)
+        resolved = flatten(apply_params(spec_from_dict(self.spec), params).to_dict())
+        # The distributions are the same for every run of the search, and nested: not a run's setting.
+        return {k: v for k, v in resolved.items() if not k.startswith("search.space.")}
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         self.log_trial_start(trial)
         run = self._runs[trial.trial_id]
         run.log(metrics(result), step=result.get("training_iteration"))
-        summary = self.best_so_far(trial.trial_id, result)
-        if isinstance(result.get("status"), str):
-            summary["status"] = scrub(result["status"])
-        run.summary.update(summary)
+        self._last[trial.trial_id] = result
+        run.summary.update({**self.best_so_far(trial.trial_id, result), "status": RUNNING})
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         run = self._runs.pop(trial.trial_id, None)
         if run is not None:
+            run.summary.update({"status": self.final_state(trial.trial_id, failed)})
             run.finish(exit_code=1 if failed else 0)
+
+    def final_state(self, trial_id: str, failed: bool) -> str:
+        """How the trial ended, in ``results``' words (the summary, report and live table say the same)."""
+        if failed:
+            return ERRORED
+        epochs = (self.spec or {}).get("training", {}).get("epochs", 0)
+        return ended_state(self._last.get(trial_id, {}), epochs)
 
     def on_experiment_end(self, trials, **info) -> None:
         for trial_id in list(self._runs):
