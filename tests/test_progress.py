@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import TINY
-from tune_llama.progress import (MAX_ROWS, WIDTH, Progress, eta_seconds, format_duration, plain_line,
+from tune_llama.progress import (MAX_ROWS, WIDTH, Progress, eta_seconds, format_duration, plain_line, short_name,
                                  table)
 from tune_llama.spec import load_spec, spec_from_dict
 
@@ -118,13 +118,25 @@ def test_the_table_fits_100_columns_and_shows_every_param_when_short_names_make_
                         "training.optimizer": "adamw"}, "stopped by ASHA", epoch=1.0),
               trial(2, {"training.lr": 0.0266, "training.gradient_accumulation_steps": 1,
                         "training.optimizer": "sgd"}, "running", epoch=2.5)]
-    lines = table(spec, trials).splitlines()
+    metric, *lines = table(spec, trials).splitlines()
     assert max(map(len, lines)) <= WIDTH
-    assert re.search(r" optimi\w*=adamw ", lines[1]) and re.search(r" optimi\w*=sgd ", lines[2])  # not cut off
-    assert "lr=0.000164" in lines[1] and re.search(r"gradient_acc\w*=2", lines[1])
+    assert metric.strip() == "eval_loss" and lines[0].index("latest") < metric.index("eval_loss") + 9 and \
+        metric.index("eval_loss") < lines[0].index("best"), "the metric's name spans its latest and best columns"
+    assert re.search(r" optim\w*=adamw ", lines[1]) and re.search(r" optim\w*=sgd ", lines[2])  # not cut off
+    assert "lr=0.000164" in lines[1] and re.search(r"gradi\w*_accu\w*_steps=2", lines[1])
     assert "1.00/4" in lines[1] and "stopped by ASHA" in lines[1] and "2.50/4" in lines[2]
-    alone = table(spec, trials[1:]).splitlines()[1]  # a refresh with other trials: the same column shape
+    alone = table(spec, trials[1:]).splitlines()[2]  # a refresh with other trials: the same column shape
     assert alone.split()[2].split("=")[0] == lines[2].split()[2].split("=")[0] and alone == lines[2]
+
+
+def test_every_param_name_is_shortened_by_the_same_rule_each_word_to_the_same_length():
+    spec = load_spec(TINY)
+    header, row = table(spec, [trial(1, {"training.lr": 0.000164, "training.gradient_accumulation_steps": 2,
+                                         "training.optimizer": "adamw"})]).splitlines()[1:]
+    names = [cell.split("=")[0] for cell in row.split()[1:4]]
+    cut = len(names[2])  # "optimizer" is one word: its length is the rule's word length
+    assert names == [short_name(key, cut) for key in spec.search.space]
+    assert names[1] == "_".join(word[:cut] for word in ("gradient", "accumulation", "steps"))
 
 
 def test_the_table_fits_100_columns_with_many_long_params_and_a_hundred_trials():
@@ -145,7 +157,7 @@ def test_the_table_fits_100_columns_with_many_long_params_and_a_hundred_trials()
                     best=float("nan") if i == 7 else None, epoch=i % 10 + 0.25)
               for i in range(100)]
     trials[50]["status"] = "errored"
-    lines = table(spec, trials).splitlines()
+    lines = table(spec, trials).splitlines()[1:]  # after the metric's name
     assert max(map(len, lines)) <= WIDTH, max(lines, key=len)
     assert len(lines) == 1 + MAX_ROWS + 1  # header, the rows shown, the count of the rest
     shown = [line.split()[0] for line in lines[1:-1]]
@@ -171,8 +183,8 @@ def test_the_search_printed_the_table_in_100_columns_with_each_trials_final_stat
     titles = [i for i, line in enumerate(lines) if re.match(r"\[\d\d:\d\d:\d\d\] \d+ of 6 trials: ", line)]
     assert titles, "\n".join(lines[-50:])
     tables = []
-    for start in titles:  # a title, a header, then one row per trial
-        end = start + 2
+    for start in titles:  # a title, the metric, a header, then one row per trial
+        end = start + 3
         while end < len(lines) and lines[end].split()[:1] and lines[end].split()[0] in truth:
             end += 1
         tables.append(lines[start:end])
@@ -182,13 +194,13 @@ def test_the_search_printed_the_table_in_100_columns_with_each_trials_final_stat
               for trial_id, reports in truth.items()}
     done = sum(s == "finished" for s in status.values())
     assert last[0].endswith(f"6 of 6 trials: {done} finished, {6 - done} stopped by ASHA"), last[0]
-    rows = {line.split()[0]: line for line in last[2:]}
+    rows = {line.split()[0]: line for line in last[3:]}
     assert set(rows) == set(truth)
     for trial_id, reports in truth.items():
         line = rows[trial_id]
         assert line.endswith(status[trial_id]) and f"{reports[-1]['epoch']:.2f}/4" in line
         assert f"{min(r['eval_loss'] for r in reports):.4f}" in line
-        assert f"optimizer={reports[0]['config']['training.optimizer']}" in line
+        assert re.search(rf" optim\w*={reports[0]['config']['training.optimizer']} ", line)
 
 
 # ---------------------------------------------------------------- the long runs
@@ -224,3 +236,54 @@ def test_train_evaluate_and_progress_import_without_ray():
             "print(sorted(m for m in ('ray', 'optuna') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- between reports: the side channel
+
+def test_between_reports_a_trial_writes_its_step_within_the_epoch_and_real_rates_every_log_every_steps(tmp_path):
+    from tune_llama.loop import fit, setup
+    from tune_llama.progress import StepFile, read_live
+    ticks = iter(range(10_000))
+    path = tmp_path / ".live" / "trial.json"
+    seen = []
+
+    class Watch(StepFile):  # the file as the table would read it after each step
+        def __call__(self, run):
+            super().__call__(run)
+            seen.append((run.step, run.tokens_seen, read_live(path)))
+
+    run = setup(load_spec(TINY, ["training.epochs=2", "data.synthetic_size=40", "data.val_size=8",
+                                 "training.eval_every=1", "training.log_every=2"]))
+    fit(run, on_step=Watch(path, every=2, clock=lambda: float(next(ticks))))
+    written = {live["step"]: live for _, _, live in seen}
+    assert sorted(written) == [1, *range(2, run.total_steps + 1, 2)], "after the first step, then every log_every"
+    per_epoch = run.steps_per_epoch
+    for step, live in written.items():
+        assert live["epoch"] == (step - 1) // per_epoch + 1 and live["steps_per_epoch"] == per_epoch
+        assert live["step_in_epoch"] == (step - 1) % per_epoch + 1
+        assert live["next_report_step"] == min(s for s in run.report_at if s >= step)
+    # One clock tick per step: 1 s a step, and tok/s the real tokens of the steps since the last write; the
+    # step after a report (validation, checkpoint) is left out of the rates.
+    assert per_epoch == 4 and run.report_at == [4, 8]
+    tokens = {step: t for step, t, _ in seen}
+    assert all(written[step]["s_per_step"] == 1.0 for step in (2, 4, 6, 8))
+    assert written[4]["tokens_per_s"] == pytest.approx((tokens[4] - tokens[2]) / 2)
+    assert written[6]["tokens_per_s"] == pytest.approx(tokens[6] - tokens[5]), "the step after a report is left out"
+
+
+def test_the_live_line_says_step_rate_time_since_the_report_and_eta():
+    from tune_llama.progress import live_line
+    live = {"epoch": 2, "step_in_epoch": 37, "steps_per_epoch": 120, "step": 157, "next_report_step": 180,
+            "tokens_per_s": 151.6, "s_per_step": 2.0, "time": 1000.0}
+    assert live_line(live, 42.0, now=1006.0) == ("epoch 2, step 37/120, 152 tok/s, last report 00:42 ago, "
+                                                 "next report in ~00:40")
+    assert live_line(None, None, now=0.0) == "starting: loading the model and data"
+
+
+def test_the_table_shows_a_running_trials_place_between_reports_under_its_row_in_100_columns():
+    spec = load_spec(TINY)
+    rows = [trial(1, {"training.lr": 0.000164, "training.gradient_accumulation_steps": 2,
+                      "training.optimizer": "adamw"}, "running", epoch=1.5)]
+    detail = "epoch 2, step 37/120, 152 tok/s, last report 00:42 ago, next report in ~00:40"
+    lines = table(spec, rows, {rows[0]["id"]: detail}).splitlines()
+    assert lines[-1].strip() == f"└ {detail}" and max(map(len, lines)) <= WIDTH

@@ -14,13 +14,16 @@ Ray is imported only when a search asks for its table: ``train`` and
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, TextIO
 
+from tune_llama.resources import resources_text, worker_resources
 from tune_llama.results import ERRORED, NORMAL_ENDS, PENDING, RUNNING, better, ended_state, sort_key
 from tune_llama.spec import Spec
 
@@ -136,10 +139,86 @@ class Progress:
         self.close()
 
 
+def say(line: str, stream: Optional[TextIO] = None) -> None:
+    """A line of a search's own progress, timed as the table's titles are."""
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=stream or sys.stdout, flush=True)
+
+
+# ---------------------------------------------------------------- between reports: a trial's side channel
+
+LIVE_DIR = ".live"
+"""In the search folder: one small JSON per trial (``TRIALID.json``), rewritten every ``training.log_every``
+optimizer steps, that the live table reads. Not a Tune report: an extra report would be a row, and an ASHA
+rung; not a checkpoint either."""
+
+
+class StepFile:
+    """The loop's ``on_step`` hook of a trial: every ``every`` optimizer steps (and after the first), write
+    where the trial is (step within its epoch, the next report's step), its real tokens/s and seconds per
+    step since the last write, to ``path``. Time spent validating and checkpointing is left out of the rates."""
+
+    def __init__(self, path: Path, every: int, clock: Callable[[], float] = time.time):
+        self.path, self.every, self.clock = Path(path), every, clock
+        self.seconds = self.tokens = self.steps = 0
+        self.previous: Optional[tuple[float, int, int]] = None  # (time, tokens seen, reports) at the last step
+        self.rate: dict[str, Optional[float]] = {"tokens_per_s": None, "s_per_step": None}
+
+    def __call__(self, run) -> None:
+        now = self.clock()
+        if self.previous is not None and len(run.history) == self.previous[2]:  # no report in between
+            self.seconds += now - self.previous[0]
+            self.tokens += run.tokens_seen - self.previous[1]
+            self.steps += 1
+        self.previous = (now, run.tokens_seen, len(run.history))
+        if self.path.exists() and run.step % self.every:
+            return
+        if self.seconds > 0:
+            self.rate = {"tokens_per_s": self.tokens / self.seconds, "s_per_step": self.seconds / self.steps}
+            self.seconds = self.tokens = self.steps = 0
+        epoch, in_epoch = divmod(run.step - 1, run.steps_per_epoch)  # the step just taken, 0-based
+        write_live(self.path, {
+            "step": run.step, "epoch": epoch + 1, "step_in_epoch": in_epoch + 1,
+            "steps_per_epoch": run.steps_per_epoch,
+            "next_report_step": next((s for s in run.report_at if s >= run.step), None),
+            "time": now, **self.rate})
+
+
+def write_live(path: Path, values: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(values))
+    os.replace(partial, path)  # the table never reads half a file
+
+
+def read_live(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return values if isinstance(values, dict) else None
+
+
+def live_line(live: Optional[dict[str, Any]], last_report_s: Optional[float], now: float) -> str:
+    """``epoch 2, step 37/120, 152 tok/s, last report 00:42 ago, next in ~01:20`` for a running trial; before
+    its first step, that it is still starting (model, data)."""
+    if live is None:
+        return "starting: loading the model and data" + (f", last report {format_duration(last_report_s)} ago"
+                                                         if last_report_s is not None else "")
+    parts = [f"epoch {live['epoch']}, step {live['step_in_epoch']}/{live['steps_per_epoch']}"]
+    if live.get("tokens_per_s") is not None:
+        parts.append(f"{live['tokens_per_s']:.0f} tok/s")
+    if last_report_s is not None:
+        parts.append(f"last report {format_duration(last_report_s)} ago")
+    if live.get("s_per_step") is not None and live.get("next_report_step") is not None:
+        left = (live["next_report_step"] - live["step"]) * live["s_per_step"] - (now - live["time"])
+        parts.append(f"next report in ~{format_duration(max(left, 0.0))}")
+    return ", ".join(parts)
+
+
 # ---------------------------------------------------------------- a search: the trial table
 
-def progress_callbacks(spec: Spec, verbose: bool) -> list:
-    return [] if verbose else [progress_table_class()(spec)]
+def progress_callbacks(spec: Spec, verbose: bool, experiment: Optional[Path] = None) -> list:
+    return [] if verbose else [progress_table_class()(spec, live_dir=experiment / LIVE_DIR if experiment else None)]
 
 
 def format_value(value: Any, fmt: str = ".3g") -> str:
@@ -149,9 +228,15 @@ def format_value(value: Any, fmt: str = ".3g") -> str:
     return format(value, fmt) if isinstance(value, float) else str(value)
 
 
-def format_params(params: dict[str, Any], keys: list[str], key_chars: Optional[int] = None) -> str:
-    """``lr=0.00229 optimizer=sgd``: each searched param by its last name, cut to ``key_chars``."""
-    return " ".join(f"{key.split('.')[-1][:key_chars]}={format_value(params.get(key))}" for key in keys)
+def short_name(key: str, word_chars: Optional[int] = None) -> str:
+    """A param's last name with each of its words cut to ``word_chars``: one rule for every key, so
+    ``gradient_accumulation_steps`` reads ``grad_accu_step`` beside ``opti`` and ``lr`` at 4."""
+    return "_".join(word[:word_chars] for word in key.split(".")[-1].split("_"))
+
+
+def format_params(params: dict[str, Any], keys: list[str], word_chars: Optional[int] = None) -> str:
+    """``lr=0.00229 optimizer=sgd``: each searched param by its short name (``short_name``)."""
+    return " ".join(f"{short_name(key, word_chars)}={format_value(params.get(key))}" for key in keys)
 
 
 def value_width(dist: dict[str, list]) -> int:
@@ -164,14 +249,14 @@ def value_width(dist: dict[str, list]) -> int:
     return 8 + (min(args[:2]) < 0)  # a float in 3 digits: 0.000123, 1.23e-05, 1.23e+04; a sign
 
 
-def key_chars_that_fit(space: dict[str, dict[str, list]], width: int) -> int:
-    """How many characters of each param's name the params column has room for, whatever values the
-    trials draw (the same for every refresh, so the column does not change shape as trials come)."""
-    names = [key.split(".")[-1] for key in space]
+def word_chars_that_fit(space: dict[str, dict[str, list]], width: int) -> int:
+    """How many characters of each word of a param's name the params column has room for, whatever values
+    the trials draw (the same for every refresh, so the column does not change shape as trials come)."""
     values = sum(value_width(dist) + 2 for dist in space.values()) - 1  # "=" and a space each, less one
-    for key_chars in range(max(map(len, names), default=0), 2, -1):
-        if values + sum(min(len(name), key_chars) for name in names) <= width:
-            return key_chars
+    longest = max((len(word) for key in space for word in short_name(key).split("_")), default=0)
+    for word_chars in range(longest, 2, -1):
+        if values + sum(len(short_name(key, word_chars)) for key in space) <= width:
+            return word_chars
     return 3
 
 
@@ -198,24 +283,31 @@ def status_counts(trials: Iterable[dict[str, Any]]) -> str:
     return ", ".join(f"{n} {status}" for status, n in sorted(Counter(t["status"] for t in trials).items()))
 
 
-def table(spec: Spec, trials: list[dict[str, Any]]) -> str:
+def table(spec: Spec, trials: list[dict[str, Any]], details: Optional[dict[str, str]] = None) -> str:
     """The lines to print for ``trials`` (dicts with id, params, epoch, latest, best, status), each at most
-    ``WIDTH`` characters; past ``MAX_ROWS`` trials, a last line counts the ones not shown by status."""
+    ``WIDTH`` characters, with a trial's line of ``details`` (where it is between reports) under it; past
+    ``MAX_ROWS`` trials, a last line counts the ones not shown by status."""
     keys = list(spec.search.space)
     shown = shown_trials(trials, spec.search.mode)
-    epochs = spec.training.epochs
+    epochs, metric = spec.training.epochs, spec.search.metric
     id_width = min(max([5, *(len(t["id"]) for t in shown)]), 14)  # Ray's ids: 8 hex digits, or 8 + _NNNNN
     progress_width = max(len("epoch"), len(f"{epochs:.2f}/{epochs:g}"))
+    value_width = 8
     status_width = max(len(state) for state in LIVE_STATES)
-    params_width = WIDTH - id_width - progress_width - 2 * 8 - status_width - 6
-    key_chars = key_chars_that_fit(spec.search.space, params_width)
-    params = [shorten(format_params(t["params"], keys, key_chars), params_width) for t in shown]
-    lines = [f"{'trial':<{id_width}} {'params':<{params_width}} {'epoch':>{progress_width}} {'latest':>8} "
-             f"{'best':>8}  status"]
+    params_width = WIDTH - id_width - progress_width - 2 * value_width - status_width - 6
+    word_chars = word_chars_that_fit(spec.search.space, params_width)
+    params = [shorten(format_params(t["params"], keys, word_chars), params_width) for t in shown]
+    values_at = id_width + params_width + progress_width + 3  # the metric's name spans its two columns
+    lines = [f"{'':<{values_at}}{metric:^{2 * value_width + 1}}".rstrip(),
+             f"{'trial':<{id_width}} {'params':<{params_width}} {'epoch':>{progress_width}} "
+             f"{'latest':>{value_width}} {'best':>{value_width}}  status"]
     for t, cell in zip(shown, params):
         progress = f"{t['epoch']:.2f}/{epochs:g}"
         lines.append(f"{t['id'][:id_width]:<{id_width}} {cell:<{params_width}} {progress:>{progress_width}} "
-                     f"{format_loss(t['latest']):>8} {format_loss(t['best']):>8}  {t['status']}")
+                     f"{format_loss(t['latest']):>{value_width}} {format_loss(t['best']):>{value_width}}  "
+                     f"{t['status']}")
+        if (details or {}).get(t["id"]):
+            lines.append(f"{'':<{id_width}} └ {details[t['id']]}")
     shown_ids = {t["id"] for t in shown}
     hidden = [t for t in trials if t["id"] not in shown_ids]
     if hidden:
@@ -226,18 +318,20 @@ def table(spec: Spec, trials: list[dict[str, Any]]) -> str:
 class TrialTable:
     """The table's state, kept from Ray Tune's callback events (``ProgressTable`` is it as a Ray Callback)."""
 
-    def __init__(self, spec: Spec, stream: Optional[TextIO] = None):
+    def __init__(self, spec: Spec, stream: Optional[TextIO] = None, live_dir: Optional[Path] = None):
         self.spec = spec
         self.metric, self.mode = spec.search.metric, spec.search.mode
         self.trials: dict[str, dict[str, Any]] = {}
         self.stream = stream
+        self.live_dir = live_dir
         self.every = TABLE_EVERY_TTY_S if is_tty(stream or sys.stdout) else PLAIN_EVERY_S
         self.last_print = 0.0
+        self.waiting = ""  # the last "waiting for ..." line printed before the first trial started
 
     def _entry(self, trial) -> dict[str, Any]:
         return self.trials.setdefault(trial.trial_id, {"id": trial.trial_id, "params": dict(trial.config),
                                                        "epoch": 0.0, "latest": None, "best": None,
-                                                       "last": {}, "status": PENDING})
+                                                       "last": {}, "status": PENDING, "reported_at": None})
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._entry(trial)["status"] = RUNNING
@@ -245,7 +339,8 @@ class TrialTable:
     def on_trial_result(self, iteration, trials, trial, result, **info):
         entry = self._entry(trial)
         value = result.get(self.metric)
-        entry.update(epoch=float(result.get("epoch", 0.0)), latest=value, last=result, status=RUNNING)
+        entry.update(epoch=float(result.get("epoch", 0.0)), latest=value, last=result, status=RUNNING,
+                     reported_at=time.time())
         if better(value, entry["best"], self.mode):
             entry["best"] = value
 
@@ -257,8 +352,27 @@ class TrialTable:
         self._entry(trial)["status"] = ERRORED
 
     def on_step_end(self, iteration, trials, **info):
-        if time.monotonic() - self.last_print >= self.every:
+        if not self.trials:
+            self.say_waiting(sum(t.status == "PENDING" for t in trials))
+        elif time.monotonic() - self.last_print >= self.every:
             self.print()
+
+    def say_waiting(self, pending: int) -> None:
+        """Before the first trial starts: what the search waits for, each time that changes."""
+        line = (f"waiting for resources: {pending} trial{'s' * (pending != 1)} pending, each asking for "
+                f"{resources_text(worker_resources(self.spec))}" if pending else "waiting for the searcher's first trial")
+        if line != self.waiting:
+            self.waiting = line
+            say(line, self.stream)
+
+    def details(self) -> dict[str, str]:
+        """Each running trial's place between reports, from its side-channel file (``StepFile``)."""
+        if self.live_dir is None:
+            return {}
+        now = time.time()
+        return {t["id"]: live_line(read_live(self.live_dir / f"{t['id']}.json"),
+                                   now - t["reported_at"] if t["reported_at"] else None, now)
+                for t in self.trials.values() if t["status"] == RUNNING}
 
     def on_experiment_end(self, trials, **info):
         self.print()
@@ -269,8 +383,8 @@ class TrialTable:
             return
         title = (f"[{time.strftime('%H:%M:%S')}] {len(self.trials)} of {self.spec.search.num_samples} trials: "
                  f"{status_counts(self.trials.values())}")
-        print(f"\n{title[:WIDTH]}\n" + table(self.spec, list(self.trials.values())), file=self.stream or sys.stdout,
-              flush=True)
+        print(f"\n{title[:WIDTH]}\n" + table(self.spec, list(self.trials.values()), self.details()),
+              file=self.stream or sys.stdout, flush=True)
 
 
 def progress_table_class() -> type:

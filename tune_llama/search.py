@@ -56,11 +56,15 @@ def param_space(spec: Spec) -> dict[str, Any]:
     return space
 
 
-def trainable(spec: Spec):
+def trainable(spec: Spec, experiment: Optional[Path] = None):
+    """The trial function with the spec bound; with ``experiment``, trials tell the live table where they are."""
     from ray import tune
+    from tune_llama.progress import LIVE_DIR
     from tune_llama.resources import tune_trial_resources
     from tune_llama.trainable import train_trial
-    return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict()), tune_trial_resources(spec))
+    return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict(),
+                                                    live_dir=str(experiment / LIVE_DIR) if experiment else None),
+                               tune_trial_resources(spec))
 
 
 def grace_period(spec: Spec) -> float:
@@ -134,7 +138,7 @@ def run_config(spec: Spec, experiment: Path, verbose: bool):
         stop=same_error.stopper,
         callbacks=[StateBackup(str(experiment)), same_error,
                    *callbacks(spec, experiment.name, spec_name=spec_name(experiment)),
-                   *progress_callbacks(spec, verbose), *worker_callbacks(spec)],
+                   *progress_callbacks(spec, verbose, experiment), *worker_callbacks(spec)],
         verbose=None if verbose else 0,
     )
 
@@ -239,7 +243,7 @@ def start(spec: Spec, experiment: Path, spec_file: str, verbose: bool):
     (experiment / SPEC_FILE).write_text(json.dumps({**spec.to_dict(), "_spec_name": Path(spec_file).stem},
                                                    indent=1))
     write_driver_file(experiment)
-    return tune.Tuner(trainable(spec), param_space=param_space(spec),
+    return tune.Tuner(trainable(spec, experiment), param_space=param_space(spec),
                       tune_config=tune_config(spec, experiment, concurrent, first),
                       run_config=run_config(spec, experiment, verbose))
 
@@ -262,7 +266,7 @@ def resume(experiment: Path, verbose: bool, notes: Optional[list[str]] = None):
         print(f"notice: {repaired} was cut short (a full disk?); resuming from its last good copy", file=sys.stderr)
     (experiment / SAME_ERROR_FILE).unlink(missing_ok=True)  # the errored trials are retried
     write_driver_file(experiment)
-    return spec, tune.Tuner.restore(str(experiment), trainable(spec), resume_unfinished=True, resume_errored=True,
+    return spec, tune.Tuner.restore(str(experiment), trainable(spec, experiment), resume_unfinished=True, resume_errored=True,
                                     param_space=param_space(spec))
 
 
@@ -312,7 +316,11 @@ def start_ray(spec: Spec, verbose: bool) -> int:
 
     import ray
     from tune_llama.preflight import check_cluster, preflight
+    from tune_llama.progress import say
     started_here = not ray.is_initialized()
+    # Both take seconds to tens of seconds, and nothing else would show the search is alive meanwhile.
+    say(f"{'joining' if os.environ.get('RAY_ADDRESS') else 'starting'} Ray; meanwhile checking the spec, data and "
+        "model (preflight) ...")
     with ThreadPoolExecutor(1, thread_name_prefix="preflight") as pool:
         checked = pool.submit(preflight, spec)
         try:
@@ -327,6 +335,10 @@ def start_ray(spec: Spec, verbose: bool) -> int:
         raise checked.exception()
     concurrent = check_cluster(spec)
     forward_sigterm_to_tune()
+    data, cluster = checked.result(), ray.cluster_resources()
+    gpus = f", {cluster['GPU']:g} GPUs" if cluster.get("GPU") else ""
+    say(f"Ray is up ({cluster.get('CPU', 0):g} CPUs{gpus}); preflight passed ({len(data.train)} train, "
+        f"{len(data.val)} validation examples); starting up to {concurrent} trials at once")
     return concurrent
 
 

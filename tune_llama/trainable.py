@@ -24,13 +24,15 @@ from tune_llama.errors import CheckpointError, TrialOutOfMemory
 from tune_llama import checkpoint
 from tune_llama.checkpoint import folders, load_state, save_state
 from tune_llama.loop import Run, fit, setup
+from tune_llama.progress import StepFile
 from tune_llama.ray_private import register_placement_group
 from tune_llama.resources import ray_resources, worker_resources
 from tune_llama.spec import Spec, apply_params, spec_from_dict
 
 
-def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
-    """One trial: ``spec`` is the search's spec as a dict, ``config`` the sampled ``section.field`` values."""
+def train_trial(config: dict[str, Any], spec: dict[str, Any], live_dir: Optional[str] = None) -> None:
+    """One trial: ``spec`` is the search's spec as a dict, ``config`` the sampled ``section.field`` values;
+    between reports the trial writes where it is into ``live_dir`` (``progress.StepFile``) for the live table."""
     trial_spec = apply_params(spec_from_dict(spec), config)
     if trial_spec.search.resources.workers > 1:  # Ray Train workers; this process only drives them
         return train_trial_on_workers(trial_spec)
@@ -41,7 +43,9 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         handed_back = tune.get_checkpoint()
         if handed_back:
             restore(run, Path(handed_back.path))
-        fit(run, save_checkpoint=save_to_temp, report=report_to_tune)
+        on_step = StepFile(Path(live_dir) / f"{tune.get_context().get_trial_id()}.json",
+                           trial_spec.training.log_every) if live_dir else None
+        fit(run, save_checkpoint=save_to_temp, report=report_to_tune, on_step=on_step)
     except torch.OutOfMemoryError:
         raise TrialOutOfMemory(out_of_memory_message(trial_spec)) from None
     finally:
