@@ -256,7 +256,7 @@ def test_between_reports_a_trial_writes_its_step_within_the_epoch_and_real_rates
                                  "training.eval_every=1", "training.log_every=2"]))
     fit(run, on_step=Watch(path, every=2, clock=lambda: float(next(ticks))))
     written = {live["step"]: live for _, _, live in seen}
-    assert sorted(written) == [1, *range(2, run.total_steps + 1, 2)], "after the first step, then every log_every"
+    assert sorted(written) == [1, *range(2, run.total_steps + 1, 2)], "after the first step, every log_every, reports"
     per_epoch = run.steps_per_epoch
     for step, live in written.items():
         assert live["epoch"] == (step - 1) // per_epoch + 1 and live["steps_per_epoch"] == per_epoch
@@ -287,3 +287,20 @@ def test_the_table_shows_a_running_trials_place_between_reports_under_its_row_in
     detail = "epoch 2, step 37/120, 152 tok/s, last report 00:42 ago, next report in ~00:40"
     lines = table(spec, rows, {rows[0]["id"]: detail}).splitlines()
     assert lines[-1].strip() == f"└ {detail}" and max(map(len, lines)) <= WIDTH
+
+
+@pytest.mark.integration
+def test_the_search_says_what_it_waits_for_and_trials_push_progress_without_extra_reports(tiny_search):
+    from tune_llama.progress import LIVE_DIR, read_live
+    log = (tiny_search.parent / "search.log").read_text()
+    first_table = re.search(r"\[\d\d:\d\d:\d\d\] \d+ of 6 trials: ", log).start()
+    assert re.search(r"\] starting Ray; meanwhile checking the spec, data and model \(preflight\)", log[:first_table])
+    assert re.search(r"\] Ray is up \(\d+ CPUs\); preflight passed \(80 train, 16 validation examples\); "
+                     r"starting up to 1 trial at once", log[:first_table])
+    for trial_id, reports in {json.loads(r.read_text().splitlines()[0])["trial_id"]: [
+            json.loads(line) for line in r.read_text().splitlines()] for r in tiny_search.glob("*/result.json")}.items():
+        live = read_live(tiny_search / LIVE_DIR / f"{trial_id}.json")
+        assert live is not None and live["step"] == reports[-1]["step"], "the last write is at the last step"
+        # Tune saw one result per report point and no more: the side channel added no row (no ASHA rung).
+        assert [r["report"] for r in reports] == list(range(1, len(reports) + 1))
+        assert [r["training_iteration"] for r in reports] == [r["report"] for r in reports]

@@ -155,7 +155,7 @@ rung; not a checkpoint either."""
 class StepFile:
     """The loop's ``on_step`` hook of a trial: every ``every`` optimizer steps (and after the first), write
     where the trial is (step within its epoch, the next report's step), its real tokens/s and seconds per
-    step since the last write, to ``path``. Time spent validating and checkpointing is left out of the rates."""
+    step since the last write, to ``path``; also at each report step, so the file ends at the trial's last step. Time spent validating and checkpointing is left out of the rates."""
 
     def __init__(self, path: Path, every: int, clock: Callable[[], float] = time.time):
         self.path, self.every, self.clock = Path(path), every, clock
@@ -170,7 +170,7 @@ class StepFile:
             self.tokens += run.tokens_seen - self.previous[1]
             self.steps += 1
         self.previous = (now, run.tokens_seen, len(run.history))
-        if self.path.exists() and run.step % self.every:
+        if self.path.exists() and run.step % self.every and run.step not in run.report_at:
             return
         if self.seconds > 0:
             self.rate = {"tokens_per_s": self.tokens / self.seconds, "s_per_step": self.seconds / self.steps}

@@ -338,7 +338,7 @@ def start_ray(spec: Spec, verbose: bool) -> int:
     data, cluster = checked.result(), ray.cluster_resources()
     gpus = f", {cluster['GPU']:g} GPUs" if cluster.get("GPU") else ""
     say(f"Ray is up ({cluster.get('CPU', 0):g} CPUs{gpus}); preflight passed ({len(data.train)} train, "
-        f"{len(data.val)} validation examples); starting up to {concurrent} trials at once")
+        f"{len(data.val)} validation examples); starting up to {concurrent} trial{'s' * (concurrent != 1)} at once")
     return concurrent
 
 
