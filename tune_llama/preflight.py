@@ -9,6 +9,9 @@ hold would otherwise wait forever, and it caps how many trials run at once.
 
 from __future__ import annotations
 
+import itertools
+import math
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,7 @@ from tune_llama.errors import SpecError, UserError
 from tune_llama.model import EMBEDDED, SHAPES, embedded_checkpoint, load_tokenizer
 from tune_llama.paths import missing_folder
 from tune_llama.resources import RAY_NAMES, ray_resources, resources_text, worker_resources
-from tune_llama.spec import ModelSpec, Spec
+from tune_llama.spec import ModelSpec, Spec, apply_params
 
 
 @dataclass
@@ -34,7 +37,53 @@ def preflight(spec: Spec) -> TokenizedData:
     from tune_llama.loop import encode_splits
     check_model(spec.model)
     tokenizer = check_tokenizer(spec.model)
-    return TokenizedData(tokenizer, *encode_splits(spec, tokenizer))
+    checked = TokenizedData(tokenizer, *encode_splits(spec, tokenizer))
+    for note in eval_every_notes(spec, checked.train):
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    return checked
+
+
+STEP_FIELDS = ("data.batch_size", "training.gradient_accumulation_steps")
+"""The fields that set how many optimizer steps an epoch has."""
+
+
+def eval_every_notes(spec: Spec, train: Any) -> list[str]:
+    """One line per setting of ``STEP_FIELDS`` (each value the search may draw) whose epoch has fewer
+    optimizer steps than a fractional ``training.eval_every`` asks to report: such trials report less
+    often, and ASHA has fewer rungs to compare. Said once per cause, before any trial starts."""
+    from tune_llama.data import count_batches
+    from tune_llama.loop import report_steps
+    t = spec.training
+    wanted = round(1 / t.eval_every) if t.eval_every < 1 else 1
+    if wanted <= 1:
+        return []
+    notes = []
+    for setting in step_settings(spec):
+        trial = apply_params(spec, setting)
+        per_epoch = max(1, math.ceil(count_batches(train, trial.data) / trial.training.gradient_accumulation_steps))
+        if per_epoch >= wanted:
+            continue
+        reports = len([s for s in report_steps(trial.training, per_epoch) if s <= per_epoch])
+        who = ("trials with " + ", ".join(f"{k}={v}" for k, v in setting.items())) if setting else "each trial"
+        notes.append(f"{who} {'have' if setting else 'has'} {per_epoch} optimizer step{'s' * (per_epoch != 1)} "
+                     f"per epoch; {'they' if setting else 'it'} report{'' if setting else 's'} "
+                     f"{'once' if reports == 1 else f'{reports} times'} per epoch, not the {wanted} times "
+                     f"training.eval_every={t.eval_every:g} asks for")
+    return notes
+
+
+def step_settings(spec: Spec) -> list[dict[str, Any]]:
+    """Every combination of the values the search draws for ``STEP_FIELDS`` (none searched: one, empty)."""
+    choices = []
+    for key in STEP_FIELDS:
+        dist = spec.search.space.get(key)
+        if dist is None:
+            continue
+        (kind, args), = dist.items()
+        values = list(args) if kind == "choice" else list(range(int(args[0]), int(args[1]) + 1)) \
+            if kind == "int" else []
+        choices.append([(key, v) for v in values])
+    return [dict(combo) for combo in itertools.product(*choices)]
 
 
 def check_storage(storage: Path) -> None:
