@@ -131,3 +131,35 @@ def test_an_eval_every_every_epoch_can_honour_says_nothing(capsys):
     from tune_llama.preflight import preflight
     preflight(load_spec(TINY, ["training.eval_every=0.5"]))
     assert "note:" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 8. quiet by default
+
+NOISE = ("gemm_4bit_forward", "FutureWarning", "Writing model shards")
+
+
+def train_stderr(tmp_path: Path, *extra: str) -> str:
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "tune_llama", "train", str(TINY), "--output", str(tmp_path / "run"),
+                           "--set", "model.lora.enabled=true", "--set", "training.epochs=1",
+                           "--set", "data.synthetic_size=24", "--set", "data.val_size=8", *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stderr
+
+
+def test_a_lora_train_prints_only_its_own_progress_on_stderr_and_the_noise_with_verbose(tmp_path):
+    quiet = train_stderr(tmp_path)
+    assert [line for line in quiet.splitlines() if not line.startswith("train: ")] == []
+    loud = train_stderr(tmp_path, "--verbose")
+    assert "Writing model shards" in loud, "--verbose must bring the libraries' bars back"
+
+
+def test_importing_the_package_changes_no_warning_filter_or_logger():
+    import subprocess
+    import sys
+    code = ("import warnings, logging; before = list(warnings.filters); import tune_llama.train, tune_llama.export; "
+            "print(warnings.filters == before, logging.getLogger('bitsandbytes.backends.cpu.ops').filters == [])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout.split()
+    assert out == ["True", "True"]

@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import Callable
 
-from tune_llama.cli import run_cli
+from tune_llama.cli import quiet_known_noise, run_cli
 
 COMMANDS = {
     "search": ("tune_llama.search", "search a spec's hyperparameters (Optuna + ASHA on Ray Tune); --resume"),
@@ -34,11 +34,17 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         child = sub.add_parser(name, help=summary, description=summary)
         if name == command:
             importlib.import_module(module).add_arguments(child)
+            try:
+                child.add_argument("--verbose", action="store_true",
+                                   help="show the libraries' own warnings and progress bars")
+            except argparse.ArgumentError:
+                pass  # the command has a --verbose of its own (search: Ray's output too)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    quiet_known_noise("--verbose" in argv)  # before the command's module imports the libraries
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     return importlib.import_module(COMMANDS[args.command][0]).run(args)

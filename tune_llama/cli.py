@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, NoReturn
 
@@ -31,6 +33,30 @@ def shell_path(path: Path | str) -> str:
     path = Path(path)
     shown = os.path.relpath(path) if path.is_absolute() and path.is_relative_to(Path.cwd()) else str(path)
     return shlex.quote(shown)
+
+
+KNOWN_WARNINGS = [(FutureWarning, r"`is_gradient_checkpointing` is deprecated")]
+"""Library warnings every run triggers that say nothing about the user's input (transformers 5 about
+peft's own call)."""
+KNOWN_LOG_LINES = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
+"""Logger -> the start of a message it logs on import that reads as an error and is not one: bitsandbytes'
+optional CPU kernel for 4-bit layers, which tune-llama never uses on CPU."""
+PROGRESS_BAR_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+"""Read by huggingface_hub, transformers and datasets as they are imported (also in Ray's workers, which
+inherit the environment): their per-file bars (``Writing model shards``, downloads) would tear our own."""
+
+
+def quiet_known_noise(verbose: bool) -> None:
+    """At a command's start (never on import, so a library user's own settings stand): drop the known harmless
+    warnings and third-party progress bars, unless ``--verbose``."""
+    if verbose:
+        return
+    for name in PROGRESS_BAR_SWITCHES:
+        os.environ.setdefault(name, "1")
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for logger, start in KNOWN_LOG_LINES.items():
+        logging.getLogger(logger).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
