@@ -293,16 +293,22 @@ def default_out(model: str, source: str, split: str) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``python -m tune_llama.evaluate`` (and of ``tune-llama evaluate``)."""
     parser.add_argument("model", help="exported directory, hub id, embedded:smollm2 or random:tiny")
-    parser.add_argument("--data", help="synthetic, a directory with test.jsonl/train.jsonl, or a hub id "
-                                       f"(default: ${DATA_VARIABLE} if set, else {HUB_GSM8K})")
-    parser.add_argument("--split", choices=("test", "validation", "train"), default="test")
+    parser.add_argument("--data", help="synthetic, embedded:gsm8k-mini, a directory with test.jsonl/train.jsonl, "
+                                       f"or a hub id (default: ${DATA_VARIABLE} if set, else {HUB_GSM8K})")
+    parser.add_argument("--split", choices=("test", "validation", "train"), default="test",
+                        help="which problems: the published test split (default), or the validation rows carved "
+                             "from train by the export's data.split_seed (never trained on), or train")
     parser.add_argument("--limit", type=positive, help="only the first N problems")
-    parser.add_argument("--batch-size", type=positive, default=8)
-    parser.add_argument("--shots", type=non_negative, default=0, help="worked train examples before each question")
-    parser.add_argument("--max-new-tokens", type=positive, default=256)
+    parser.add_argument("--batch-size", type=positive, default=8,
+                        help="problems generated at once (default 8); lower it if memory runs out")
+    parser.add_argument("--shots", type=non_negative, default=0,
+                        help="worked train examples put before each question (few-shot prompting; default 0)")
+    parser.add_argument("--max-new-tokens", type=positive, default=256,
+                        help="longest answer generated (default 256); generation also stops at the '#### N' line")
     parser.add_argument("--calculator", action="store_true",
                         help="compute each <<EXPR= the model writes and write the result in for it")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to run: auto (default) takes the GPU when there is one, else the CPU")
     parser.add_argument("--out", type=Path, help="JSONL file (default results/eval/MODEL-DATA-SPLIT.jsonl)")
 
 
