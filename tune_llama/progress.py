@@ -162,6 +162,7 @@ class StepFile:
         self.seconds = self.tokens = self.steps = 0
         self.previous: Optional[tuple[float, int, int]] = None  # (time, tokens seen, reports) at the last step
         self.rate: dict[str, Optional[float]] = {"tokens_per_s": None, "s_per_step": None}
+        self.path.unlink(missing_ok=True)  # a retried or resumed trial's old position would read as its new one
 
     def __call__(self, run) -> None:
         now = self.clock()
@@ -209,7 +210,9 @@ def live_line(live: Optional[dict[str, Any]], last_report_s: Optional[float], no
         parts.append(f"{live['tokens_per_s']:.0f} tok/s")
     if last_report_s is not None:
         parts.append(f"last report {format_duration(last_report_s)} ago")
-    if live.get("s_per_step") is not None and live.get("next_report_step") is not None:
+    if live.get("next_report_step") == live["step"]:  # written just before the report's validation
+        parts.append("validating for the next report")
+    elif live.get("s_per_step") is not None and live.get("next_report_step") is not None:
         left = (live["next_report_step"] - live["step"]) * live["s_per_step"] - (now - live["time"])
         parts.append(f"next report in ~{format_duration(max(left, 0.0))}")
     return ", ".join(parts)
