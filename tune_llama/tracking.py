@@ -37,7 +37,7 @@ from typing import Any, Optional
 from ray.tune.logger import LoggerCallback
 
 from tune_llama.redact import scrub
-from tune_llama.results import ERRORED, RUNNING, better, ended_state
+from tune_llama.results import ERRORED, INTERRUPTED, RUNNING, better, ended_state
 from tune_llama.spec import Spec, apply_params, spec_from_dict
 
 # silent: W&B's per-run banner would interleave with the search's progress table; errors still raise.
@@ -124,8 +124,10 @@ class TrialRunsCallback(LoggerCallback):
         return ended_state(self._last.get(trial_id, {}), epochs)
 
     def on_experiment_end(self, trials, **info) -> None:
-        for trial_id in list(self._runs):
-            self._runs.pop(trial_id).finish()
+        for trial_id in list(self._runs):  # every trial that ended has closed its run: these were cut short
+            run = self._runs.pop(trial_id)
+            run.summary.update({"status": INTERRUPTED})
+            run.finish()
 
     def best_so_far(self, trial_id: str, result: dict) -> dict[str, float]:
         """``best_eval_loss`` (lowest) and ``best_METRIC`` (by the search's mode), updated with ``result``."""
