@@ -305,3 +305,19 @@ def test_the_search_says_what_it_waits_for_and_trials_push_progress_without_extr
         # Tune saw one result per report point and no more: the side channel added no row (no ASHA rung).
         assert [r["report"] for r in reports] == list(range(1, len(reports) + 1))
         assert [r["training_iteration"] for r in reports] == [r["report"] for r in reports]
+
+
+def test_before_the_first_trial_starts_the_table_says_what_it_waits_for_once_per_change(capsys):
+    from tune_llama.progress import TrialTable
+
+    class Pending:  # what Tune hands a callback: trials with a status
+        def __init__(self, status):
+            self.status = status
+
+    board = TrialTable(load_spec(TINY))
+    for statuses in ([], ["PENDING"], ["PENDING", "PENDING"], ["PENDING", "PENDING"]):
+        board.on_step_end(0, [Pending(s) for s in statuses])
+    lines = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert lines == ["waiting for the searcher's first trial",
+                     "1 trial pending, each asking for cpu=1, gpu=0: waiting for free resources and worker processes",
+                     "2 trials pending, each asking for cpu=1, gpu=0: waiting for free resources and worker processes"]

@@ -362,8 +362,10 @@ class TrialTable:
 
     def say_waiting(self, pending: int) -> None:
         """Before the first trial starts: what the search waits for, each time that changes."""
-        line = (f"waiting for resources: {pending} trial{'s' * (pending != 1)} pending, each asking for "
-                f"{resources_text(worker_resources(self.spec))}" if pending else "waiting for the searcher's first trial")
+        # Tune says PENDING both while it waits for free resources and while Ray starts the trial's process.
+        line = (f"{pending} trial{'s' * (pending != 1)} pending, each asking for "
+                f"{resources_text(worker_resources(self.spec))}: waiting for free resources and worker processes"
+                if pending else "waiting for the searcher's first trial")
         if line != self.waiting:
             self.waiting = line
             say(line, self.stream)

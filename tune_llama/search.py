@@ -314,13 +314,13 @@ def start_ray(spec: Spec, verbose: bool) -> int:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    import ray
-    from tune_llama.preflight import check_cluster, preflight
     from tune_llama.progress import say
-    started_here = not ray.is_initialized()
-    # Both take seconds to tens of seconds, and nothing else would show the search is alive meanwhile.
+    # Importing Ray and starting it take seconds to tens of seconds: say so before either begins.
     say(f"{'joining' if os.environ.get('RAY_ADDRESS') else 'starting'} Ray; meanwhile checking the spec, data and "
         "model (preflight) ...")
+    import ray
+    from tune_llama.preflight import check_cluster, preflight
+    started_here = not ray.is_initialized()
     with ThreadPoolExecutor(1, thread_name_prefix="preflight") as pool:
         checked = pool.submit(preflight, spec)
         try:
