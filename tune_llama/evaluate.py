@@ -101,8 +101,6 @@ def load(name: str, device) -> LoadedModel:
     elif (path / "adapter_config.json").is_file():
         model, tokenizer = load_adapter(path, dtype)
     else:
-        if missing_folder(name) is not None:
-            raise UserError(f"MODEL: directory not found: {missing_folder(name)}")
         try:
             tokenizer = load_tokenizer(ModelSpec(name=name))
             model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype)
@@ -224,6 +222,8 @@ def gsm8k_accuracy(model: str, data: Optional[str] = None, split: str = "test", 
                    device: str = "auto", calculator: bool = False) -> dict[str, Any]:
     """Load MODEL, score it on a split of ``data`` (default ``default_data_source()``), write the JSONL,
     print and return the summary (``score``'s, plus model, data, split and shots)."""
+    if missing_folder(model) is not None:  # a mistyped folder: said before any model code loads or the hub is asked
+        raise UserError(f"MODEL: directory not found: {missing_folder(model)}")
     from tune_llama.loop import pick_device, seed_everything
 
     seed_everything(0)
