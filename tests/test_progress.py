@@ -278,7 +278,10 @@ def test_the_live_line_says_step_rate_time_since_the_report_and_eta():
     assert live_line(live, 42.0, now=1006.0) == ("epoch 2, step 37/120, 152 tok/s, last report 00:42 ago, "
                                                  "next report in ~00:40")
     assert live_line(None, None, now=0.0) == "starting: loading the model and data"
-    assert live_line({**live, "step": 180}, 42.0, now=1006.0).endswith("ago, validating for the next report")
+    at_report = {**live, "step": 180, "report_after": 200}
+    assert live_line(at_report, 42.0, now=1006.0, reported_step=160).endswith("ago, validating for the next report")
+    assert live_line(at_report, 1.0, now=1006.0, reported_step=180).endswith("1 ago, next report in ~00:34"), \
+        "once that report is in, the next one is due"
 
 
 def test_the_table_shows_a_running_trials_place_between_reports_under_its_row_in_100_columns():

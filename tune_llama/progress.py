@@ -181,6 +181,7 @@ class StepFile:
             "step": run.step, "epoch": epoch + 1, "step_in_epoch": in_epoch + 1,
             "steps_per_epoch": run.steps_per_epoch,
             "next_report_step": next((s for s in run.report_at if s >= run.step), None),
+            "report_after": next((s for s in run.report_at if s > run.step), None),
             "time": now, **self.rate})
 
 
@@ -199,9 +200,10 @@ def read_live(path: Path) -> Optional[dict[str, Any]]:
     return values if isinstance(values, dict) else None
 
 
-def live_line(live: Optional[dict[str, Any]], last_report_s: Optional[float], now: float) -> str:
+def live_line(live: Optional[dict[str, Any]], last_report_s: Optional[float], now: float,
+              reported_step: Optional[int] = None) -> str:
     """``epoch 2, step 37/120, 152 tok/s, last report 00:42 ago, next in ~01:20`` for a running trial; before
-    its first step, that it is still starting (model, data)."""
+    its first step, that it is still starting (model, data). ``reported_step``: the step of its last report."""
     if live is None:
         return "starting: loading the model and data" + (f", last report {format_duration(last_report_s)} ago"
                                                          if last_report_s is not None else "")
@@ -210,10 +212,14 @@ def live_line(live: Optional[dict[str, Any]], last_report_s: Optional[float], no
         parts.append(f"{live['tokens_per_s']:.0f} tok/s")
     if last_report_s is not None:
         parts.append(f"last report {format_duration(last_report_s)} ago")
-    if live.get("next_report_step") == live["step"]:  # written just before the report's validation
+    due = live.get("next_report_step")
+    if due == live["step"] and (reported_step is None or reported_step < due):  # written just before validating
         parts.append("validating for the next report")
-    elif live.get("s_per_step") is not None and live.get("next_report_step") is not None:
-        left = (live["next_report_step"] - live["step"]) * live["s_per_step"] - (now - live["time"])
+        return ", ".join(parts)
+    if due == live["step"]:  # that report is in: the one after it is next
+        due = live.get("report_after")
+    if live.get("s_per_step") is not None and due is not None:
+        left = (due - live["step"]) * live["s_per_step"] - (now - live["time"])
         parts.append(f"next report in ~{format_duration(max(left, 0.0))}")
     return ", ".join(parts)
 
@@ -330,6 +336,7 @@ class TrialTable:
         self.every = TABLE_EVERY_TTY_S if is_tty(stream or sys.stdout) else PLAIN_EVERY_S
         self.last_print = 0.0
         self.waiting = ""  # the last "waiting for ..." line printed before the first trial started
+        self.pending = 0  # trials Tune holds back, not yet started (they have no row)
 
     def _entry(self, trial) -> dict[str, Any]:
         return self.trials.setdefault(trial.trial_id, {"id": trial.trial_id, "params": dict(trial.config),
@@ -355,8 +362,9 @@ class TrialTable:
         self._entry(trial)["status"] = ERRORED
 
     def on_step_end(self, iteration, trials, **info):
+        self.pending = sum(t.status == "PENDING" for t in trials)
         if not self.trials:
-            self.say_waiting(sum(t.status == "PENDING" for t in trials))
+            self.say_waiting(self.pending)
         elif time.monotonic() - self.last_print >= self.every:
             self.print()
 
@@ -376,7 +384,7 @@ class TrialTable:
             return {}
         now = time.time()
         return {t["id"]: live_line(read_live(self.live_dir / f"{t['id']}.json"),
-                                   now - t["reported_at"] if t["reported_at"] else None, now)
+                                   now - t["reported_at"] if t["reported_at"] else None, now, t["last"].get("step"))
                 for t in self.trials.values() if t["status"] == RUNNING}
 
     def on_experiment_end(self, trials, **info):
@@ -386,8 +394,10 @@ class TrialTable:
         self.last_print = time.monotonic()
         if not self.trials:
             return
+        waiting = [t for t in self.trials.values() if t["status"] == PENDING]
+        pending = f"; {self.pending - len(waiting)} more pending" if self.pending > len(waiting) else ""
         title = (f"[{time.strftime('%H:%M:%S')}] {len(self.trials)} of {self.spec.search.num_samples} trials: "
-                 f"{status_counts(self.trials.values())}")
+                 f"{status_counts(self.trials.values())}{pending}")
         print(f"\n{title[:WIDTH]}\n" + table(self.spec, list(self.trials.values()), self.details()),
               file=self.stream or sys.stdout, flush=True)
 
