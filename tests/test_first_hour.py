@@ -135,7 +135,11 @@ def test_an_eval_every_every_epoch_can_honour_says_nothing(capsys):
 
 # ---------------------------------------------------------------- 8. quiet by default
 
-NOISE = ("gemm_4bit_forward", "FutureWarning", "Writing model shards")
+def fresh_environment() -> dict[str, str]:
+    """This process's environment without the switches an in-process command call set (``quiet_known_noise``):
+    a subprocess then starts as a user's shell would start it."""
+    from tune_llama.cli import PROGRESS_BAR_SWITCHES
+    return {k: v for k, v in os.environ.items() if k not in PROGRESS_BAR_SWITCHES}
 
 
 def train_stderr(tmp_path: Path, *extra: str) -> str:
@@ -144,7 +148,7 @@ def train_stderr(tmp_path: Path, *extra: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "tune_llama", "train", str(TINY), "--output", str(tmp_path / "run"),
                            "--set", "model.lora.enabled=true", "--set", "training.epochs=1",
                            "--set", "data.synthetic_size=24", "--set", "data.val_size=8", *extra],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=fresh_environment())
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stderr
 
@@ -163,5 +167,6 @@ def test_importing_the_package_installs_none_of_the_entry_points_filters():
             "print(not any(f[1] is not None and 'is_gradient_checkpointing' in f[1].pattern for f in warnings.filters),"
             " logging.getLogger('bitsandbytes.backends.cpu.ops').filters == [] "
             "and 'HF_HUB_DISABLE_PROGRESS_BARS' not in os.environ)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout.split()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=fresh_environment()).stdout.split()
     assert out == ["True", "True"]
