@@ -58,19 +58,19 @@ def run(args: argparse.Namespace) -> int:
     if args.storage:
         search_args += ["--storage", str(args.storage)]
     code = command("search")(search_args)
-    experiment = search.experiment_dir(args.storage, name)
+    search_dir = search.search_dir_for(args.storage, name)
     if code != 0:
         return code
-    out = export(experiment)
+    out = export(search_dir)
     info = json.loads((out / EXPORT_FILE).read_text())
     scores = {}
     for label, model in (("base", BASE_MODEL), ("fine-tuned", str(out))):
         print(f"\nscoring the {label} model on {args.test_problems} GSM8K test problems ...", flush=True)
         scores[label] = gsm8k_accuracy(model, data=DATA, split="test", limit=args.test_problems,
                                        max_new_tokens=args.max_new_tokens, device="cpu",
-                                       out=experiment / f"eval-{label}.jsonl")
-    report(experiment)
-    where = shell_path(experiment)
+                                       out=search_dir / f"eval-{label}.jsonl")
+    report(search_dir)
+    where = shell_path(search_dir)
     print("\n" + "\n".join([
         "=" * 30 + " what happened " + "=" * 30,
         f"searched {info['spec']['search']['num_samples']} configs of {BASE_MODEL} (LoRA) on {DATA}, exported "
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         f"its validation loss: {info['metric']['value']:.4f} at epoch {info['epoch']:g} "
         f"(perplexity {info['metrics']['eval_perplexity']:.2f})",
         accuracy_line(scores["base"], scores["fine-tuned"]),
-        format_line(experiment / "eval-base.jsonl", experiment / "eval-fine-tuned.jsonl"),
+        format_line(search_dir / "eval-base.jsonl", search_dir / "eval-fine-tuned.jsonl"),
         f"report: {where}/report/report.html  (table: tune-llama report {where})",
         f"exported model: {os.path.relpath(out)}",
         f"resume:   tune-llama search --resume {where}",

@@ -75,7 +75,7 @@ def choose(search: Search, by: str = "finalists") -> Choice:
     return Choice(trial, checkpoint, metrics, spec, reason)
 
 
-def export(experiment: Path, out: Path | None = None, adapter_only: bool = False, by: str = "finalists") -> Path:
+def export(search_dir: Path, out: Path | None = None, adapter_only: bool = False, by: str = "finalists") -> Path:
     """Write the chosen trial's model to ``out`` (default ``EXPERIMENT/export``); returns ``out``.
 
     Written into a temporary sibling folder and renamed at the end: an interrupted export never leaves a
@@ -85,7 +85,7 @@ def export(experiment: Path, out: Path | None = None, adapter_only: bool = False
     from tune_llama.checkpoint import load_model
     from tune_llama.model import save_hf_model
 
-    search = load_search(experiment)
+    search = load_search(search_dir)
     choice = choose(search, by)
     if adapter_only and not choice.spec.model.lora.enabled:
         raise UserError(f"--adapter-only: trial {choice.trial.trial_id} trained every weight "

@@ -113,9 +113,9 @@ def write_atomically(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)  # a reader never sees half a file
 
 
-def score_finalists(experiment: Path, resources: Optional[dict[str, float]] = None) -> dict[str, Any]:
+def score_finalists(search_dir: Path, resources: Optional[dict[str, float]] = None) -> dict[str, Any]:
     """Score the top-k trials (as Ray tasks when Ray is up), write ``finalists.json``, print the table."""
-    search = load_search(experiment)
+    search = load_search(search_dir)
     f = search.spec.search.finalists
     path = search.path / FINALISTS_FILE
     done = {e["trial_id"]: e for e in (read_json(path) or {}).get("finalists", [])}

@@ -226,8 +226,8 @@ def live_line(live: Optional[dict[str, Any]], last_report_s: Optional[float], no
 
 # ---------------------------------------------------------------- a search: the trial table
 
-def progress_callbacks(spec: Spec, verbose: bool, experiment: Optional[Path] = None) -> list:
-    return [] if verbose else [progress_table_class()(spec, live_dir=experiment / LIVE_DIR if experiment else None)]
+def progress_callbacks(spec: Spec, verbose: bool, search_dir: Optional[Path] = None) -> list:
+    return [] if verbose else [progress_table_class()(spec, live_dir=search_dir / LIVE_DIR if search_dir else None)]
 
 
 def format_value(value: Any, fmt: str = ".3g") -> str:

@@ -127,9 +127,9 @@ def overlong_line(search: Search, rows: list[dict[str, Any]]) -> str:
 
 # ---------------------------------------------------------------- the report
 
-def report(experiment: Path) -> list[Path]:
+def report(search_dir: Path) -> list[Path]:
     """Print the table, write the CSV, the plots and report.html; returns the files written."""
-    search = load_search(experiment)
+    search = load_search(search_dir)
     rows = trial_rows(search)
     finalists = search.finalists()
     importance = param_importance(search)

@@ -74,10 +74,10 @@ class WaitingLimiter(ConcurrencyLimiter):
 class HalvingScheduler(FIFOScheduler):
     _supports_buffered_results = False  # a trial must stop at its rung, not several reports past it
 
-    def __init__(self, experiment: Path, limiter: WaitingLimiter, *, time_attr: str, max_t: float,
+    def __init__(self, search_dir: Path, limiter: WaitingLimiter, *, time_attr: str, max_t: float,
                  grace_period: float, reduction_factor: int):
         super().__init__()
-        self.experiment, self.limiter, self.time_attr = str(experiment), limiter, time_attr
+        self.search_dir, self.limiter, self.time_attr = str(search_dir), limiter, time_attr
         self._metric: Optional[str] = None
         self._mode = "min"
         self.milestones = rungs(grace_period, reduction_factor, max_t)
@@ -93,15 +93,15 @@ class HalvingScheduler(FIFOScheduler):
     # ------------------------------------------------------------ state
     def _state(self) -> dict[str, Any]:
         if self.state is None:
-            path = Path(self.experiment, STATE_FILE)
+            path = Path(self.search_dir, STATE_FILE)
             self.state = json.loads(path.read_text()) if path.is_file() else {
                 "recorded": [{} for _ in self.milestones], "waiting": {}, "promoted": [], "stopped": []}
             # num_samples from the search folder's spec: ``--more`` raises it there
-            self.total = load_search_spec(Path(self.experiment)).search.num_samples
+            self.total = load_search_spec(Path(self.search_dir)).search.num_samples
         return self.state
 
     def _save(self) -> None:
-        path = Path(self.experiment, STATE_FILE)
+        path = Path(self.search_dir, STATE_FILE)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.state))
         os.replace(tmp, path)  # a kill mid-write leaves the previous state, never half a file

@@ -56,14 +56,14 @@ def param_space(spec: Spec) -> dict[str, Any]:
     return space
 
 
-def trainable(spec: Spec, experiment: Optional[Path] = None):
+def trainable(spec: Spec, search_dir: Optional[Path] = None):
     """The trial function with the spec bound; with ``experiment``, trials tell the live table where they are."""
     from ray import tune
     from tune_llama.progress import LIVE_DIR
     from tune_llama.resources import tune_trial_resources
     from tune_llama.trainable import train_trial
     return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict(),
-                                                    live_dir=str(experiment / LIVE_DIR) if experiment else None),
+                                                    live_dir=str(search_dir / LIVE_DIR) if search_dir else None),
                                tune_trial_resources(spec))
 
 
@@ -93,7 +93,7 @@ def sampler(spec: Spec):
                                           n_startup_trials=min(10, max(5, s.num_samples // 4)))
 
 
-def tune_config(spec: Spec, experiment: Path, concurrent: int, first: Optional[list[dict[str, Any]]] = None):
+def tune_config(spec: Spec, search_dir: Path, concurrent: int, first: Optional[list[dict[str, Any]]] = None):
     """Optuna (in SQLite), the scheduler ``search.scheduler`` names on the fractional epoch, and at most
     ``concurrent`` trials at once (trials paused at a rung not counted); ``first``: configs Optuna proposes
     before its own (``warm_start``)."""
@@ -106,8 +106,8 @@ def tune_config(spec: Spec, experiment: Path, concurrent: int, first: Optional[l
 
     s = spec.search
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(storage_url(experiment))
-    searcher = ResumableOptunaSearch(sampler=sampler(spec), storage=storage, study_name=experiment.name,
+    storage = optuna.storages.RDBStorage(storage_url(search_dir))
+    searcher = ResumableOptunaSearch(sampler=sampler(spec), storage=storage, study_name=search_dir.name,
                                      points_to_evaluate=first or None)
     limiter = WaitingLimiter(searcher, max_concurrent=concurrent)
     # The time unit is the fractional epoch each report carries: reports inside an epoch are the rungs.
@@ -116,35 +116,35 @@ def tune_config(spec: Spec, experiment: Path, concurrent: int, first: Optional[l
     if s.scheduler == "asha":
         scheduler = ASHAScheduler(**rungs, brackets=s.asha.brackets)
     else:
-        scheduler = HalvingScheduler(experiment, limiter, **rungs)
+        scheduler = HalvingScheduler(search_dir, limiter, **rungs)
     return tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
                            search_alg=limiter)
 
 
-def run_config(spec: Spec, experiment: Path, verbose: bool):
+def run_config(spec: Spec, search_dir: Path, verbose: bool):
     from ray import tune
     from tune_llama.progress import progress_callbacks
     from tune_llama.searcher import SameErrorStop, StateBackup, worker_callbacks
     from tune_llama.tracking import callbacks
 
     s = spec.search
-    same_error = SameErrorStop(str(experiment), s.stop_after_same_error)
+    same_error = SameErrorStop(str(search_dir), s.stop_after_same_error)
     return tune.RunConfig(
-        name=experiment.name,
-        storage_path=str(experiment.parent),
+        name=search_dir.name,
+        storage_path=str(search_dir.parent),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints, checkpoint_score_attribute=s.metric,
                                                 checkpoint_score_order=s.mode),
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         stop=same_error.stopper,
-        callbacks=[StateBackup(str(experiment)), same_error,
-                   *callbacks(spec, experiment.name, spec_name=spec_name(experiment)),
-                   *progress_callbacks(spec, verbose, experiment), *worker_callbacks(spec)],
+        callbacks=[StateBackup(str(search_dir)), same_error,
+                   *callbacks(spec, search_dir.name, spec_name=spec_name(search_dir)),
+                   *progress_callbacks(spec, verbose, search_dir), *worker_callbacks(spec)],
         verbose=None if verbose else 0,
     )
 
 
-def spec_name(experiment: Path) -> Optional[str]:
-    info = (experiment / SPEC_FILE)
+def spec_name(search_dir: Path) -> Optional[str]:
+    info = (search_dir / SPEC_FILE)
     try:
         return json.loads(info.read_text()).get("_spec_name")
     except (OSError, ValueError, AttributeError):
@@ -192,12 +192,12 @@ def absolute_paths(spec: Spec) -> Spec:
     return spec
 
 
-def experiment_dir(storage: Optional[Path], name: str) -> Path:
+def search_dir_for(storage: Optional[Path], name: str) -> Path:
     root = (storage or Path("results")).expanduser().resolve()  # Ray needs absolute storage paths
     return root / name
 
 
-def resolve_experiment(args: argparse.Namespace) -> tuple[Optional[Spec], Path]:
+def resolve_search_dir(args: argparse.Namespace) -> tuple[Optional[Spec], Path]:
     """(spec for a new search or None for a resume, absolute experiment folder) from the arguments."""
     if args.resume is not None:
         if args.overrides:
@@ -207,7 +207,7 @@ def resolve_experiment(args: argparse.Namespace) -> tuple[Optional[Spec], Path]:
         if isinstance(args.resume, str):
             return None, Path(args.resume).expanduser().resolve()
         if args.name:
-            return None, experiment_dir(args.storage, args.name)
+            return None, search_dir_for(args.storage, args.name)
         raise UserError("--resume needs a search folder (--resume results/NAME) or --name NAME")
     if not args.spec:
         raise UserError("give a spec (e.g. search_spaces/tiny.yaml) or --resume DIR")
@@ -215,62 +215,62 @@ def resolve_experiment(args: argparse.Namespace) -> tuple[Optional[Spec], Path]:
     if not spec.search.space:
         raise UserError(f"search.space: {args.spec} names no field to search")
     name = args.name or f"{Path(args.spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return spec, experiment_dir(args.storage, name)
+    return spec, search_dir_for(args.storage, name)
 
 
-def check_resumable(experiment: Path) -> Spec:
+def check_resumable(search_dir: Path) -> Spec:
     from ray import tune
-    if not experiment.is_dir():
-        raise UserError(f"--resume: {experiment} does not exist")
-    if not (experiment / SPEC_FILE).is_file() or not tune.Tuner.can_restore(str(experiment)):
-        raise UserError(f"--resume: {experiment} is not a tune-llama search folder (no {SPEC_FILE} or Tune state)")
-    return load_search_spec(experiment)
+    if not search_dir.is_dir():
+        raise UserError(f"--resume: {search_dir} does not exist")
+    if not (search_dir / SPEC_FILE).is_file() or not tune.Tuner.can_restore(str(search_dir)):
+        raise UserError(f"--resume: {search_dir} is not a tune-llama search folder (no {SPEC_FILE} or Tune state)")
+    return load_search_spec(search_dir)
 
 
-def start(spec: Spec, experiment: Path, spec_file: str, verbose: bool):
+def start(spec: Spec, search_dir: Path, spec_file: str, verbose: bool):
     from ray import tune
     from tune_llama.preflight import check_storage
-    if (experiment / SPEC_FILE).exists():
-        raise UserError(f"{experiment} already holds a search: resume it with --resume {shell_path(experiment)}, "
+    if (search_dir / SPEC_FILE).exists():
+        raise UserError(f"{search_dir} already holds a search: resume it with --resume {shell_path(search_dir)}, "
                         "or pick another --name")
-    check_storage(experiment.parent)  # before Ray: a storage that cannot be written leaves no Ray session behind
+    check_storage(search_dir.parent)  # before Ray: a storage that cannot be written leaves no Ray session behind
     from tune_llama.warm_start import warm_start_points
     first, notes = warm_start_points(spec)  # a bad warm_start folder is bad input: before Ray starts
     concurrent = start_ray(spec, verbose)  # before the folder exists: a refused search leaves nothing behind
     for note in notes:
         print(note, file=sys.stderr)
-    experiment.mkdir(parents=True, exist_ok=True)
-    (experiment / SPEC_FILE).write_text(json.dumps({**spec.to_dict(), "_spec_name": Path(spec_file).stem},
+    search_dir.mkdir(parents=True, exist_ok=True)
+    (search_dir / SPEC_FILE).write_text(json.dumps({**spec.to_dict(), "_spec_name": Path(spec_file).stem},
                                                    indent=1))
-    write_driver_file(experiment)
-    return tune.Tuner(trainable(spec, experiment), param_space=param_space(spec),
-                      tune_config=tune_config(spec, experiment, concurrent, first),
-                      run_config=run_config(spec, experiment, verbose))
+    write_driver_file(search_dir)
+    return tune.Tuner(trainable(spec, search_dir), param_space=param_space(spec),
+                      tune_config=tune_config(spec, search_dir, concurrent, first),
+                      run_config=run_config(spec, search_dir, verbose))
 
 
-def resume(experiment: Path, verbose: bool, notes: Optional[list[str]] = None):
+def resume(search_dir: Path, verbose: bool, notes: Optional[list[str]] = None):
     """(spec, tuner) that continue the search in ``experiment``; what the summary should add goes to ``notes``."""
     from ray import tune
     from tune_llama.ray_private import repair_state
-    spec = check_resumable(experiment)
+    spec = check_resumable(search_dir)
     start_ray(spec, verbose)
     # The study first: repair_state unpickles the searcher's state, whose Optuna storage opens optuna.db (and
     # creates an empty one where it is missing). Before the driver file: the old driver's trials are unfinished.
-    rebuilt = restore_study(experiment, spec)
+    rebuilt = restore_study(search_dir, spec)
     if rebuilt:
         print(f"notice: {rebuilt}", file=sys.stderr)
         if notes is not None:
             notes.append(rebuilt)
-    repaired = repair_state(experiment)
+    repaired = repair_state(search_dir)
     if repaired:
         print(f"notice: {repaired} was cut short (a full disk?); resuming from its last good copy", file=sys.stderr)
-    (experiment / SAME_ERROR_FILE).unlink(missing_ok=True)  # the errored trials are retried
-    write_driver_file(experiment)
-    return spec, tune.Tuner.restore(str(experiment), trainable(spec, experiment), resume_unfinished=True, resume_errored=True,
+    (search_dir / SAME_ERROR_FILE).unlink(missing_ok=True)  # the errored trials are retried
+    write_driver_file(search_dir)
+    return spec, tune.Tuner.restore(str(search_dir), trainable(spec, search_dir), resume_unfinished=True, resume_errored=True,
                                     param_space=param_space(spec))
 
 
-def restore_study(experiment: Path, spec: Spec) -> Optional[str]:
+def restore_study(search_dir: Path, spec: Spec) -> Optional[str]:
     """Rebuild ``optuna.db`` from the trial folders when it cannot be read or is missing (``tune_llama.study``);
     a line saying so, or None when the study was fine. Before ``Tuner.restore``: it unpickles the searcher,
     whose storage opens the database."""
@@ -278,14 +278,14 @@ def restore_study(experiment: Path, spec: Spec) -> Optional[str]:
     from ray.tune.search.optuna import OptunaSearch
     from tune_llama.study import DAMAGED_SUFFIX, move_aside, rebuild_study, study_readable
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our notice says it; not Optuna's "new study" lines
-    if study_readable(experiment):
+    if study_readable(search_dir):
         return None
-    why = f"could not be read (moved to {OPTUNA_DB}{DAMAGED_SUFFIX})" if move_aside(experiment) else "was missing"
-    restored = rebuild_study(load_search(experiment), OptunaSearch.convert_search_space(param_space(spec)))
+    why = f"could not be read (moved to {OPTUNA_DB}{DAMAGED_SUFFIX})" if move_aside(search_dir) else "was missing"
+    restored = rebuild_study(load_search(search_dir), OptunaSearch.convert_search_space(param_space(spec)))
     return f"study: {OPTUNA_DB} {why}; rebuilt from the trial folders, {restored} trials restored"
 
 
-def extend(experiment: Path, more: int, resuming: bool) -> None:
+def extend(search_dir: Path, more: int, resuming: bool) -> None:
     """``--resume DIR --more N``: raise the search's ``num_samples`` by N where the spec copy, our scheduler
     and Tune's search generator read it, then resume as usual. Tune keeps ``num_samples`` from the first run
     (``Tuner.restore`` takes no ``TuneConfig``, and the restored generator's count wins over the
@@ -295,13 +295,13 @@ def extend(experiment: Path, more: int, resuming: bool) -> None:
         raise UserError("--more: only with --resume DIR (it extends a search that exists)")
     if more < 1:
         raise UserError(f"--more: must be a positive number of trials, got {more}")
-    spec = check_resumable(experiment)
-    record = json.loads((experiment / SPEC_FILE).read_text())
+    spec = check_resumable(search_dir)
+    record = json.loads((search_dir / SPEC_FILE).read_text())
     total = spec.search.num_samples + more
     record["search"]["num_samples"] = total
-    raise_total_samples(experiment, total)
-    (experiment / SPEC_FILE).write_text(json.dumps(record, indent=1))
-    print(f"extending {shell_path(experiment)} by {more} trials to {total}", file=sys.stderr)
+    raise_total_samples(search_dir, total)
+    (search_dir / SPEC_FILE).write_text(json.dumps(record, indent=1))
+    print(f"extending {shell_path(search_dir)} by {more} trials to {total}", file=sys.stderr)
 
 
 def start_ray(spec: Spec, verbose: bool) -> int:
@@ -342,14 +342,14 @@ def start_ray(spec: Spec, verbose: bool) -> int:
     return concurrent
 
 
-def run_tuner(tuner, experiment: Path) -> None:
+def run_tuner(tuner, search_dir: Path) -> None:
     """``tuner.fit()``; a results disk that filled up is one line naming the folder, not Ray's tracebacks."""
     try:
         tuner.fit()
     except Exception:
-        if disk_full(experiment):
+        if disk_full(search_dir):
             raise OSError(errno.ENOSPC, "No space left on device: the search state is saved up to the last "
-                                        "checkpoint that fit; free space, then --resume", str(experiment)) from None
+                                        "checkpoint that fit; free space, then --resume", str(search_dir)) from None
         raise
 
 
@@ -402,22 +402,22 @@ def next_commands(search: Search, where: str, interrupted: bool, errored: int) -
     return lines
 
 
-def write_summary(experiment: Path, notes: Optional[list[str]] = None) -> int:
+def write_summary(search_dir: Path, notes: Optional[list[str]] = None) -> int:
     """Print what the search came to and the commands that follow (also into summary.txt); the exit code.
     ``notes``: lines about this run of the search (a rebuilt study), after the counts."""
-    search = load_search(experiment)
+    search = load_search(search_dir)
     search.driver_alive = False  # this process is the driver, and its search is over
     lines, counts = summary_lines(search)
     lines[2:2] = notes or []
-    where = shell_path(experiment)
+    where = shell_path(search_dir)
     errored = counts.get(ERRORED, 0)
     unfinished = len(search.trials) - errored - sum(counts.get(s, 0) for s in NORMAL_ENDS)
     interrupted = bool(unfinished or len(search.trials) < search.spec.search.num_samples)
     lines += ["next:", *next_commands(search, where, interrupted, errored)]
     text = "\n".join(lines)
     print("\n" + text)
-    (experiment / SUMMARY_FILE).write_text(text + "\n")
-    same_error = experiment / SAME_ERROR_FILE
+    (search_dir / SUMMARY_FILE).write_text(text + "\n")
+    same_error = search_dir / SAME_ERROR_FILE
     if same_error.is_file():
         print(f"error: {same_error.read_text().strip()}", file=sys.stderr)
         return EXIT_ALL_ERRORED
@@ -449,26 +449,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec, experiment = resolve_experiment(args)
+    spec, search_dir = resolve_search_dir(args)
     if args.print_experiment:
         if spec is None:
-            check_resumable(experiment)
-        print(experiment)
+            check_resumable(search_dir)
+        print(search_dir)
         return 0
     notes: list[str] = []
     if args.more is not None:
-        extend(experiment, args.more, resuming=spec is None)
+        extend(search_dir, args.more, resuming=spec is None)
     if spec is None:
-        spec, tuner = resume(experiment, args.verbose, notes)
+        spec, tuner = resume(search_dir, args.verbose, notes)
     else:
-        tuner = start(spec, experiment, args.spec, args.verbose)
-    run_tuner(tuner, experiment)
-    code = write_summary(experiment, notes)
+        tuner = start(spec, search_dir, args.spec, args.verbose)
+    run_tuner(tuner, search_dir)
+    code = write_summary(search_dir, notes)
     if code == 0 and spec.search.finalists.top_k > 0:
         from tune_llama.finalists import print_finalists, score_finalists
         from tune_llama.resources import worker_resources
-        record = score_finalists(experiment, worker_resources(spec))
-        with (experiment / SUMMARY_FILE).open("a") as summary:
+        record = score_finalists(search_dir, worker_resources(spec))
+        with (search_dir / SUMMARY_FILE).open("a") as summary:
             with contextlib.redirect_stdout(summary):
                 print_finalists(record)
     return code

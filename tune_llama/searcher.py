@@ -78,16 +78,16 @@ class StateBackup(Callback):
     """A parsed copy of each new version of Tune's experiment state (``ray_private.back_up_state``), so a
     state file cut short by a full disk does not make ``--resume`` start the search over."""
 
-    def __init__(self, experiment: str, every_s: float = 1.0):
-        self.experiment, self.every_s, self.last, self.saved_mtime = experiment, every_s, 0.0, 0.0
+    def __init__(self, search_dir: str, every_s: float = 1.0):
+        self.search_dir, self.every_s, self.last, self.saved_mtime = search_dir, every_s, 0.0, 0.0
 
     def on_step_end(self, iteration, trials, **info):
         if time.monotonic() - self.last >= self.every_s:  # a stat per second; a copy only when Tune wrote one
             self.last = time.monotonic()
-            self.saved_mtime = back_up_state(Path(self.experiment), self.saved_mtime)
+            self.saved_mtime = back_up_state(Path(self.search_dir), self.saved_mtime)
 
     def on_experiment_end(self, trials, **info):
-        self.saved_mtime = back_up_state(Path(self.experiment), self.saved_mtime)
+        self.saved_mtime = back_up_state(Path(self.search_dir), self.saved_mtime)
 
 
 class ReleaseWorkers(Callback):
@@ -115,8 +115,8 @@ class SameErrorStop(Callback):
     ``stopper`` is the Tune ``Stopper`` half: Tune asks it whether to stop everything.
     """
 
-    def __init__(self, experiment: str, limit: int):
-        self.experiment, self.limit = experiment, limit
+    def __init__(self, search_dir: str, limit: int):
+        self.search_dir, self.limit = search_dir, limit
         self.error: str | None = None
         self.files: list[str] = []
         self.tripped = False
@@ -139,7 +139,7 @@ class SameErrorStop(Callback):
             self.tripped = True
             line = (f"{len(self.files)} trials in a row failed the same way, so the search stopped: {error} "
                     f"(full errors: {', '.join(self.files)})")
-            (Path(self.experiment) / SAME_ERROR_FILE).write_text(line + "\n")
+            (Path(self.search_dir) / SAME_ERROR_FILE).write_text(line + "\n")
 
 
 class SameErrorStopper(Stopper):

@@ -30,14 +30,14 @@ DAMAGED_SUFFIX = ".damaged"
 SIDE_FILES = ("-journal", "-wal", "-shm")
 
 
-def storage_url(experiment: Path) -> str:
-    return f"sqlite:///{experiment / OPTUNA_DB}"
+def storage_url(search_dir: Path) -> str:
+    return f"sqlite:///{search_dir / OPTUNA_DB}"
 
 
-def study_readable(experiment: Path) -> bool:
+def study_readable(search_dir: Path) -> bool:
     """``optuna.db`` is there, passes SQLite's own check, and holds this search's study."""
     import optuna
-    db = experiment / OPTUNA_DB
+    db = search_dir / OPTUNA_DB
     if not db.is_file():
         return False
     try:
@@ -46,9 +46,9 @@ def study_readable(experiment: Path) -> bool:
             if connection.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 return False
         connection.close()
-        storage = optuna.storages.RDBStorage(storage_url(experiment))
+        storage = optuna.storages.RDBStorage(storage_url(search_dir))
         try:
-            optuna.load_study(study_name=experiment.name, storage=storage).get_trials(deepcopy=False)
+            optuna.load_study(study_name=search_dir.name, storage=storage).get_trials(deepcopy=False)
         finally:
             storage.remove_session()
             storage.engine.dispose()
@@ -57,9 +57,9 @@ def study_readable(experiment: Path) -> bool:
         return False
 
 
-def move_aside(experiment: Path) -> bool:
+def move_aside(search_dir: Path) -> bool:
     """Move a damaged ``optuna.db`` (and its side files) to ``optuna.db.damaged``; whether there was one."""
-    db = experiment / OPTUNA_DB
+    db = search_dir / OPTUNA_DB
     existed = db.exists()
     for suffix in ("", *SIDE_FILES):
         path = db.with_name(OPTUNA_DB + suffix)

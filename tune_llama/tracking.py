@@ -160,7 +160,7 @@ def flatten(config: dict, sep: str = ".", prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def add_run_summary(spec: Spec, experiment: Path, trial_id: str, values: dict[str, Any]) -> None:
+def add_run_summary(spec: Spec, search_dir: Path, trial_id: str, values: dict[str, Any]) -> None:
     """Add ``values`` (e.g. a finalist's test accuracy) to the summary of a trial's W&B run.
 
     Continues the run (same id, ``resume="allow"``). Offline, this writes a second ``offline-run-*-TRIALID``
@@ -169,8 +169,8 @@ def add_run_summary(spec: Spec, experiment: Path, trial_id: str, values: dict[st
     mode = wandb_mode(spec)
     if mode == "disabled":
         return
-    run = open_run(project=spec.wandb.project, entity=spec.wandb.entity, group=Path(experiment).name, mode=mode,
-                   id=trial_id, dir=str(experiment))
+    run = open_run(project=spec.wandb.project, entity=spec.wandb.entity, group=Path(search_dir).name, mode=mode,
+                   id=trial_id, dir=str(search_dir))
     run.summary.update(scrub(values))
     run.finish()
 
