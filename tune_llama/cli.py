@@ -38,9 +38,11 @@ def shell_path(path: Path | str) -> str:
 KNOWN_WARNINGS = [(FutureWarning, r"`is_gradient_checkpointing` is deprecated")]
 """Library warnings every run triggers that say nothing about the user's input (transformers 5 about
 peft's own call)."""
-KNOWN_LOG_LINES = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
+KNOWN_LOG_LINES = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+                   "kernels._internals.hf_hub": "Skipping publisher trust check"}
 """Logger -> the start of a message it logs on import that reads as an error and is not one: bitsandbytes'
-optional CPU kernel for 4-bit layers, which tune-llama never uses on CPU."""
+optional CPU kernel for 4-bit layers, which tune-llama never uses on CPU, and (offline, HF_HUB_OFFLINE=1 as in
+CI) the ``kernels`` package's note that it looks that kernel up without the hub."""
 PROGRESS_BAR_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
 """Read by huggingface_hub, transformers and datasets as they are imported (also in Ray's workers, which
 inherit the environment): their per-file bars (``Writing model shards``, downloads) would tear our own."""
