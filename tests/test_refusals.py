@@ -32,3 +32,17 @@ def test_a_storage_that_does_not_exist_yet_passes_the_check_and_the_check_leaves
     from tune_llama.preflight import check_storage
     check_storage(tmp_path / "new" / "searches")
     assert not list(tmp_path.iterdir())
+
+
+def test_resume_with_an_override_that_repeats_the_searchs_own_value_is_not_refused(capsys, tmp_path):
+    """A Slurm job resubmitted with --resume carries the first submission's --set arguments."""
+    import json
+
+    from tune_llama.results import SPEC_FILE
+    from tune_llama.search import refuse_changes
+    from tune_llama.spec import load_spec
+    spec = load_spec(TINY, ["search.num_samples=3"])
+    (tmp_path / SPEC_FILE).write_text(json.dumps(spec.to_dict()))
+    refuse_changes(tmp_path, ["search.num_samples=3"])  # the same value: no error
+    err = one_line_error(command("search"), ["--resume", str(tmp_path), "--set", "search.num_samples=4"], capsys)
+    assert "--set search.num_samples=4" in err

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tune_llama.plots import caption
 from tune_llama.report import report, trial_rows
 from tune_llama.results import load_search
 
@@ -141,7 +142,8 @@ def test_the_rendered_page_has_a_row_per_trial_and_every_plot_as_an_image(render
     assert trials[0][:2] == ["trial", "training.lr"]
     assert [row[0] for row in trials[1:]] == [r["trial"] for r in rows]
     assert len(rows) == search.spec.search.num_samples
-    assert sorted(image["alt"] for image in dom.images) == sorted(p.stem for p in rendered["pngs"])
+    # Each plot once, named in words (its caption), not by its file name.
+    assert sorted(image["alt"] for image in dom.images) == sorted(caption(p, search.metric) for p in rendered["pngs"])
     assert all(image["src"].startswith("data:image/png;base64,") for image in dom.images)
 
 

@@ -62,7 +62,10 @@ def copy_of(pristine: Path) -> Path:
 def resume_and_check(experiment: Path, expect_damaged: bytes | None) -> str:
     import optuna
     folders_before = {name: rows for name, rows in result_rows(experiment).items()}
-    started = len(list(experiment.glob("*/params.json")))
+    # Every trial the search knows, from its folder or from Ray's state: a trial Ray created just before the
+    # kill has an empty folder, and it comes back as running for Ray's resume to run.
+    from tune_llama.results import load_search
+    started = len(load_search(experiment).trials)
     proc = run_search(["--resume", str(experiment)], cwd=experiment.parent, env_extra=NO_HOST_OOM_KILLS)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]

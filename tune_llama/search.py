@@ -32,7 +32,7 @@ from tune_llama.cli import add_search_folder_arguments, add_set_argument, shell_
 from tune_llama.errors import UserError
 from tune_llama.results import (ERRORED, INTERRUPTED, NORMAL_ENDS, OPTUNA_DB, PENDING, RUNNING, SAME_ERROR_FILE,
                                 SPEC_FILE, SUMMARY_FILE, Search, load_search, load_search_spec, write_driver_file)
-from tune_llama.spec import Spec, load_spec
+from tune_llama.spec import Spec, load_spec, spec_from_dict
 
 EXIT_INTERRUPTED, EXIT_ALL_ERRORED = 3, 4
 
@@ -200,15 +200,14 @@ def search_dir_for(storage: Optional[Path], name: str) -> Path:
 def resolve_search_dir(args: argparse.Namespace) -> tuple[Optional[Spec], Path]:
     """(spec for a new search or None for a resume, absolute experiment folder) from the arguments."""
     if args.resume is not None:
-        if args.overrides:
-            # Ray's restore keeps the running study's space and each trial's config: an override would be ignored.
-            raise UserError(f"--resume cannot change a search: --set {args.overrides[0]} would be ignored "
-                            "(start a new search with it, or add trials with --more N)")
         if isinstance(args.resume, str):
-            return None, Path(args.resume).expanduser().resolve()
-        if args.name:
-            return None, search_dir_for(args.storage, args.name)
-        raise UserError("--resume needs a search folder (--resume results/NAME) or --name NAME")
+            search_dir = Path(args.resume).expanduser().resolve()
+        elif args.name:
+            search_dir = search_dir_for(args.storage, args.name)
+        else:
+            raise UserError("--resume needs a search folder (--resume results/NAME) or --name NAME")
+        refuse_changes(search_dir, args.overrides)
+        return None, search_dir
     if not args.spec:
         raise UserError("give a spec (e.g. search_spaces/tiny.yaml) or --resume DIR")
     spec = absolute_paths(load_spec(args.spec, args.overrides))
@@ -216,6 +215,23 @@ def resolve_search_dir(args: argparse.Namespace) -> tuple[Optional[Spec], Path]:
         raise UserError(f"search.space: {args.spec} names no field to search")
     name = args.name or f"{Path(args.spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     return spec, search_dir_for(args.storage, name)
+
+
+def refuse_changes(search_dir: Path, overrides: list[str]) -> None:
+    """``--resume`` with a ``--set`` that would change the search is one line: Ray's restore keeps the study's
+    space and each trial's config, so it would be ignored. One that repeats the search's own value passes (a
+    Slurm job resubmitted with ``--resume`` carries the first submission's arguments)."""
+    if not overrides:
+        return
+    saved = load_search_spec(search_dir).to_dict() if (search_dir / SPEC_FILE).is_file() else None
+    for override in overrides:
+        try:
+            same = saved is not None and spec_from_dict(saved, [override]).to_dict() == saved
+        except UserError:
+            same = False
+        if not same:
+            raise UserError(f"--resume cannot change a search: --set {override} would be ignored "
+                            "(start a new search with it, or add trials with --more N)")
 
 
 def check_resumable(search_dir: Path) -> Spec:
