@@ -292,7 +292,9 @@ def test_asha_stopped_two_worker_trials_give_back_their_workers_so_every_trial_r
     storage = tmp_path
     leader = popen_search([str(TINY), "--name", "asha", "--storage", str(storage),
                            "--set", "search.resources.workers=2", "--set", "search.resources.cpu=1",
-                           "--set", "search.num_samples=4", "--set", "search.max_concurrent=4",
+                           # One trial at a time, in the sampler's order: ASHA's stops then do not hang on which
+                           # trial's workers the cluster took first (their order decides who is cut at the rung).
+                           "--set", "search.num_samples=4", "--set", "search.max_concurrent=1",
                            "--set", "training.epochs=2", "--set", "search.asha.grace_period=1",
                            "--set", "search.asha.reduction_factor=4", "--set", "search.sampler=random",
                            "--set", "search.mode=max"],
