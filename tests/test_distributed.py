@@ -186,7 +186,10 @@ def worker_search(tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("workers")
     experiment = storage / "workers"
-    leader = popen_search([str(TINY), "--name", "workers", "--storage", str(storage), *WORKER_SEARCH], cwd=storage)
+    # Tune flushes result.json at its state saves (every 10 s at first): every second, so the first report is
+    # seen before a fast trial has passed it.
+    leader = popen_search([str(TINY), "--name", "workers", "--storage", str(storage), *WORKER_SEARCH], cwd=storage,
+                          env_extra={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     try:
         # Generous: Ray Train starts two workers per trial, slow on a busy 2-core machine.
         trial, driver_pid = wait_until(first_report(experiment, 1.0), leader, "a trial's first report", timeout=900)
@@ -295,7 +298,10 @@ def test_asha_stopped_two_worker_trials_give_back_their_workers_so_every_trial_r
                            # One trial at a time, in the sampler's order: ASHA's stops then do not hang on which
                            # trial's workers the cluster took first (their order decides who is cut at the rung).
                            "--set", "search.num_samples=4", "--set", "search.max_concurrent=1",
+                           # Eight reports in the second epoch: ASHA's stop at epoch 1 lands before a fast trial
+                           # could finish anyway (then it would count as finished, not stopped).
                            "--set", "training.epochs=2", "--set", "search.asha.grace_period=1",
+                           "--set", "data.synthetic_size=400", "--set", "training.eval_every=0.125",
                            "--set", "search.asha.reduction_factor=4", "--set", "search.sampler=random",
                            "--set", "search.mode=max"],
                           cwd=storage, env_extra=NO_HOST_OOM_KILLS)
