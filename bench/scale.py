@@ -10,7 +10,7 @@ trial at the first), through ``tune-llama search`` (``tune_llama.__main__.comman
 driver. A sampler thread reads, when 10 / 50 / 100 / 200 trials (and ``--trials``) have started:
 
 - the driver's RSS (this process, ``/proc/self/status``);
-- Ray's object store use (plasma memory, from Ray's memory summary: a private Ray API, bench only);
+- Ray's object store use (the plasma bytes the raylet's ``debug_state.txt`` says are pinned);
 - per-trial scheduling overhead since the previous row: slot-seconds (wall time x concurrent) not spent
   inside a trial's own ``time_total_s``, per trial that started; the trial's start-up in its worker
   (imports, model build) counts as trial time, Tune's scheduling, process reuse and result handling do not;
@@ -47,17 +47,19 @@ def rss_mb() -> float:
 
 
 def object_store_mb() -> float | None:
-    """Plasma memory in use on the search's Ray (None before Ray is up)."""
+    """Object store (plasma) memory the search's objects pin, from the raylet's ``debug_state.txt`` (None
+    before Ray is up). Ray's readers (``ray memory``, ``memory_summary``) need grpcio, which Ray's minimal
+    install lacks; the raylet rewrites this file in its session folder every 10 s. Bench only."""
     try:
         import ray
-        from ray._private.internal_api import memory_summary  # private: no public reader without the dashboard
         if not ray.is_initialized():
             return None
-        summary = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
+        session = Path(ray._private.worker._global_node.get_session_dir_path())  # private: bench only
+        text = (session / "logs" / "debug_state.txt").read_text()
     except Exception:  # a bench reading: a failed read is a blank cell, not a failed run
         return None
-    match = re.search(r"Plasma memory usage (\d+(?:\.\d+)?) MiB", summary)
-    return float(match[1]) if match else None
+    match = re.search(r"pinned objects size: (\d+)", text)
+    return int(match[1]) / 2**20 if match else None
 
 
 def trial_seconds(experiment: Path) -> tuple[int, float]:

@@ -148,7 +148,10 @@ def kill_session(leader) -> None:
     """SIGKILL the search's whole process group, and any Ray worker that left it but not the session."""
     import os
     import signal
-    os.killpg(leader.pid, signal.SIGKILL)
+    try:
+        os.killpg(leader.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the whole group has ended already; the caller's own assertion says why
+        pass
     leader.wait()
     for pid in session_processes(leader.pid):
         try:
@@ -170,14 +173,25 @@ def wait_until(condition, leader, what: str, timeout: float = 300):
         time.sleep(0.2)
 
 
-def first_report(experiment: Path, by_epoch: float):
+def first_report(experiment: Path, by_epoch: float, checkpoint_kept: bool = False):
     """A condition for ``wait_until``: (trial folder name, worker pid) of a trial that has reported (so
-    checkpointed) by fractional epoch ``by_epoch``; result.json's half-written last line is tolerated."""
+    checkpointed) by fractional epoch ``by_epoch``; result.json's half-written last line is tolerated.
+
+    With ``checkpoint_kept``, also once the trial has trained a step past that report (its live file,
+    ``training.log_every=1``): Tune logs a report before it asks the worker for the report's checkpoint, and
+    holds the worker at the report until it has that checkpoint; a worker killed in between is retried from
+    the checkpoint before."""
+    from tune_llama.progress import LIVE_DIR, read_live
     from tune_llama.results import read_result_rows
 
     def reported():
         for folder in sorted(p.parent for p in experiment.glob("*/params.json")):
             rows = read_result_rows(folder / "result.json")
-            if rows and rows[-1]["epoch"] <= by_epoch:
-                return folder.name, rows[-1]["pid"]
+            if not rows or rows[-1]["epoch"] > by_epoch:
+                continue
+            if checkpoint_kept:
+                live = read_live(experiment / LIVE_DIR / f"{rows[-1]['trial_id']}.json")
+                if not live or live["step"] <= rows[-1]["step"]:
+                    continue
+            return folder.name, rows[-1]["pid"]
     return reported

@@ -37,15 +37,16 @@ SHORTENED = [40, 150, 60, 0, 90, 30, 120]
 """Answer tokens kept per example (0: the whole example), so that short examples share rows."""
 
 
-def both_layouts(run, batch_size: int = 6):
-    """The same examples (of mixed lengths, as in a random batch) as a padded and as a packed micro-batch.
-    A shortened example keeps its first token (a prompt token: no label) and its last ``n`` tokens."""
+def both_layouts(run, batch_size: int = 6, one_row: bool = False):
+    """The same examples (of mixed lengths, as in a random batch) as a padded and as a packed micro-batch
+    (in one row with ``one_row``). A shortened example keeps its first token (a prompt token: no label)
+    and its last ``n`` tokens."""
     ids, labels = [], []
     for x, y, n in zip(run.train_set.input_ids, run.train_set.labels, SHORTENED[:batch_size]):
         ids.append(torch.cat([x[:1], x[-n:]]) if n else x)
         labels.append(torch.cat([y[:1], y[-n:]]) if n else y)
     pad = run.tokenizer.pad_token_id
-    return collate(ids, labels, pad), collate_packed(ids, labels, pad)
+    return collate(ids, labels, pad), collate_packed(ids, labels, pad, one_row)
 
 
 def test_rows_are_filled_first_fit_longest_first_and_no_longer_than_the_longest_example():
@@ -67,12 +68,21 @@ def test_a_packed_batch_has_no_padding_inside_rows_and_positions_restart_per_exa
     assert sorted(x.tolist() for x in ids) == sorted(x.tolist() for x in original)
 
 
+def test_one_row_packing_puts_the_whole_batch_in_a_single_row_without_any_padding():
+    run = setup(tiny())
+    padded, packed = both_layouts(run, one_row=True)
+    assert packed["input_ids"].shape == (1, int(padded["attention_mask"].sum()))
+    assert int((packed["position_ids"] == 0).sum()) == len(packed["example_lengths"]) == 6
+    assert sorted(x.tolist() for x in examples_of(packed)[0]) == sorted(x.tolist() for x in examples_of(padded)[0])
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("answer_only", [True, False])
-def test_packed_loss_and_gradients_equal_the_padded_path(attention, lora, answer_only):
+@pytest.mark.parametrize("one_row", [False, True])
+def test_packed_loss_and_gradients_equal_the_padded_path(attention, lora, answer_only, one_row):
     run = setup(tiny(f"model.attn_implementation={attention}", f"model.lora.enabled={str(lora).lower()}"))
-    padded, packed = both_layouts(run)
+    padded, packed = both_layouts(run, one_row=one_row)
     n = label_count(padded)
     assert label_count(packed) == n, "no label crosses from one packed example into the next"
     params = [p for p in run.model.parameters() if p.requires_grad]
@@ -91,15 +101,17 @@ def test_packed_loss_and_gradients_equal_the_padded_path(attention, lora, answer
     assert max(g.abs().max().item() for g in padded_grads) > 1e-4, "the comparison must see real gradients"
 
 
-def test_flex_attention_keeps_packed_examples_apart_in_the_forward_pass():
+@pytest.mark.parametrize("one_row", [False, True])
+def test_flex_attention_keeps_packed_examples_apart_in_the_forward_pass(one_row):
     """FlexAttention has no backward on CPU (torch raises), so here only the loss: the document mask
-    transformers builds from the position ids gives the padded path's value."""
+    transformers builds from the position ids gives the padded path's value, in first-fit rows and in the
+    one row the loop packs for it."""
     with pytest.raises(SpecError, match="^model.attn_implementation: flex_attention has no backward"):
         setup(tiny("model.attn_implementation=flex_attention"))
     run = setup(tiny())
     run.model.set_attn_implementation("flex_attention")
     assert run.model.config._attn_implementation == "flex_attention"
-    padded, packed = both_layouts(run)
+    padded, packed = both_layouts(run, one_row=one_row)
     n = label_count(padded)
     with torch.no_grad():
         assert answer_only_loss(run.model, packed, n).item() == pytest.approx(
@@ -180,12 +192,13 @@ def test_the_answer_position_gather_equals_boolean_masking():
         assert torch.equal(gathered, hidden[:, :-1][shifted != -100])
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_split_halves_keep_every_example_once(packing):
+@pytest.mark.parametrize("layout", ["packed", "one row", "padded"])
+def test_split_halves_keep_every_example_once_in_the_same_layout(layout):
     run = setup(tiny())
-    padded, packed = both_layouts(run, batch_size=7)
-    batch = packed if packing else padded
+    padded, packed = both_layouts(run, batch_size=7, one_row=layout == "one row")
+    batch = padded if layout == "padded" else packed
     halves = split_batch(batch, run.tokenizer.pad_token_id)
+    assert all(len(h["input_ids"]) == 1 for h in halves) == (layout == "one row")
     assert [len(examples_of(h)[0]) for h in halves] == [3, 4]
     assert sum(label_count(h) for h in halves) == label_count(batch)
     rows = lambda b: sorted(x.tolist() for x in examples_of(b)[0])  # noqa: E731
@@ -253,3 +266,21 @@ def test_evaluation_batches_are_packed_too_and_give_the_padded_loss():
     assert validation_loss(packed) == pytest.approx(validation_loss(padded), abs=1e-5)
     batches = make_batches(packed.val_set, packed.spec.data, 0, seed=0, epoch=0, shuffle=False, pack=True)
     assert batches and all("attention_mask" not in b for b in batches)
+
+
+def test_a_one_row_run_trains_and_evaluates_on_single_rows_to_the_padded_figures():
+    """The loop packs one row per micro-batch for flex_attention (a GPU choice: no backward on CPU); the
+    same layout under sdpa must train and measure as the padded path does."""
+    import dataclasses
+    from tune_llama.loop import validation_loss
+    common = ["training.epochs=1", "training.optimizer=sgd", "training.lr=0.5", "model.lora.enabled=true",
+              "training.gradient_accumulation_steps=2", "data.batch_size=3"]
+    one_row, padded = setup(tiny(*common)), setup(tiny(*common, "data.packing=false"))
+    one_row = dataclasses.replace(one_row, one_row=True)
+    assert validation_loss(one_row) == pytest.approx(validation_loss(padded), abs=1e-5)
+    windows = epoch_windows(one_row, 0)
+    assert all(len(b["input_ids"]) == 1 for window in windows for b in window)
+    for run, steps in ((one_row, windows), (padded, epoch_windows(padded, 0))):
+        for window in steps:
+            train_step(run, window)
+    assert worst_gap(snapshot(one_row), snapshot(padded)) <= 1e-5

@@ -37,6 +37,14 @@ def test_tiny_search_runs_every_trial_and_asha_stops_some_early(tiny_search):
 
 
 @pytest.mark.integration
+def test_one_trial_at_a_time_runs_every_trial_in_the_first_trials_process(tiny_search):
+    # Tune's reuse_actors: a new trial starts in the process an ended (finished or ASHA-stopped) trial left,
+    # not in a new interpreter that imports torch and builds its context again.
+    pids = {trial.name: {r["pid"] for r in epochs_reported(trial)} for trial in trial_dirs(tiny_search)}
+    assert len(pids) == 6 and len(set().union(*pids.values())) == 1, pids
+
+
+@pytest.mark.integration
 def test_the_summary_export_report_and_single_run_name_the_same_best_trial_report_and_checkpoint(tiny_search):
     """One ranking: the best report is not always a trial's last one, and all four readers agree on it."""
     from tune_llama.export import choose

@@ -15,9 +15,11 @@ from conftest import NO_HOST_OOM_KILLS, TINY, kill_session, result_rows, run_sea
 
 NAME = "interrupted"
 # Three trials one after another, two epochs each: the first ends, the second is cut mid-run, the third
-# never started when the search is killed.
+# never started when the search is killed. Rows enough for a trial to run for seconds past its first report
+# (Ray copies result.json into the search folder once a second): tiny.yaml's 96 rows can end a trial unseen.
 SMALL = ["--set", "search.num_samples=3", "--set", "search.max_concurrent=1", "--set", "training.epochs=2",
-         "--set", "search.asha.grace_period=2"]
+         "--set", "search.asha.grace_period=2", "--set", "data.synthetic_size=400",
+         "--set", "training.eval_every=0.5"]
 
 pytestmark = pytest.mark.integration  # every test here runs real searches (Ray)
 

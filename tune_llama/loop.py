@@ -31,7 +31,7 @@ import torch
 from tune_llama.data import IGNORE_INDEX, Encoded, load_splits, make_batches
 from tune_llama.data.batching import Batch, count_batches
 from tune_llama.data.cache import encode_cached
-from tune_llama.data.packing import DEVICE_KEYS, real_tokens, with_answer_positions
+from tune_llama.data.packing import DEVICE_KEYS, ONE_ROW_ATTENTION, real_tokens, with_answer_positions
 from tune_llama.errors import SpecError
 from tune_llama.loss import micro_batch_loss
 from tune_llama.model import cuda_package, load_model, load_tokenizer
@@ -71,6 +71,8 @@ class Run:
     """Seconds each part of ``setup`` took (tokenizer, data, model, optimizer, budget probe)."""
     packing: bool = False
     """Whether micro-batches are packed padding-free (``data.packing`` where supported)."""
+    one_row: bool = False
+    """Whether each packed micro-batch is a single row (attention that skips masked blocks)."""
     halving: Optional[Halving] = None
     """Cuts a step's micro-batches in half when it runs out of memory (``oom_retries`` counts it)."""
     sum_across_workers: Callable[[int], int] = lambda n: n
@@ -128,9 +130,10 @@ def setup(spec: Spec, *, model=None, tokenizer=None, data: Optional[tuple[Encode
     packing, why_not = packing_supported(spec) if spec.data.packing else (False, "")
     if why_not:
         log.info("data.packing: padded rows instead (%s)", why_not)
+    one_row = packing and spec.model.attn_implementation in ONE_ROW_ATTENTION
     if spec.data.max_tokens_per_batch == "auto":
         with timed(timings, "budget_probe_s"):
-            budget = auto_budget(spec, model, tokenizer, device, packing)
+            budget = auto_budget(spec, model, tokenizer, device, packing, one_row)
         spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, max_tokens_per_batch=budget))
     with timed(timings, "optimizer_s"):
         n_batches = count_batches(train_set, spec.data, pack=packing)
@@ -139,7 +142,7 @@ def setup(spec: Spec, *, model=None, tokenizer=None, data: Optional[tuple[Encode
         scheduler = build_scheduler(optimizer, spec, steps_per_epoch * spec.training.epochs)
         scaler = torch.amp.GradScaler(device.type) if spec.training.precision == "fp16" else None
     return Run(spec, device, tokenizer, model, train_set, val_set, optimizer, scheduler, scaler, steps_per_epoch,
-               report_steps(spec.training, steps_per_epoch), timings, packing=packing,
+               report_steps(spec.training, steps_per_epoch), timings, packing=packing, one_row=one_row,
                halving=Halving(tokenizer.pad_token_id))
 
 
@@ -212,7 +215,7 @@ def label_count(batch: Batch) -> int:
 def epoch_windows(run: Run, epoch: int) -> list[Window]:
     """The optimizer steps of epoch ``epoch`` (0-based): the same for the same (seed, epoch), always."""
     batches = make_batches(run.train_set, run.spec.data, run.tokenizer.pad_token_id,
-                           seed=run.spec.training.seed, epoch=epoch, pack=run.packing)
+                           seed=run.spec.training.seed, epoch=epoch, pack=run.packing, one_row=run.one_row)
     accum = run.spec.training.gradient_accumulation_steps
     return [batches[i:i + accum] for i in range(0, len(batches), accum)]
 
@@ -302,7 +305,8 @@ def validation_loss(run: Run, encoded: Optional[Encoded] = None) -> float:
     if data.batching == "packed":  # examples must not see each other when measured
         data = dataclasses.replace(data, batching="length_grouped")
     batches = make_batches(encoded or run.val_set, data, run.tokenizer.pad_token_id, seed=0, epoch=0,
-                           shuffle=False, batch_size=data.eval_batch_size or data.batch_size, pack=run.packing)
+                           shuffle=False, batch_size=data.eval_batch_size or data.batch_size, pack=run.packing,
+                           one_row=run.one_row)
     run.model.eval()
     total = torch.zeros((), device=run.device)
     tokens = 0

@@ -117,8 +117,10 @@ def tune_config(spec: Spec, search_dir: Path, concurrent: int, first: Optional[l
         scheduler = ASHAScheduler(**rungs, brackets=s.asha.brackets)
     else:
         scheduler = HalvingScheduler(search_dir, limiter, **rungs)
+    # A new trial reuses an ended trial's process: no interpreter, torch import or CUDA context to start again
+    # (seconds per trial, most of a short trial's overhead). Ray Train trials keep their own worker groups.
     return tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
-                           search_alg=limiter)
+                           search_alg=limiter, reuse_actors=s.resources.workers == 1)
 
 
 def run_config(spec: Spec, search_dir: Path, verbose: bool):
@@ -166,8 +168,11 @@ def init_ray(spec: Spec, verbose: bool) -> None:
         os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     address = os.environ.get("RAY_ADDRESS")
     # "local": a Ray of our own even where another user's `ray start` registered a cluster in /tmp/ray.
+    # A reused process waits for the stopped trial's thread to end (its finally frees the model) before the
+    # next trial starts there; Tune's default 2 s, missed, would error the next trial instead.
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=verbose,
-             configure_logging=True, logging_level="INFO" if verbose else "ERROR")
+             configure_logging=True, logging_level="INFO" if verbose else "ERROR",
+             runtime_env={"env_vars": {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "120"}})
 
 
 def forward_sigterm_to_tune() -> None:

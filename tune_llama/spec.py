@@ -73,7 +73,8 @@ class ModelSpec:
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     """Attention kernel: ``sdpa`` (PyTorch's fused scaled-dot-product attention), ``eager``, or
     ``flex_attention`` (PyTorch FlexAttention; with ``data.packing`` it skips the blocks where packed
-    examples would see each other, where sdpa computes them and masks them out: the GPU choice)."""
+    examples would see each other, where sdpa computes them and masks them out, so each micro-batch is
+    packed into one row: the GPU choice)."""
     kernels: Literal["none", "liger"] = "none"
     """``liger`` swaps in Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, and
     the fused linear cross-entropy for the answer-only loss): CUDA only, needs

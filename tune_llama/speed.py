@@ -133,7 +133,8 @@ def probe_budget(try_tokens: Callable[[int], int], max_length: int, memory_bytes
     return best
 
 
-def auto_budget(spec: Spec, model, tokenizer, device: torch.device, packing: bool) -> Optional[int]:
+def auto_budget(spec: Spec, model, tokenizer, device: torch.device, packing: bool,
+                one_row: bool = False) -> Optional[int]:
     """``max_tokens_per_batch: auto``: on CUDA the largest budget that fits (``speed.probe_budget``); on CPU
     none (``batch_size`` examples), since a budget brings nothing there."""
     if device.type != "cuda":
@@ -148,7 +149,7 @@ def auto_budget(spec: Spec, model, tokenizer, device: torch.device, packing: boo
         from tune_llama.data.packing import collate_packed
         rows = [torch.randint(4, vocab, (data.max_length,)) for _ in range(tokens // data.max_length)]
         labels = [torch.cat([torch.full((r.numel() // 3,), IGNORE_INDEX), r[r.numel() // 3:]]) for r in rows]
-        batch = collate_packed(rows, labels, tokenizer.pad_token_id) if packing \
+        batch = collate_packed(rows, labels, tokenizer.pad_token_id, one_row) if packing \
             else collate(rows, labels, tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in with_answer_positions(batch).items() if k in DEVICE_KEYS}
         torch.cuda.reset_peak_memory_stats(device)

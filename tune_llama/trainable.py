@@ -52,6 +52,7 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any], live_dir: Optional
         # ASHA stops, failures and normal ends all free the model before the worker is reused.
         del run
         gc.collect()
+        torch.compiler.reset()  # the next trial in this process compiles its own layers, not against our guards
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -36,10 +36,12 @@ Batch = dict[str, torch.Tensor]
 
 
 def make_batches(encoded: Encoded, data: DataSpec, pad_id: int, *, seed: int, epoch: int,
-                 shuffle: bool = True, batch_size: int | None = None, pack: bool = False) -> list[Batch]:
+                 shuffle: bool = True, batch_size: int | None = None, pack: bool = False,
+                 one_row: bool = False) -> list[Batch]:
     """The batches of one epoch. ``shuffle=False`` (evaluation) keeps every example exactly once,
     in file order, except that ``length_grouped`` sorts by length to save padding. ``pack``: each
-    batch's examples packed padding-free into rows (not for ``batching: packed``, whose rows are full)."""
+    batch's examples packed padding-free into rows (not for ``batching: packed``, whose rows are full),
+    each batch in a single row with ``one_row`` (``packing.ONE_ROW_ATTENTION``)."""
     batch_size = batch_size or data.batch_size
     if data.batching == "packed":
         order = epoch_order(len(encoded), seed, epoch, shuffle)[0]
@@ -48,7 +50,7 @@ def make_batches(encoded: Encoded, data: DataSpec, pad_id: int, *, seed: int, ep
                 for i in range(0, len(ids), batch_size)]
     groups = index_batches(encoded, data, seed=seed, epoch=epoch, shuffle=shuffle, batch_size=batch_size, pack=pack)
     if pack:
-        return [collate_packed([encoded.input_ids[i] for i in g], [encoded.labels[i] for i in g], pad_id)
+        return [collate_packed([encoded.input_ids[i] for i in g], [encoded.labels[i] for i in g], pad_id, one_row)
                 for g in groups]
     return [collate([encoded.input_ids[i] for i in g], [encoded.labels[i] for i in g], pad_id) for g in groups]
 

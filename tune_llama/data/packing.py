@@ -14,6 +14,11 @@ a dense mask and compute every masked pair, so one 4k-token row would cost
 What packing saves is the padding; length-grouped batches have little, random
 ones (and token budgets over mixed lengths) much more.
 
+FlexAttention is the exception (``ONE_ROW_ATTENTION``): its document mask
+skips the blocks that cross examples, so one long row costs about each
+example's own square there, and a batch packs into one row (``one_row``), with
+no padding at all.
+
 Every micro-batch, packed or padded, also carries ``answer_index`` and
 ``answer_labels``: the flat positions whose next token carries a label and
 those labels, computed here on the host, so the loss gathers them on the device
@@ -33,6 +38,8 @@ DEVICE_KEYS = MODEL_INPUTS + ("labels", "answer_index", "answer_labels")
 """What goes to the device; ``example_lengths`` stays on the host (counting, splitting)."""
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
 """Attention implementations whose masks transformers builds from the position ids' restarts."""
+ONE_ROW_ATTENTION = ("flex_attention",)
+"""Attention that computes only the blocks its mask keeps: a packed batch is one row for it."""
 
 
 def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,9 +73,10 @@ def first_fit_rows(lengths: list[int]) -> list[list[int]]:
     return rows
 
 
-def collate_packed(ids: list[torch.Tensor], labels: list[torch.Tensor], pad_id: int) -> Batch:
-    """One micro-batch of the examples ``ids``/``labels``, packed into rows (``first_fit_rows``)."""
-    placed = first_fit_rows([len(x) for x in ids])
+def collate_packed(ids: list[torch.Tensor], labels: list[torch.Tensor], pad_id: int, one_row: bool = False) -> Batch:
+    """One micro-batch of the examples ``ids``/``labels``, packed into rows (``first_fit_rows``), or all in one
+    row with ``one_row``."""
+    placed = [list(range(len(ids)))] if one_row else first_fit_rows([len(x) for x in ids])
     order = [i for row in placed for i in row]
     row_ids = [torch.cat([ids[i] for i in row]) for row in placed]
     row_labels = [torch.cat([labels[i] for i in row]) for row in placed]
@@ -123,6 +131,10 @@ def split_batch(batch: Batch, pad_id: int) -> list[Batch]:
         raise ValueError("a micro-batch of one example cannot be split")
     half = len(ids) // 2
     if "example_lengths" in batch:
-        return [collate_packed(ids[:half], labels[:half], pad_id), collate_packed(ids[half:], labels[half:], pad_id)]
+        # First-fit rows put two or more examples in two or more rows (the longest fills its own), so one row
+        # of several examples is the one-row layout.
+        one_row = len(batch["input_ids"]) == 1
+        return [collate_packed(ids[:half], labels[:half], pad_id, one_row),
+                collate_packed(ids[half:], labels[half:], pad_id, one_row)]
     return [with_answer_positions(collate(ids[:half], labels[:half], pad_id)),
             with_answer_positions(collate(ids[half:], labels[half:], pad_id))]
