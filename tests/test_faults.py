@@ -47,7 +47,8 @@ def reports(rows: list[dict]) -> list[int]:
 def test_a_killed_trial_worker_is_retried_from_its_last_checkpoint_and_the_search_finishes(tmp_path):
     experiment = tmp_path / "worker"
     leader = popen_search([str(TINY), "--name", "worker", "--storage", str(tmp_path), *LONG_ENOUGH,
-                           "--set", "search.max_failures=1", "--set", "training.log_every=1"], cwd=tmp_path, env_extra=FRESH_STATE)
+                           "--set", "search.max_failures=1", "--set", "training.log_every=1"],
+                          cwd=tmp_path, env_extra=FRESH_STATE)
     try:
         # A trial that reported (so checkpointed) well before its end, and whose checkpoint Tune holds.
         trial, pid = wait_until(first_report(experiment, 0.5, checkpoint_kept=True), leader,
