@@ -187,8 +187,11 @@ def test_a_search_stopped_by_sigterm_is_finished_by_resubmitting_with_resume(slu
     results = tmp_path / "results"
     experiment = results / "walltime"
     env = job_env(ray_tmp, TUNE_RESULTS=str(results))
-    args = [TINY, "--name", "walltime", "--set", "search.num_samples=3", "--set", "training.epochs=2",
-            "--set", "data.synthetic_size=48"]
+    # Long enough that the signal lands mid-search: trials reuse their process, so a small search
+    # ends within the second or two the signal takes to arrive. No early stop (grace period = epochs):
+    # about three epochs' work, 10 s here, remain after the first report.
+    args = [TINY, "--name", "walltime", "--set", "search.num_samples=3", "--set", "training.epochs=3",
+            "--set", "data.synthetic_size=400", "--set", "search.asha.grace_period=3"]
     first = slurm.submit(SINGLE, args, ["--cpus-per-task=2"], env, cwd=REPO)
 
     # Mid-search (a trial has reported), the wall-time warning: SIGTERM to the batch shell only,
