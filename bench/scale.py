@@ -50,11 +50,11 @@ def object_store_mb() -> float | None:
     """Object store (plasma) memory the search's objects pin, from the raylet's ``debug_state.txt`` (None
     before Ray is up). Ray's readers (``ray memory``, ``memory_summary``) need grpcio, which Ray's minimal
     install lacks; the raylet rewrites this file in its session folder every 10 s. Bench only."""
+    from tune_llama.ray_private import session_dir
     try:
-        import ray
-        if not ray.is_initialized():
+        session = session_dir()
+        if session is None:
             return None
-        session = Path(ray._private.worker._global_node.get_session_dir_path())  # private: bench only
         text = (session / "logs" / "debug_state.txt").read_text()
     except Exception:  # a bench reading: a failed read is a blank cell, not a failed run
         return None

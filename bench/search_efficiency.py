@@ -1,11 +1,11 @@
-"""The default search (the spec's scheduler, ASHA unless told, + Optuna TPE) against FIFO random search: same
-spec, trials and budget.
+"""The default search (the spec's scheduler, halving unless told, + Optuna TPE) against FIFO random search:
+same spec, trials and budget.
 
     # tiny.yaml (the default spec) at 48 trials over 3 search seeds (the README's table):
     nice .venv/bin/python bench/search_efficiency.py --samples 48 --epochs 4 --eval-every 0.25
         --reduction-factor 4 --grace-period 0.25 --max-concurrent 2 --seeds 3
-    # the same with the halving scheduler (rungs that wait):
-    ... --scheduler halving
+    # the same with Ray's asynchronous ASHA:
+    ... --scheduler asha
     # the embedded SmolLM2 on a real GSM8K slice, one trial at a time, then two trials x 1 core (~40 min each):
     .venv/bin/python bench/search_efficiency.py bench/specs/smollm2_gsm8k.yaml --json
     .venv/bin/python bench/search_efficiency.py bench/specs/smollm2_gsm8k.yaml --max-concurrent 2
@@ -14,7 +14,7 @@ spec, trials and budget.
 Every option left out keeps the spec's value.
 
 asha: ``tune-llama search`` with the spec's sampler (TPE) and scheduler (``search.scheduler``, default
-``asha``; ``--scheduler halving``: the name ``asha`` stays for the JSON keys). asha-random-sampler: the same with
+``halving``; the table names the rows by the scheduler, the JSON keys keep ``asha``). asha-random-sampler: the same with
 ``search.sampler=random``, which separates what ASHA's stops save from where TPE moves the budget (TPE's later
 configs are better, so more of them survive the rungs). random: the same trainable, space, samples, concurrency
 and epochs, FIFO, with Optuna's random sampler: the very configs asha-random-sampler tried, so the two differ
@@ -172,8 +172,9 @@ def main(argv=None) -> int:
     payload.update(random_trial_steps=summary["random"]["trial_steps"]["mean"],
                    random_best=summary["random"]["best"]["mean"], seeds=len(per_seed))
 
-    rows = [{"search": name, "seed": seed, **per_seed[seed][name]} for name in names for seed in sorted(per_seed)
-            if name in per_seed[seed]]
+    shown = {"asha": s.scheduler, "asha-random-sampler": f"{s.scheduler}-random-sampler", "random": "random"}
+    rows = [{"search": shown[name], "seed": seed, **per_seed[seed][name]} for name in names
+            for seed in sorted(per_seed) if name in per_seed[seed]]
     lines = [f"scheduler {s.scheduler}, reduction factor {s.asha.reduction_factor}, grace period "
              f"{search.grace_period(spec):g} epoch(s), max_t {spec.training.epochs} epochs, max_concurrent "
              f"{s.max_concurrent}, {s.num_samples} trials"]

@@ -279,18 +279,20 @@ def test_a_trial_whose_workers_the_cluster_cannot_hold_is_one_line_and_leaves_no
 
 @pytest.mark.integration
 @pytest.mark.timeout(1500)
-def test_asha_stopped_two_worker_trials_give_back_their_workers_so_every_trial_runs(tmp_path):
-    """Four trials of 2 workers x 1 CPU on a cluster that holds one such trial at a time, ASHA keeping only the
-    best quarter at the first report: stopped trials must free their placement group, or the next trial waits
-    for it forever and this test times out.
+@pytest.mark.parametrize("scheduler", ["asha", "halving"])
+def test_stopped_or_waiting_two_worker_trials_give_back_their_workers_so_every_trial_runs(tmp_path, scheduler):
+    """Four trials of 2 workers x 1 CPU on a cluster that holds one such trial at a time, the scheduler keeping
+    only the best quarter at the first rung: stopped trials (ASHA), and trials paused at the rung until it
+    holds four results (halving), must free their placement group, or the next trial waits for it forever
+    and this test times out.
 
     The random sampler (seed 0) draws SGD at lr 0.0023, 0.0040, 0.0091, then AdamW: on the tiny model a larger
     SGD lr lowers the loss faster, so with mode=max the first trial leads at the first rung and ASHA stops
-    the SGD trials after it."""
+    the SGD trials after it; halving lets one trial of the four go on."""
     import subprocess
 
     from conftest import NO_HOST_OOM_KILLS, kill_session, popen_search, summary_counts
-    from tune_llama.results import ASHA_STOPPED, load_search
+    from tune_llama.results import RUNG_STOPPED, load_search
 
     storage = tmp_path
     leader = popen_search([str(TINY), "--name", "asha", "--storage", str(storage),
@@ -303,7 +305,7 @@ def test_asha_stopped_two_worker_trials_give_back_their_workers_so_every_trial_r
                            "--set", "training.epochs=2", "--set", "search.asha.grace_period=1",
                            "--set", "data.synthetic_size=400", "--set", "training.eval_every=0.125",
                            "--set", "search.asha.reduction_factor=4", "--set", "search.sampler=random",
-                           "--set", "search.mode=max"],
+                           "--set", "search.mode=max", "--set", f"search.scheduler={scheduler}"],
                           cwd=storage, env_extra=NO_HOST_OOM_KILLS)
     try:
         code = leader.wait(timeout=1200)
@@ -318,4 +320,4 @@ def test_asha_stopped_two_worker_trials_give_back_their_workers_so_every_trial_r
     search = load_search(storage / "asha")
     statuses = [search.status(t) for t in search.trials]
     assert len(statuses) == 4 and all(t.rows for t in search.trials), statuses
-    assert statuses.count(ASHA_STOPPED) >= 1, f"ASHA stopped no trial, nothing was tested: {statuses}"
+    assert statuses.count(RUNG_STOPPED) >= 1, f"ASHA stopped no trial, nothing was tested: {statuses}"

@@ -37,9 +37,9 @@ def test_rungs_are_the_grace_period_times_powers_of_the_reduction_factor_below_m
     assert rungs(4, 2, 4) == []
 
 
-def test_the_default_scheduler_is_asha_and_halving_is_on_request():
-    assert load_spec(TINY).search.scheduler == "asha"
-    assert load_spec(TINY, ["search.scheduler=halving"]).search.scheduler == "halving"
+def test_the_default_scheduler_is_halving_and_asha_is_on_request():
+    assert load_spec(TINY).search.scheduler == "halving"
+    assert load_spec(TINY, ["search.scheduler=asha"]).search.scheduler == "asha"
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_no_trial_goes_past_a_rung_before_reduction_factor_trials_reported_there
             assert not beyond or beyond[0]["timestamp"] >= full, (
                 f"{name} went past epoch {milestone} before {spec.search.asha.reduction_factor} trials reported there")
     state = json.loads((halving_search / STATE_FILE).read_text())
-    assert state["waiting"] == {}, "a trial was left waiting at a rung"
+    assert state["waiting"] == {}, "a trial was left waiting at rung"
 
 
 @pytest.mark.integration

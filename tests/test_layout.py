@@ -112,4 +112,4 @@ def test_only_checkpoint_py_spells_a_checkpoint_file_name():
 
 def test_only_results_py_spells_the_words_for_trial_states():
     from tune_llama import results
-    assert owners_of([results.ASHA_STOPPED, results.EARLY_STOPPED, results.NO_RESULT]) == {"results.py"}
+    assert owners_of([results.RUNG_STOPPED, results.EARLY_STOPPED, results.NO_RESULT]) == {"results.py"}

@@ -115,7 +115,7 @@ def trial(i: int, params: dict, status: str = "finished", best: float | None = N
 def test_the_table_fits_100_columns_and_shows_every_param_when_short_names_make_them_fit():
     spec = load_spec(TINY)
     trials = [trial(1, {"training.lr": 0.000164, "training.gradient_accumulation_steps": 2,
-                        "training.optimizer": "adamw"}, "stopped by ASHA", epoch=1.0),
+                        "training.optimizer": "adamw"}, "stopped at rung", epoch=1.0),
               trial(2, {"training.lr": 0.0266, "training.gradient_accumulation_steps": 1,
                         "training.optimizer": "sgd"}, "running", epoch=2.5)]
     metric, *lines = table(spec, trials).splitlines()
@@ -124,7 +124,7 @@ def test_the_table_fits_100_columns_and_shows_every_param_when_short_names_make_
         metric.index("eval_loss") < lines[0].index("best"), "the metric's name spans its latest and best columns"
     assert re.search(r" optim\w*=adamw ", lines[1]) and re.search(r" optim\w*=sgd ", lines[2])  # not cut off
     assert "lr=0.000164" in lines[1] and re.search(r"gradi\w*_accu\w*_steps=2", lines[1])
-    assert "1.00/4" in lines[1] and "stopped by ASHA" in lines[1] and "2.50/4" in lines[2]
+    assert "1.00/4" in lines[1] and "stopped at rung" in lines[1] and "2.50/4" in lines[2]
     alone = table(spec, trials[1:]).splitlines()[2]  # a refresh with other trials: the same column shape
     assert alone.split()[2].split("=")[0] == lines[2].split()[2].split("=")[0] and alone == lines[2]
 
@@ -153,7 +153,7 @@ def test_the_table_fits_100_columns_with_many_long_params_and_a_hundred_trials()
               "training.warmup_ratio": 0.123456, "training.lr_schedule": "constant",
               "training.weight_decay": 0.000123456, "data.max_tokens_per_batch": 2048,
               "training.optimizer": "adamw"}
-    trials = [trial(i, params, "running" if i % 25 == 0 else "stopped by ASHA" if i % 3 else "finished",
+    trials = [trial(i, params, "running" if i % 25 == 0 else "stopped at rung" if i % 3 else "finished",
                     best=float("nan") if i == 7 else None, epoch=i % 10 + 0.25)
               for i in range(100)]
     trials[50]["status"] = "errored"
@@ -190,10 +190,10 @@ def test_the_search_printed_the_table_in_100_columns_with_each_trials_final_stat
         tables.append(lines[start:end])
     assert all(len(line) <= WIDTH for table_lines in tables for line in table_lines)
     last = tables[-1]
-    status = {trial_id: "finished" if reports[-1]["epoch"] == 4 else "stopped by ASHA"
+    status = {trial_id: "finished" if reports[-1]["epoch"] == 4 else "stopped at rung"
               for trial_id, reports in truth.items()}
     done = sum(s == "finished" for s in status.values())
-    assert last[0].endswith(f"6 of 6 trials: {done} finished, {6 - done} stopped by ASHA"), last[0]
+    assert last[0].endswith(f"6 of 6 trials: {done} finished, {6 - done} stopped at rung"), last[0]
     rows = {line.split()[0]: line for line in last[3:]}
     assert set(rows) == set(truth)
     for trial_id, reports in truth.items():
@@ -308,6 +308,33 @@ def test_the_search_says_what_it_waits_for_and_trials_push_progress_without_extr
         # Tune saw one result per report point and no more: the side channel added no row (no ASHA rung).
         assert [r["report"] for r in reports] == list(range(1, len(reports) + 1))
         assert [r["training_iteration"] for r in reports] == [r["report"] for r in reports]
+
+
+def test_a_trial_paused_at_a_rung_shows_as_waiting_until_it_goes_on():
+    from tune_llama.progress import TrialTable
+    from tune_llama.results import RUNNING, WAITING
+
+    class TuneTrial:  # what Tune hands a callback: a trial with an id, its config and Ray's status
+        def __init__(self, trial_id, status):
+            self.trial_id, self.config, self.status = trial_id, {"training.lr": 0.01}, status
+
+    board = TrialTable(load_spec(TINY))
+    trial = TuneTrial("a1", "RUNNING")
+    board.on_trial_start(0, [trial], trial)
+    board.on_trial_result(0, [trial], trial, {"eval_loss": 2.5, "epoch": 1.0})
+    seen = []
+    for status in ("RUNNING", "PAUSED", "PAUSED", "PENDING", "RUNNING"):
+        trial.status = status
+        board.on_step_end(0, [trial])
+        seen.append(board.trials["a1"]["status"])
+    assert seen == [RUNNING, WAITING, WAITING, WAITING, RUNNING]
+
+
+def test_a_search_folder_calls_a_paused_trial_waiting_while_the_search_runs_and_interrupted_after():
+    from tune_llama.results import INTERRUPTED, WAITING, Trial
+    paused = Trial("a1", None, {}, rows=[{"epoch": 1.0, "eval_loss": 2.5}], ray_status="PAUSED")
+    assert paused.status(4, driver_alive=True) == WAITING
+    assert paused.status(4, driver_alive=False) == INTERRUPTED
 
 
 def test_before_the_first_trial_starts_the_table_says_what_it_waits_for_once_per_change(capsys):

@@ -138,6 +138,24 @@ def test_reading_a_search_does_not_import_ray():
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT).returncode == 0, "ray_private imports Ray"
 
 
+@pytest.mark.integration  # starts Ray
+def test_session_dir_is_the_folder_ray_init_names_and_none_without_ray(tmp_path):
+    script = textwrap.dedent("""
+        from pathlib import Path
+        import ray
+        from tune_llama.ray_private import session_dir
+        assert session_dir() is None
+        context = ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        print(session_dir() == Path(context.address_info["session_dir"]), (session_dir() / "logs").is_dir())
+        ray.shutdown()
+        print(session_dir())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "True", "None"], \
+        f"ray._private.worker._global_node changed (checked {CHECKED_RAY_VERSION}): {proc.stdout} {proc.stderr[-2000:]}"
+
+
 # ---------------------------------------------------------------- searcher: public hooks only
 
 @pytest.mark.integration
@@ -163,6 +181,48 @@ def test_the_searcher_drops_updates_to_a_trial_optuna_already_closed(tmp_path):
     assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.5
     assert trial.intermediate_values == {}
     assert searcher.suggest("t2") is not None, "the search must go on after a dropped update"
+
+
+def test_a_resumed_trial_repeating_a_reported_step_keeps_the_first_value_without_a_warning(tmp_path, recwarn):
+    import warnings
+
+    import optuna
+    from ray import tune
+
+    from tune_llama.searcher import ResumableOptunaSearch
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    searcher = ResumableOptunaSearch(space={"lr": tune.uniform(0.0, 1.0)}, metric="eval_loss", mode="min",
+                                     storage=storage, study_name="s", sampler=optuna.samplers.TPESampler(seed=0))
+    searcher.suggest("t1")
+    searcher.on_trial_result("t1", {"eval_loss": 0.5, "training_iteration": 2})
+    warnings.simplefilter("always")  # a warning shown once already would otherwise pass unseen
+    searcher.on_trial_result("t1", {"eval_loss": 0.5, "training_iteration": 2})  # after a resume
+
+    assert [str(w.message) for w in recwarn] == []
+    (trial,) = optuna.load_study(study_name="s", storage=storage).trials
+    assert trial.intermediate_values == {2: 0.5}
+    study = optuna.load_study(study_name="s", storage=storage)
+    with pytest.warns(UserWarning, match="already reported"):  # Optuna itself still warns: the filter is ours
+        optuna.trial.Trial(study, trial._trial_id).report(0.5, 2)
+
+
+def test_a_trial_stopped_without_a_result_is_complete_at_its_last_report_not_pruned(tmp_path):
+    # The halving scheduler stops a trial paused at a rung; Tune then tells the searcher with no result.
+    import optuna
+    from ray import tune
+
+    from tune_llama.searcher import ResumableOptunaSearch
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    searcher = ResumableOptunaSearch(space={"lr": tune.uniform(0.0, 1.0)}, metric="eval_loss", mode="min",
+                                     storage=storage, study_name="s", sampler=optuna.samplers.TPESampler(seed=0))
+    searcher.suggest("t1")
+    searcher.on_trial_result("t1", {"eval_loss": 0.7, "training_iteration": 1})
+    searcher.on_trial_result("t1", {"eval_loss": 0.6, "training_iteration": 2})
+    searcher.on_trial_complete("t1", None)
+
+    (trial,) = optuna.load_study(study_name="s", storage=storage).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.6
+    assert trial.intermediate_values == {1: 0.7, 2: 0.6}
 
 
 def test_optuna_search_keeps_its_study_and_trials_where_ray_private_reads_and_sets_them(tmp_path):
@@ -212,3 +272,19 @@ def test_the_tune_controller_still_has_the_methods_the_halving_scheduler_stops_p
     assert callable(getattr(TuneController, "_mark_trial_to_checkpoint", None)), (
         "TuneController._mark_trial_to_checkpoint is gone: a paused trial the halving scheduler stops would stay "
         "PAUSED in the experiment state")
+
+
+def test_tunes_result_loggers_restore_a_trials_files_through_the_method_ray_private_overrides():
+    import inspect
+
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, LoggerCallback
+
+    from tune_llama.ray_private import RESULT_LOGGER_NAMES, result_logger_class, result_loggers
+    assert list(inspect.signature(LoggerCallback._restore_from_remote).parameters) == ["self", "file_name", "trial"], \
+        f"LoggerCallback._restore_from_remote changed (checked {CHECKED_RAY_VERSION}): fix ray_private.result_loggers"
+    for base in (JsonLoggerCallback, CSVLoggerCallback):
+        assert "self._restore_from_remote(" in inspect.getsource(base), f"{base.__name__} no longer restores this way"
+    json_logger, csv_logger = result_loggers()
+    assert isinstance(json_logger, JsonLoggerCallback) and isinstance(csv_logger, CSVLoggerCallback)
+    import tune_llama.ray_private as module
+    assert all(getattr(module, name) is result_logger_class(name) for name in RESULT_LOGGER_NAMES)  # unpickling

@@ -15,7 +15,7 @@ from conftest import one_line_error
 from tune_llama.cli import run_cli
 from tune_llama.__main__ import command
 from tune_llama.report import param_importance, report, trial_rows
-from tune_llama.results import (ASHA_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING, load_search,
+from tune_llama.results import (RUNG_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING, load_search,
                                 write_driver_file)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -70,8 +70,8 @@ def test_table_lists_every_trial_with_its_status_epochs_and_best_loss(reported_s
         assert trial_id in out
         assert row["epochs"] == epochs[-1]["epoch"] and row["reports"] == len(epochs)
         assert row["best_eval_loss"] == min(e["eval_loss"] for e in epochs)
-        assert row["status"] == (FINISHED if epochs[-1]["epoch"] == max_epochs else ASHA_STOPPED)
-    assert ASHA_STOPPED in out and FINISHED in out
+        assert row["status"] == (FINISHED if epochs[-1]["epoch"] == max_epochs else RUNG_STOPPED)
+    assert RUNG_STOPPED in out and FINISHED in out
     losses = [r["best_eval_loss"] for r in trial_rows(search)]
     assert losses == sorted(losses), "best trial first"
 

@@ -73,6 +73,7 @@ def resume_and_check(experiment: Path, expect_damaged: bytes | None) -> str:
     assert proc.returncode == 0, out[-3000:]
     assert f"{started} trials restored" in (experiment / "summary.txt").read_text()
     assert "Traceback" not in out and "sqlalchemy" not in out.lower(), out[-3000:]
+    assert "already reported" not in out, out[-3000:]  # the resumed trial's repeated reports, dropped quietly
     damaged = experiment / "optuna.db.damaged"
     if expect_damaged is None:
         assert not damaged.exists()

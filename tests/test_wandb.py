@@ -143,12 +143,12 @@ def test_the_history_holds_the_trials_metrics_not_rays_bookkeeping(tiny_search):
 
 @pytest.mark.integration
 def test_each_runs_final_status_is_the_trials_state_in_the_words_of_results(tiny_search):
-    from tune_llama.results import ASHA_STOPPED, load_search
+    from tune_llama.results import RUNG_STOPPED, load_search
     search = load_search(tiny_search)
     states = {t.trial_id: search.status(t) for t in search.trials}
     logged = {read_run(d)["run"].run_id: read_run(d)["summary"]["status"]
               for d in (tiny_search / "wandb").glob("offline-run-*")}
-    assert logged == states and ASHA_STOPPED in logged.values()
+    assert logged == states and RUNG_STOPPED in logged.values()
 
 
 @pytest.mark.integration

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tune_llama.finalists import comparison_text
-from tune_llama.results import ASHA_STOPPED, FINISHED, Search, Trial
+from tune_llama.results import RUNG_STOPPED, FINISHED, Search, Trial
 
-STATUS_STYLE = {FINISHED: "-", ASHA_STOPPED: "--"}  # anything else (running, errored, ...) is dotted
+STATUS_STYLE = {FINISHED: "-", RUNG_STOPPED: "--"}  # anything else (running, errored, ...) is dotted
 FEW_TRIALS = 8
 """Below this many finished trials, parameter importance is a guess: it is shown with ``FEW_TRIALS_NOTE``."""
 FEW_TRIALS_NOTE = " (few trials: indicative only)"
@@ -79,7 +79,7 @@ def curves(search: Search, key: str, out: Path, log_y: bool = False) -> Path:
 
 
 def curves_figure(search: Search, key: str, log_y: bool = False):
-    """``key`` against the fractional epoch, one line per trial; ASHA-stopped trials dashed, ending in x."""
+    """``key`` against the fractional epoch, one line per trial; rung-stopped trials dashed, ending in x."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     for trial in search.trials:
@@ -90,13 +90,13 @@ def curves_figure(search: Search, key: str, log_y: bool = False):
         xs, ys = zip(*points)
         ax.plot(xs, ys, STATUS_STYLE.get(status, ":"), marker="o", markersize=3,
                 label=f"{trial.trial_id} ({status}) {short_params(trial)}")
-        ax.plot(xs[-1], ys[-1], "x" if status == ASHA_STOPPED else "o", color=ax.lines[-1].get_color(), markersize=8)
+        ax.plot(xs[-1], ys[-1], "x" if status == RUNG_STOPPED else "o", color=ax.lines[-1].get_color(), markersize=8)
     ax.set_xlim(0, search.spec.training.epochs + 0.1)
     ax.set_xlabel("epoch")
     ax.set_ylabel(key)
     if log_y:
         ax.set_yscale("log")
-    ax.set_title(f"{search.name}: {key} per report (dashed, x: {ASHA_STOPPED})")
+    ax.set_title(f"{search.name}: {key} per report (dashed, x: {RUNG_STOPPED})")
     ax.grid(alpha=0.3)
     if ax.lines:  # beside the axes, never over the curves (the best one included)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
@@ -120,7 +120,7 @@ def metric_vs_lr(search: Search, out: Path) -> Optional[Path]:
             by_status.setdefault(status, []).append((trial.params["training.lr"], value))
     for status, points in sorted(by_status.items()):
         xs, ys = zip(*points)
-        ax.scatter(xs, ys, label=status, marker="x" if status == ASHA_STOPPED else "o")
+        ax.scatter(xs, ys, label=status, marker="x" if status == RUNG_STOPPED else "o")
     ax.set_xscale("log")
     ax.set_xlabel("training.lr")
     ax.set_ylabel(f"best {search.metric}")

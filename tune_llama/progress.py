@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, TextIO
 
 from tune_llama.resources import resources_text, worker_resources
-from tune_llama.results import ERRORED, NORMAL_ENDS, PENDING, RUNNING, better, ended_state, sort_key
+from tune_llama.results import ERRORED, NORMAL_ENDS, PENDING, RUNNING, WAITING, better, ended_state, sort_key
 from tune_llama.spec import Spec
 
 WIDTH = 100
 TABLE_EVERY_TTY_S = 5.0
 PLAIN_EVERY_S = 30.0
 MAX_ROWS = 20
-LIVE_STATES = (PENDING, RUNNING, ERRORED, *NORMAL_ENDS)
+LIVE_STATES = (PENDING, RUNNING, WAITING, ERRORED, *NORMAL_ENDS)
 """What a trial's row can say while the search runs: the words of ``results``, as the summary and report."""
 """Trials shown per table: the running ones, then the best; the rest are counted in one line."""
 
@@ -288,7 +288,7 @@ def shown_trials(trials: list[dict[str, Any]], mode: str) -> list[dict[str, Any]
 
 
 def status_counts(trials: Iterable[dict[str, Any]]) -> str:
-    """``4 finished, 2 stopped by ASHA``."""
+    """``4 finished, 2 stopped at rung``."""
     return ", ".join(f"{n} {status}" for status, n in sorted(Counter(t["status"] for t in trials).items()))
 
 
@@ -363,6 +363,12 @@ class TrialTable:
 
     def on_step_end(self, iteration, trials, **info):
         self.pending = sum(t.status == "PENDING" for t in trials)
+        for trial in trials if self.trials else []:  # the halving scheduler pauses a trial at a rung
+            entry = self.trials.get(trial.trial_id)
+            if entry and trial.status == "PAUSED" and entry["status"] == RUNNING:
+                entry["status"] = WAITING
+            elif entry and trial.status == "RUNNING" and entry["status"] == WAITING:
+                entry["status"] = RUNNING
         if not self.trials:
             self.say_waiting(self.pending)
         elif time.monotonic() - self.last_print >= self.every:

@@ -13,7 +13,8 @@ Ray itself), so tune-llama reads two things Ray does not promise to keep:
   trial's sequence number in the search.
 
 and, driving a search, three more: ``search_gen_state-*.json`` (``total_samples``, raised by ``--more``),
-``TuneController.stop_trial`` and ``_mark_trial_to_checkpoint`` (the halving scheduler stops paused trials).
+``TuneController.stop_trial`` and ``_mark_trial_to_checkpoint`` (the halving scheduler stops paused trials);
+for bench/scale.py, the session folder of the running Ray (``ray._private.worker._global_node``).
 
 ``tests/test_ray_private.py`` runs a real Tune experiment and fails, naming the
 piece, when any of this changes; ``pyproject.toml`` pins ``ray`` to the minor
@@ -205,6 +206,16 @@ def release_placement_group(trial_id: str) -> None:
     internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
 
 
+def session_dir() -> Optional[Path]:
+    """The running Ray's session folder (its logs, the raylet's ``logs/debug_state.txt``), None when this
+    process has no Ray. Public only as ``ray.init``'s return value, which the search's caller never sees
+    (bench/scale.py reads the object store from it)."""
+    import ray
+    from ray._private import worker
+    node = getattr(worker, "_global_node", None)
+    return Path(node.get_session_dir_path()) if ray.is_initialized() and node is not None else None
+
+
 # ---------------------------------------------------------------- Ray's OptunaSearch, pointed at a rebuilt study
 
 # Private attributes of ray.tune.search.optuna.OptunaSearch, checked on 2.60.0: ``_storage`` and ``_study_name``
@@ -268,3 +279,41 @@ def total_samples(experiment: Path) -> Optional[int]:
     from ray import cloudpickle
     states = sorted(Path(experiment).glob(SEARCH_GENERATOR_STATE_GLOB))
     return cloudpickle.loads(states[-1].read_bytes())["total_samples"] if states else None
+
+
+# ---------------------------------------------------------------- result files of a trial that starts again
+
+# Private: ray.tune.logger.LoggerCallback._restore_from_remote(file_name, trial), checked on 2.60.0. When a trial
+# with a checkpoint starts (a resume, and also a trial paused at a rung going on in the same search), Tune's JSON
+# and CSV loggers copy the trial's result.json / progress.csv from the search storage over the driver's own
+# copy. Storage's copy lags the driver's by up to one experiment sync (about 10 s), so the rows written since
+# were lost (a halving search showed reports 1, 3, 4). The driver's copy, where it exists, is the newer one;
+# a resumed search (a new driver, no copy) still restores from storage.
+RESULT_LOGGER_NAMES = ("DriverCopyJsonLogger", "DriverCopyCsvLogger")
+
+
+def result_loggers() -> list:
+    """Tune's JSON and CSV result loggers, keeping the driver's copy of a trial's file when it has one."""
+    return [result_logger_class(name)() for name in RESULT_LOGGER_NAMES]
+
+
+def result_logger_class(name: str) -> type:
+    """The logger class ``name``, made on first use (no Ray import at module level) and found here by name,
+    so that Tune's pickled run config finds it again."""
+    if name not in globals():
+        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+        def _restore_from_remote(self, file_name: str, trial) -> None:
+            if Path(trial.local_path, file_name).is_file():
+                return  # this driver wrote it: newer than storage's copy
+            base._restore_from_remote(self, file_name, trial)
+
+        base = JsonLoggerCallback if name == RESULT_LOGGER_NAMES[0] else CSVLoggerCallback
+        globals()[name] = type(name, (base,), {"__module__": __name__, "_restore_from_remote": _restore_from_remote})
+    return globals()[name]
+
+
+def __getattr__(name: str):
+    if name in RESULT_LOGGER_NAMES:
+        return result_logger_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

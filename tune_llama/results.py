@@ -42,11 +42,12 @@ SAME_ERROR_FILE = "stopped_by_same_error.txt"  # trials failing the same way sto
 # ---------------------------------------------------------------- the one vocabulary of trial states
 
 # The words every reader prints for a trial: the summary, the live table, the report and W&B.
-FINISHED, ASHA_STOPPED, EARLY_STOPPED, DIVERGED = "finished", "stopped by ASHA", "early stopped", "diverged"
+FINISHED, RUNG_STOPPED, EARLY_STOPPED, DIVERGED = "finished", "stopped at rung", "early stopped", "diverged"
 ERRORED, RUNNING, PENDING, INTERRUPTED = "errored", "running", "pending", "interrupted"
+WAITING = "waiting at rung"  # paused by the halving scheduler until its rung holds enough results
 NO_RESULT = "ended without a result"
-NORMAL_ENDS = (FINISHED, ASHA_STOPPED, EARLY_STOPPED, DIVERGED)
-TRIAL_STATES = (*NORMAL_ENDS, ERRORED, RUNNING, PENDING, INTERRUPTED, NO_RESULT)
+NORMAL_ENDS = (FINISHED, RUNG_STOPPED, EARLY_STOPPED, DIVERGED)
+TRIAL_STATES = (*NORMAL_ENDS, ERRORED, RUNNING, WAITING, PENDING, INTERRUPTED, NO_RESULT)
 
 
 def ended_state(last_report: dict[str, Any], max_epochs: float) -> str:
@@ -60,7 +61,7 @@ def ended_state(last_report: dict[str, Any], max_epochs: float) -> str:
         return EARLY_STOPPED
     if loop_status == "completed" or float(last_report.get("epoch", 0.0)) >= max_epochs - 1e-9:
         return FINISHED
-    return ASHA_STOPPED
+    return RUNG_STOPPED
 
 
 T = TypeVar("T")
@@ -154,7 +155,8 @@ class Trial:
         return float(self.rows[-1].get("epoch", 0.0)) if self.rows else 0.0
 
     def status(self, max_epochs: int, driver_alive: bool = True) -> str:
-        """finished / stopped by ASHA / early stopped / diverged / errored / running / pending / interrupted."""
+        """finished / stopped at rung / early stopped / diverged / errored / running / waiting at rung /
+        pending / interrupted."""
         last = self.rows[-1] if self.rows else {}
         if self.ray_status == "ERROR":
             return ERRORED
@@ -165,13 +167,15 @@ class Trial:
                 return INTERRUPTED
             return RUNNING if self.ray_status == "RUNNING" else PENDING
         ended = ended_state(last, max_epochs)
-        if ended != ASHA_STOPPED:
+        if ended != RUNG_STOPPED:
             return ended
         if self.ray_status == "TERMINATED" or (self.ray_status is None and last.get("done")):
-            return ASHA_STOPPED  # Tune ended it before training.epochs and the loop did not
+            return RUNG_STOPPED  # Tune ended it before training.epochs and the loop did not
+        if self.ray_status == "PAUSED":  # its process was stopped on purpose: it goes on from its checkpoint
+            return WAITING if driver_alive else INTERRUPTED
         if not driver_alive or not process_alive(last):  # the worker that last reported
             return INTERRUPTED
-        return PENDING if self.ray_status in ("PENDING", "PAUSED") else RUNNING
+        return PENDING if self.ray_status == "PENDING" else RUNNING
 
 
 @dataclass

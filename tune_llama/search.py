@@ -126,6 +126,7 @@ def tune_config(spec: Spec, search_dir: Path, concurrent: int, first: Optional[l
 def run_config(spec: Spec, search_dir: Path, verbose: bool):
     from ray import tune
     from tune_llama.progress import progress_callbacks
+    from tune_llama.ray_private import result_loggers
     from tune_llama.searcher import SameErrorStop, StateBackup, worker_callbacks
     from tune_llama.tracking import callbacks
 
@@ -140,7 +141,7 @@ def run_config(spec: Spec, search_dir: Path, verbose: bool):
         stop=same_error.stopper,
         callbacks=[StateBackup(str(search_dir)), same_error,
                    *callbacks(spec, search_dir.name, spec_name=spec_name(search_dir)),
-                   *progress_callbacks(spec, verbose, search_dir), *worker_callbacks(spec)],
+                   *progress_callbacks(spec, verbose, search_dir), *worker_callbacks(spec), *result_loggers()],
         verbose=None if verbose else 0,
     )
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from optuna.exceptions import UpdateFinishedTrialError
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
@@ -17,6 +18,10 @@ from tune_llama.ray_private import (back_up_state, optuna_search_study, point_op
 from tune_llama.results import SAME_ERROR_FILE
 from tune_llama.spec import Spec
 from tune_llama.study import REBUILT, trials_by_ray_id
+
+
+REPEATED_STEP = "The reported value is ignored because this `step"
+"""The start of Optuna's warning for a second report at a step (``optuna.trial.Trial.report``)."""
 
 
 class ResumableOptunaSearch(OptunaSearch):
@@ -31,18 +36,30 @@ class ResumableOptunaSearch(OptunaSearch):
     """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        try:
-            super().on_trial_result(trial_id, result)
-        except UpdateFinishedTrialError:
-            pass  # a replayed epoch of a trial Optuna already closed
+        # A resumed trial repeats the reports it made after its last checkpoint, and the study (kept or rebuilt
+        # from the trial folders) already holds them: Optuna keeps the first and warns, which says nothing to
+        # the user, as the repeat retrains from the same seed and checkpoint.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=REPEATED_STEP, category=UserWarning)
+            try:
+                super().on_trial_result(trial_id, result)
+            except UpdateFinishedTrialError:
+                pass  # a replayed epoch of a trial Optuna already closed
+        if result.get(self.metric) is not None:
+            self.last_reports = {**getattr(self, "last_reports", {}),
+                                 trial_id: {self.metric: result[self.metric], "training_iteration":
+                                            result.get("training_iteration")}}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # A trial stopped while paused at a rung (the halving scheduler) comes with no result: it ended on its
+        # last report, as a trial ASHA stops does, not pruned by Optuna (PED-ANOVA importance counts it then).
+        last = getattr(self, "last_reports", {}).pop(trial_id, None)
+        if result is None and not error:
+            result = last
         # Tune hands the last report only to on_trial_complete; record it as an intermediate value too, so
-        # the study (and optuna-dashboard) holds every report and shows exactly where ASHA cut a trial.
-        if result and result.get(self.metric) is not None and "training_iteration" in result:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "already reported at this step" when Tune sent it twice
-                self.on_trial_result(trial_id, result)
+        # the study (and optuna-dashboard) holds every report and shows exactly where a scheduler cut a trial.
+        if result and result.get(self.metric) is not None and result.get("training_iteration") is not None:
+            self.on_trial_result(trial_id, result)  # usually sent already: the repeat is dropped quietly
         try:
             super().on_trial_complete(trial_id, result, error)
         except UpdateFinishedTrialError:
@@ -91,8 +108,20 @@ class StateBackup(Callback):
 
 
 class ReleaseWorkers(Callback):
-    """A multi-worker trial that ended frees its workers' placement group (``ray_private``): Ray Train V2
-    inside Tune can leave it allocated when a scheduler stops the trial (ray-project/ray#54305)."""
+    """A multi-worker trial that ended, or waits paused at a rung, frees its workers' placement group
+    (``ray_private``): Ray Train V2 inside Tune can leave it allocated when a scheduler stops or pauses the
+    trial (ray-project/ray#54305). A paused trial that goes on starts a new group from its checkpoint."""
+
+    def __init__(self):
+        self.released_while_paused: set[str] = set()
+
+    def on_step_end(self, iteration, trials, **info):
+        for trial in trials:
+            if trial.status != Trial.PAUSED:
+                self.released_while_paused.discard(trial.trial_id)
+            elif trial.trial_id not in self.released_while_paused:
+                release_placement_group(trial.trial_id)
+                self.released_while_paused.add(trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         release_placement_group(trial.trial_id)

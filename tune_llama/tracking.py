@@ -10,7 +10,7 @@ internals are involved:
   ``training_iteration``), without Tune's bookkeeping keys; the summary holds
   ``best_eval_loss`` (and ``best_METRIC`` when the search optimises another
   metric) and the trial's state in ``results``' words (``running``, then
-  ``finished``, ``stopped by ASHA``, ``errored``, ...); ``add_run_summary`` adds
+  ``finished``, ``stopped at rung``, ``errored``, ...); ``add_run_summary`` adds
   values later (e.g. finalists' accuracy);
 * runs are tagged with the spec's tags and name, grouped by the search name;
 * ``offline`` works without an API key, and ``online`` without a key falls back
