@@ -288,3 +288,33 @@ def test_tunes_result_loggers_restore_a_trials_files_through_the_method_ray_priv
     assert isinstance(json_logger, JsonLoggerCallback) and isinstance(csv_logger, CSVLoggerCallback)
     import tune_llama.ray_private as module
     assert all(getattr(module, name) is result_logger_class(name) for name in RESULT_LOGGER_NAMES)  # unpickling
+
+
+def test_a_trial_forgets_kept_checkpoints_whose_folders_are_gone_and_registers_the_next_without_an_error(tmp_path):
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.experiment import Trial
+
+    from tune_llama.ray_private import forget_lost_checkpoints
+    trial = Trial(TRAINABLE_NAME, stub=True,
+                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="eval_loss",
+                                                          checkpoint_score_order="min"))
+
+    def register(index: int, eval_loss: float) -> Path:
+        folder = tmp_path / f"checkpoint_{index:06d}"
+        folder.mkdir()
+        trial.run_metadata.checkpoint_manager.register_checkpoint(
+            _TrainingResult(checkpoint=tune.Checkpoint.from_directory(str(folder)), metrics={"eval_loss": eval_loss}))
+        return folder
+
+    first, second = register(0, 3.0), register(1, 2.0)
+    # What a killed search resumes with: its saved state lists the first checkpoint, which Tune deleted after
+    # the save when the third was registered.
+    first.rmdir()
+    assert forget_lost_checkpoints(trial) == 1, (
+        f"Trial.run_metadata.checkpoint_manager._checkpoint_results changed (checked {CHECKED_RAY_VERSION}): "
+        f"fix ray_private.forget_lost_checkpoints")
+    third = register(2, 1.0)  # with the lost folder still listed, Ray's deletion raises FileNotFoundError
+    kept = [Path(r.checkpoint.path) for r in trial.run_metadata.checkpoint_manager._checkpoint_results]
+    assert sorted(kept) == [second, third] and second.is_dir() and third.is_dir()
+    assert forget_lost_checkpoints(trial) == 0

@@ -15,7 +15,7 @@ from typing import Callable
 from tune_llama.cli import quiet_known_noise, run_cli
 
 COMMANDS = {
-    "search": ("tune_llama.search", "search a spec's hyperparameters (Optuna + ASHA on Ray Tune); --resume"),
+    "search": ("tune_llama.search", "search a spec's hyperparameters (Optuna + successive halving on Ray Tune); --resume"),
     "report": ("tune_llama.report", "compare a search's trials: table, plots, parameter importance, report.html"),
     "export": ("tune_llama.export", "write a search's best trial as a ready-to-use Hugging Face model"),
     "evaluate": ("tune_llama.evaluate", "GSM8K accuracy of a model (strict and flexible, with 95 percent intervals)"),

@@ -13,7 +13,8 @@ Ray itself), so tune-llama reads two things Ray does not promise to keep:
   trial's sequence number in the search.
 
 and, driving a search, three more: ``search_gen_state-*.json`` (``total_samples``, raised by ``--more``),
-``TuneController.stop_trial`` and ``_mark_trial_to_checkpoint`` (the halving scheduler stops paused trials);
+``TuneController.stop_trial`` and ``_mark_trial_to_checkpoint`` (the halving scheduler stops paused trials),
+a trial's kept checkpoints (a resumed search forgets those a kill left listed but deleted);
 for bench/scale.py, the session folder of the running Ray (``ray._private.worker._global_node``).
 
 ``tests/test_ray_private.py`` runs a real Tune experiment and fails, naming the
@@ -279,6 +280,30 @@ def total_samples(experiment: Path) -> Optional[int]:
     from ray import cloudpickle
     states = sorted(Path(experiment).glob(SEARCH_GENERATOR_STATE_GLOB))
     return cloudpickle.loads(states[-1].read_bytes())["total_samples"] if states else None
+
+
+# ---------------------------------------------------------------- checkpoints a killed search's state still lists
+
+# Private: Trial.run_metadata.checkpoint_manager._checkpoint_results, checked on 2.60.0. Tune saves its state
+# every few seconds but deletes a trial's worst checkpoint (CheckpointConfig.num_to_keep) the moment a new one
+# is registered; a search killed in between resumes with a state that lists a folder already gone. The next
+# registration then deletes it again, and Ray's _delete_fs_path raises on a missing path outside its own
+# try (a traceback in the log, and the rest of that checkpoint's bookkeeping skipped).
+
+
+def forget_lost_checkpoints(trial) -> int:
+    """Drop from ``trial``'s kept checkpoints those whose folder is gone; how many were dropped.
+
+    The trial's latest checkpoint is left alone: a resumed trial handed a lost one restores from an older
+    folder (``trainable.restore``), and Tune never deletes the latest.
+    """
+    from pyarrow.fs import FileType
+    manager = trial.run_metadata.checkpoint_manager
+    kept = [result for result in manager._checkpoint_results
+            if result.checkpoint.filesystem.get_file_info(result.checkpoint.path).type != FileType.NotFound]
+    lost = len(manager._checkpoint_results) - len(kept)
+    manager._checkpoint_results = kept
+    return lost
 
 
 # ---------------------------------------------------------------- result files of a trial that starts again

@@ -1,4 +1,5 @@
-"""Search a spec's hyperparameters: Optuna proposes, ASHA stops poor trials early, Ray keeps checkpoints.
+"""Search a spec's hyperparameters: Optuna proposes, successive halving stops poor trials early, Ray keeps
+checkpoints.
 
 ``tune-llama search SPEC`` (or ``python -m tune_llama.search SPEC``) starts a
 search in ``results/NAME``; ``--resume results/NAME`` continues an interrupted
@@ -7,7 +8,7 @@ their last checkpoint and errored ones are retried. Everything that can be
 checked without Ray (``tune_llama.preflight``) is checked while Ray starts;
 bad input shuts that Ray down again and writes nothing.
 
-Exit codes: 0 every trial ended normally (ASHA stops included), 2 bad input,
+Exit codes: 0 every trial ended normally (stops at a rung included), 2 bad input,
 3 interrupted (resume it), 4 every trial errored, or ``search.stop_after_same_error``
 trials in a row failed the same way and stopped the search; some errored
 trials are a warning line with exit 0.
@@ -127,7 +128,7 @@ def run_config(spec: Spec, search_dir: Path, verbose: bool):
     from ray import tune
     from tune_llama.progress import progress_callbacks
     from tune_llama.ray_private import result_loggers
-    from tune_llama.searcher import SameErrorStop, StateBackup, worker_callbacks
+    from tune_llama.searcher import ForgetLostCheckpoints, SameErrorStop, StateBackup, worker_callbacks
     from tune_llama.tracking import callbacks
 
     s = spec.search
@@ -139,7 +140,7 @@ def run_config(spec: Spec, search_dir: Path, verbose: bool):
                                                 checkpoint_score_order=s.mode),
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         stop=same_error.stopper,
-        callbacks=[StateBackup(str(search_dir)), same_error,
+        callbacks=[StateBackup(str(search_dir)), ForgetLostCheckpoints(), same_error,
                    *callbacks(spec, search_dir.name, spec_name=spec_name(search_dir)),
                    *progress_callbacks(spec, verbose, search_dir), *worker_callbacks(spec), *result_loggers()],
         verbose=None if verbose else 0,

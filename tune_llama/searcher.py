@@ -13,8 +13,8 @@ from ray.tune.experiment import Trial
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
-from tune_llama.ray_private import (back_up_state, optuna_search_study, point_optuna_search_at,
-                                    release_placement_group)
+from tune_llama.ray_private import (back_up_state, forget_lost_checkpoints, optuna_search_study,
+                                    point_optuna_search_at, release_placement_group)
 from tune_llama.results import SAME_ERROR_FILE
 from tune_llama.spec import Spec
 from tune_llama.study import REBUILT, trials_by_ray_id
@@ -105,6 +105,20 @@ class StateBackup(Callback):
 
     def on_experiment_end(self, trials, **info):
         self.saved_mtime = back_up_state(Path(self.search_dir), self.saved_mtime)
+
+
+class ForgetLostCheckpoints(Callback):
+    """A resumed search's trials forget the checkpoints Tune deleted after its last saved state
+    (``ray_private.forget_lost_checkpoints``), before any trial registers a new one."""
+
+    def __init__(self):
+        self.checked = False
+
+    def on_step_begin(self, iteration, trials, **info):
+        if not self.checked:  # restored trials are all there at the first step; new trials have lost nothing
+            self.checked = True
+            for trial in trials:
+                forget_lost_checkpoints(trial)
 
 
 class ReleaseWorkers(Callback):
