@@ -233,6 +233,20 @@ def test_the_curves_legend_sits_beside_the_axes_never_over_a_curve(tiny_search):
 
 
 @pytest.mark.integration
+def test_the_saved_curves_keep_the_figures_width_for_the_axes_and_widen_the_image_for_the_legend(tiny_search,
+                                                                                                 tmp_path):
+    from matplotlib.image import imread
+
+    from tune_llama.plots import curves_figure, save
+    fig = curves_figure(load_search(tiny_search), "eval_loss")
+    width_px = fig.get_figwidth() * fig.dpi
+    (ax,) = fig.axes
+    image = imread(save(fig, tmp_path / "curves.png"))
+    assert ax.get_position().width > 0.75, f"the legend squeezed the axes to {ax.get_position().width:.0%}"
+    assert image.shape[1] > width_px, "the saved image cut the legend off"
+
+
+@pytest.mark.integration
 def test_over_length_counts_are_in_each_trials_first_report_and_in_the_report(reported_search, capsys):
     from tune_llama.loop import DATA_COUNTS
     experiment, _ = reported_search

@@ -53,9 +53,16 @@ def finite(value: Any) -> bool:
 def save(fig, out: Path) -> Path:
     plt = pyplot()
     fig.tight_layout()
-    fig.savefig(out, bbox_inches="tight")  # "tight" keeps a legend placed outside the axes
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()]  # outside the axes: widen the image
+    fig.savefig(out, bbox_inches="tight", bbox_extra_artists=legends)
     plt.close(fig)
     return out
+
+
+def outside_legend(ax, fontsize: int) -> None:
+    """A legend beside the axes, never over the curves. Out of tight_layout, which would shrink the axes to
+    make room for it; ``save`` widens the image instead."""
+    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0).set_in_layout(False)
 
 
 def short_params(trial: Trial) -> str:
@@ -99,7 +106,7 @@ def curves_figure(search: Search, key: str, log_y: bool = False):
     ax.set_title(f"{search.name}: {key} per report (dashed, x: {RUNG_STOPPED})")
     ax.grid(alpha=0.3)
     if ax.lines:  # beside the axes, never over the curves (the best one included)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        outside_legend(ax, fontsize=7)
     return fig
 
 
@@ -127,7 +134,7 @@ def metric_vs_lr(search: Search, out: Path) -> Optional[Path]:
     ax.set_title(f"{search.name}: best {search.metric} against learning rate")
     ax.grid(alpha=0.3, which="both")
     if by_status:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        outside_legend(ax, fontsize=8)
     return save(fig, out)
 
 
