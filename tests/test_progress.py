@@ -278,6 +278,9 @@ def test_the_live_line_says_step_rate_time_since_the_report_and_eta():
     assert live_line(live, 42.0, now=1006.0) == ("epoch 2, step 37/120, 152 tok/s, last report 00:42 ago, "
                                                  "next report in ~00:40")
     assert live_line(None, None, now=0.0) == "starting: loading the model and data"
+    assert live_line(None, None, now=0.0, starting_s=45.0) == "starting: loading the model and data, 00:45 so far"
+    assert live_line(None, 67.0, now=0.0, starting_s=3.0) == ("starting: loading the model and data, 00:03 so far, "
+                                                              "last report 01:07 ago"), "a trial going on after a pause"
     at_report = {**live, "step": 180, "report_after": 200}
     assert live_line(at_report, 42.0, now=1006.0, reported_step=160).endswith("ago, validating for the next report")
     assert live_line(at_report, 1.0, now=1006.0, reported_step=180).endswith("1 ago, next report in ~00:34"), \
@@ -328,6 +331,17 @@ def test_a_trial_paused_at_a_rung_shows_as_waiting_until_it_goes_on():
         board.on_step_end(0, [trial])
         seen.append(board.trials["a1"]["status"])
     assert seen == [RUNNING, WAITING, WAITING, WAITING, RUNNING]
+
+
+def test_a_started_trial_without_a_first_step_says_how_long_it_has_been_loading(tmp_path):
+    from tune_llama.progress import TrialTable
+
+    class TuneTrial:
+        trial_id, config, status = "a1", {"training.lr": 0.01}, "RUNNING"
+
+    board = TrialTable(load_spec(TINY), live_dir=tmp_path)  # no step file yet: the trial has taken no step
+    board.on_trial_start(0, [TuneTrial], TuneTrial)
+    assert re.fullmatch(r"starting: loading the model and data, 00:0\d so far", board.details()["a1"])
 
 
 def test_a_search_folder_calls_a_paused_trial_waiting_while_the_search_runs_and_interrupted_after():

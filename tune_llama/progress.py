@@ -201,12 +201,14 @@ def read_live(path: Path) -> Optional[dict[str, Any]]:
 
 
 def live_line(live: Optional[dict[str, Any]], last_report_s: Optional[float], now: float,
-              reported_step: Optional[int] = None) -> str:
+              reported_step: Optional[int] = None, starting_s: Optional[float] = None) -> str:
     """``epoch 2, step 37/120, 152 tok/s, last report 00:42 ago, next in ~01:20`` for a running trial; before
-    its first step, that it is still starting (model, data). ``reported_step``: the step of its last report."""
+    its first step, that it is still starting (model, data) and for how long (``starting_s``: since Tune
+    started it; a 7B model can take minutes). ``reported_step``: the step of its last report."""
     if live is None:
-        return "starting: loading the model and data" + (f", last report {format_duration(last_report_s)} ago"
-                                                         if last_report_s is not None else "")
+        return ("starting: loading the model and data"
+                + (f", {format_duration(starting_s)} so far" if starting_s is not None else "")
+                + (f", last report {format_duration(last_report_s)} ago" if last_report_s is not None else ""))
     parts = [f"epoch {live['epoch']}, step {live['step_in_epoch']}/{live['steps_per_epoch']}"]
     if live.get("tokens_per_s") is not None:
         parts.append(f"{live['tokens_per_s']:.0f} tok/s")
@@ -341,10 +343,11 @@ class TrialTable:
     def _entry(self, trial) -> dict[str, Any]:
         return self.trials.setdefault(trial.trial_id, {"id": trial.trial_id, "params": dict(trial.config),
                                                        "epoch": 0.0, "latest": None, "best": None,
-                                                       "last": {}, "status": PENDING, "reported_at": None})
+                                                       "last": {}, "status": PENDING, "reported_at": None,
+                                                       "started_at": None})
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._entry(trial)["status"] = RUNNING
+        self._entry(trial).update(status=RUNNING, started_at=time.time())
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         entry = self._entry(trial)
@@ -390,7 +393,8 @@ class TrialTable:
             return {}
         now = time.time()
         return {t["id"]: live_line(read_live(self.live_dir / f"{t['id']}.json"),
-                                   now - t["reported_at"] if t["reported_at"] else None, now, t["last"].get("step"))
+                                   now - t["reported_at"] if t["reported_at"] else None, now, t["last"].get("step"),
+                                   now - t["started_at"] if t["started_at"] else None)
                 for t in self.trials.values() if t["status"] == RUNNING}
 
     def on_experiment_end(self, trials, **info):
