@@ -223,27 +223,28 @@ def test_figure_captions_are_words_not_file_names(reported_search):
 
 
 @pytest.mark.integration
-def test_the_curves_legend_sits_beside_the_axes_never_over_a_curve(tiny_search):
+def test_the_curves_legend_sits_under_the_axes_never_over_a_curve(tiny_search):
     from tune_llama.plots import curves_figure
     fig = curves_figure(load_search(tiny_search), "eval_loss")
     fig.canvas.draw()
     (ax,) = fig.axes
     legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
-    assert legend.x0 >= axes.x1, "the legend overlaps the plotting area"
+    assert legend.y1 <= axes.y0, "the legend overlaps the plotting area"
 
 
 @pytest.mark.integration
-def test_the_saved_curves_keep_the_figures_width_for_the_axes_and_widen_the_image_for_the_legend(tiny_search,
-                                                                                                 tmp_path):
+def test_the_saved_curves_keep_the_figures_width_for_the_axes_and_grow_taller_for_the_legend(tiny_search,
+                                                                                               tmp_path):
     from matplotlib.image import imread
 
     from tune_llama.plots import curves_figure, save
     fig = curves_figure(load_search(tiny_search), "eval_loss")
-    width_px = fig.get_figwidth() * fig.dpi
+    width_px, height_px = fig.get_figwidth() * fig.dpi, fig.get_figheight() * fig.dpi
     (ax,) = fig.axes
     image = imread(save(fig, tmp_path / "curves.png"))
     assert ax.get_position().width > 0.75, f"the legend squeezed the axes to {ax.get_position().width:.0%}"
-    assert image.shape[1] > width_px, "the saved image cut the legend off"
+    assert image.shape[0] > height_px, "the saved image cut the legend off"
+    assert image.shape[1] <= width_px, "wider than the figure: the report would shrink it"
 
 
 @pytest.mark.integration

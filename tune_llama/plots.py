@@ -53,16 +53,19 @@ def finite(value: Any) -> bool:
 def save(fig, out: Path) -> Path:
     plt = pyplot()
     fig.tight_layout()
-    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()]  # outside the axes: widen the image
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()]  # outside the axes: enlarge the image
     fig.savefig(out, bbox_inches="tight", bbox_extra_artists=legends)
     plt.close(fig)
     return out
 
 
 def outside_legend(ax, fontsize: int) -> None:
-    """A legend beside the axes, never over the curves. Out of tight_layout, which would shrink the axes to
-    make room for it; ``save`` widens the image instead."""
-    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0).set_in_layout(False)
+    """A legend under the axes, never over the curves, in two columns past six entries. Out of tight_layout,
+    which would shrink the axes to make room for it; ``save`` makes the image taller instead, never wider
+    (the report shows each plot at its own width)."""
+    entries = len(ax.get_legend_handles_labels()[1])
+    ax.legend(fontsize=fontsize, loc="upper center", bbox_to_anchor=(0.5, -0.13), borderaxespad=0,
+              ncol=1 if entries <= 6 else 2).set_in_layout(False)
 
 
 def short_params(trial: Trial) -> str:
@@ -105,7 +108,7 @@ def curves_figure(search: Search, key: str, log_y: bool = False):
         ax.set_yscale("log")
     ax.set_title(f"{search.name}: {key} per report (dashed, x: {RUNG_STOPPED})")
     ax.grid(alpha=0.3)
-    if ax.lines:  # beside the axes, never over the curves (the best one included)
+    if ax.lines:
         outside_legend(ax, fontsize=7)
     return fig
 
