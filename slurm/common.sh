@@ -20,6 +20,18 @@ log() {
     printf '[%s %s] %s\n' "$(date +%H:%M:%S)" "${SLURMD_NODENAME:-$(hostname -s)}" "$*"
 }
 
+# The GPUs this node may use: the devices Slurm exposed, else the count it granted. Nothing outside
+# Slurm without CUDA_VISIBLE_DEVICES: Ray then counts them itself.
+granted_gpus() {
+    if [[ -n ${CUDA_VISIBLE_DEVICES:-} && $CUDA_VISIBLE_DEVICES != NoDevFiles ]]; then
+        local ids
+        IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
+        echo "${#ids[@]}"
+    elif [[ -n ${SLURM_JOB_ID:-} ]]; then
+        echo "${SLURM_GPUS_ON_NODE:-0}"
+    fi
+}
+
 # ---------------------------------------------------------------- Ray
 
 # Every Ray node of the job keeps its sockets, logs and address file in a folder of its own, never

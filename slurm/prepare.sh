@@ -3,7 +3,8 @@
 # starts (the environment, the search's arguments, the results folder), each failure one line
 # "error: ..." with exit code 2 (common.sh's die), so that a bad submission fails in seconds.
 
-# Module loads and/or a virtual environment, then a python that imports ray and tune_llama.
+# Module loads and/or a virtual environment, then a python that imports ray and tune_llama, and
+# whose torch can use the job's GPUs.
 activate_env() {
     if [[ -n ${TUNE_MODULES:-} ]]; then
         local init modules
@@ -28,6 +29,25 @@ activate_env() {
     python -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("ray") and u.find_spec("tune_llama")))' \
         2>/dev/null || die "$(command -v python || echo 'no python on PATH'): cannot import ray and tune_llama (TUNE_VENV, TUNE_MODULES)"
     command -v ray >/dev/null 2>&1 || die "no 'ray' command next to $(command -v python)"
+    require_cuda
+}
+
+# `make venv` builds the checkout's .venv, the default environment, with the CPU torch: on a GPU job
+# every trial would train on the CPU, many times slower, and nothing would fail. So a job whose Ray
+# gets GPUs stops here when its torch cannot use them. TUNE_ALLOW_NO_CUDA=1 runs it all the same
+# (a test cluster whose GPUs are stand-ins).
+require_cuda() {
+    local gpus=${RAY_NUM_GPUS:-$(granted_gpus)} python report version cuda available
+    [[ ${gpus:-0} != 0 && ${TUNE_ALLOW_NO_CUDA:-0} != 1 ]] || return 0
+    python=$(command -v python)
+    local fix="install a CUDA torch in that environment (pip install torch --index-url https://download.pytorch.org/whl/cu124; cu121, cu126... by driver) or point TUNE_VENV at a GPU environment (docs/first-cluster-run.md)"
+    report=$(python -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())' 2>/dev/null) \
+        || die "the job has $gpus GPU(s) but $python cannot import torch: $fix"
+    read -r version cuda available <<<"$report"
+    [[ $available == True ]] && return 0
+    [[ $cuda == None ]] \
+        && die "the job has $gpus GPU(s) but $python has torch $version, a CPU build (torch.version.cuda None): $fix"
+    die "the job has $gpus GPU(s) but the torch $version (CUDA $cuda) of $python sees none (torch.cuda.is_available() False): check that nvidia-smi works on the node and that its driver supports CUDA $cuda, else $fix"
 }
 
 # SEARCH_ARGS and EXPERIMENT from the script's arguments. The search itself parses and checks them

@@ -25,18 +25,6 @@ node_ip() {
     printf '%s\n' "$addr"
 }
 
-# The GPUs this node may use: the devices Slurm exposed, else the count it granted. Nothing outside
-# Slurm without CUDA_VISIBLE_DEVICES: Ray then counts them itself.
-granted_gpus() {
-    if [[ -n ${CUDA_VISIBLE_DEVICES:-} && $CUDA_VISIBLE_DEVICES != NoDevFiles ]]; then
-        local ids
-        IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
-        echo "${#ids[@]}"
-    elif [[ -n ${SLURM_JOB_ID:-} ]]; then
-        echo "${SLURM_GPUS_ON_NODE:-0}"
-    fi
-}
-
 cpus=${RAY_NUM_CPUS:-${SLURM_CPUS_ON_NODE:-}}
 gpus=${RAY_NUM_GPUS:-$(granted_gpus)}
 options=(--block --disable-usage-stats --node-ip-address="$(node_ip)" --temp-dir="$(node_tmpdir)"

@@ -1,7 +1,8 @@
 """Keep secrets out of what tune-llama writes: W&B configs and histories, ``export.json``.
 
 A secret is the value of an environment variable whose name looks like a
-credential (``WANDB_API_KEY``, ``HF_TOKEN``, ``AWS_SECRET_ACCESS_KEY``, ...).
+credential (``WANDB_API_KEY``, ``HF_TOKEN``, ``AWS_SECRET_ACCESS_KEY``, ...), or a
+string shaped like a Hugging Face or GitHub token (``hf_...``, ``ghp_...``).
 ``scrub`` replaces such values wherever they occur inside strings, and the whole
 value of any mapping key that looks like a credential. No third-party imports:
 the export runs on machines without Ray or W&B.
@@ -14,9 +15,12 @@ import re
 from typing import Any, Mapping, Optional
 
 REDACTED = "<redacted>"
-# Whole name parts only: HF_TOKEN and WANDB_API_KEY match, tokens_per_s and model.tokenizer do not.
-SECRET_NAME = re.compile(r"(?:^|[_.\-])(?:API_?KEY|(?:ACCESS|AUTH)_?TOKEN|TOKEN|SECRET|PASSWORD|PASSWD|"
-                         r"CREDENTIALS?|PRIVATE_?KEY|ACCESS_?KEY)(?:$|[_.\-])", re.IGNORECASE)
+# The credential word must be the name's last part: HF_TOKEN, wandb.api_key and password match, while the
+# metrics token_budget, tokens_per_s and max_tokens_per_batch (a token is also a unit of text) do not.
+SECRET_NAME = re.compile(r"(?:^|[_.\-/])(?:(?:API|ACCESS|SECRET|PRIVATE)_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|"
+                         r"CREDENTIALS?)$", re.IGNORECASE)
+# Token formats with a fixed prefix (made so that scanners find them): caught even when no variable names them.
+TOKEN_VALUE = re.compile(r"(?<![A-Za-z0-9])(?:hf|gh[pousr])_[A-Za-z0-9]{30,}")
 MIN_SECRET_LENGTH = 6  # shorter values ("1", "true") would blank out ordinary text
 
 
@@ -38,4 +42,5 @@ def scrub(obj: Any, secrets: Optional[list[str]] = None) -> Any:
     if isinstance(obj, str):
         for secret in secrets:
             obj = obj.replace(secret, REDACTED)
+        obj = TOKEN_VALUE.sub(REDACTED, obj)
     return obj

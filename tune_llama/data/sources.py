@@ -1,5 +1,10 @@
 """Where GSM8K problems come from (synthetic, embedded, a local directory, the hub) and how they are split.
 
+A local directory holds ``train.jsonl`` (and ``test.jsonl``), or is a hub download of the data
+set (``hf download openai/gsm8k --repo-type dataset --local-dir DIR``): parquet files in one folder
+per configuration, ``DIR/main/train-00000-of-00001.parquet``; ``data.config`` picks the folder,
+and DIR may also be that folder itself.
+
 A problem is a dict ``{"question": str, "answer": str}``. Validation rows are
 carved from train with ``split_seed``; the test split is returned untouched and
 read only when asked for (a local directory may hold train.jsonl alone).
@@ -75,7 +80,7 @@ def _load(data: DataSpec, split: str) -> list[Problem]:
     if data.source.startswith("embedded:"):
         return _load_embedded(data.source, split)
     if Path(data.source).expanduser().is_dir() or _looks_like_path(data.source):
-        return _load_local(Path(data.source).expanduser(), split)
+        return _load_local(Path(data.source).expanduser(), split, data.config)
     return _load_hub(data, split)
 
 
@@ -94,14 +99,26 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1
 
 
-def _load_local(root: Path, split: str) -> list[Problem]:
+def _load_local(root: Path, split: str, config: str) -> list[Problem]:
     if not root.is_dir():
         raise UserError(f"data.source: directory not found: {root}")
     path = root / f"{split}.jsonl"
-    if not path.is_file():
-        need = "training needs train.jsonl" if split == "train" else "the test split is read from test.jsonl"
-        raise UserError(f"data.source: {path} not found (a local source: {need})")
-    return _read_jsonl(path)
+    if path.is_file():
+        return _read_jsonl(path)
+    pattern = f"{split}-*.parquet"  # the hub's shards: train-00000-of-00001.parquet, ...
+    if shards := sorted((root / config).glob(pattern)):
+        return _read_parquet(shards)
+    if shards := sorted(root.glob(pattern)):
+        if root.name != config and (root.parent / config).is_dir():
+            # DIR/socratic given with data.config main: the rows would not be the configuration recorded.
+            raise SpecError("data.config", f"{config!r}, but data.source {root} is the {root.name!r} folder of a "
+                                           f"hub download: set data.config: {root.name}, or data.source: {root.parent}")
+        return _read_parquet(shards)
+    need = "training needs" if split == "train" else "the test split is read from"
+    configs = sorted({p.parent.name for p in root.glob(f"*/{pattern}")})
+    hint = f"; data.config is one of: {', '.join(configs)}" if configs else ""
+    raise UserError(f"data.source: found neither {path} nor a hub download's {root / config / pattern} "
+                    f"(a local source: {need} one of them){hint}")
 
 
 def _read_jsonl(path: Path) -> list[Problem]:
@@ -116,6 +133,30 @@ def _read_jsonl(path: Path) -> list[Problem]:
             except (ValueError, TypeError, KeyError):
                 raise UserError(f"data.source: {path}:{number}: not a JSON object with "
                                 f"string fields question and answer") from None
+    return rows
+
+
+def _read_parquet(shards: list[Path]) -> list[Problem]:
+    try:
+        import pyarrow.parquet as pq  # lazy: only hub downloads need it (datasets brings it; the GPU image has it)
+    except ImportError:
+        raise UserError(f"data.source: reading {shards[0]} needs pyarrow: pip install pyarrow") from None
+    rows = []
+    for path in shards:
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"data.source: {path}: not a readable parquet file ({reason})") from None
+        missing = {"question", "answer"} - set(table.column_names)
+        if missing:
+            raise UserError(f"data.source: {path}: no column {' or '.join(sorted(missing))} "
+                            f"(has {', '.join(table.column_names)})")
+        for number, row in enumerate(table.select(["question", "answer"]).to_pylist(), 1):
+            try:
+                rows.append(_problem(row))
+            except TypeError:
+                raise UserError(f"data.source: {path}: row {number}: question and answer must be strings") from None
     return rows
 
 
