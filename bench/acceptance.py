@@ -118,7 +118,7 @@ def quantized(args) -> int:
         return 0
     import tempfile
     import torch
-    from tune_llama.loop import setup
+    from tune_llama.loop import peak_memory_gb, setup
     from tune_llama.model import load_tokenizer, random_model
     if args.model.startswith("random:"):
         # Random shapes are built in code, never quantized: saved and loaded by path, the model goes through
@@ -142,7 +142,7 @@ def quantized(args) -> int:
         for _ in range(args.steps):
             _, interval = common.train_steps(run, 1)
             losses.append(interval.mean_loss())
-        found[name] = (losses, common.peak_gb(run.device))
+        found[name] = (losses, peak_memory_gb(run.device))
         print(f"c. {name}: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps, "
               f"peak {found[name][1]:.2f} GiB")
         del run

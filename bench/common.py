@@ -103,8 +103,9 @@ def train_steps(run, n: int):
 
 
 def free_memory(device=None) -> None:
-    """Collect garbage; with ``device``, reset its peak too: CUDA max_memory_allocated, or on CPU the
-    process's peak RSS (VmHWM), where Linux lets /proc/self/clear_refs reset it."""
+    """Collect garbage; with ``device``, reset the peak ``tune_llama.loop.peak_memory_gb`` reads: CUDA
+    max_memory_allocated, or on CPU the process's peak RSS (VmHWM), where Linux lets /proc/self/clear_refs
+    reset it."""
     import gc
     import torch
     gc.collect()
@@ -115,13 +116,6 @@ def free_memory(device=None) -> None:
     elif device is not None:
         with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_gb(device) -> float:
-    import torch
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 2**20
 
 
 def is_oom(err: BaseException) -> bool:

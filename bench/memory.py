@@ -25,7 +25,7 @@ MODES = {"full-sgd": ["model.lora.enabled=false", "training.optimizer=sgd"],
 def largest(args, mode: str, checkpointing: bool) -> dict:
     import torch
     from tune_llama.data import Encoded
-    from tune_llama.loop import setup
+    from tune_llama.loop import peak_memory_gb, setup
     from tune_llama.model import load_tokenizer
     overrides = [*MODES[mode], f"model.gradient_checkpointing={checkpointing}"]
     tokenizer = load_tokenizer(common.make_spec(args).model)
@@ -43,7 +43,7 @@ def largest(args, mode: str, checkpointing: bool) -> dict:
         common.free_memory(run.device)
         try:
             seconds, _ = common.train_steps(run, 1)
-            found.update(fits=batch, peak_gb=common.peak_gb(run.device), step_s=seconds)
+            found.update(fits=batch, peak_gb=peak_memory_gb(run.device), step_s=seconds)
         except Exception as err:  # torch.OutOfMemoryError, or a CUDA error that says out of memory
             if not common.is_oom(err):
                 raise

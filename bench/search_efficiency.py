@@ -39,9 +39,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the repo on sys.path)
 
-from tune_llama import search  # noqa: E402
+from tune_llama import tuner  # noqa: E402
 from tune_llama.__main__ import command  # noqa: E402
 from tune_llama.results import SPEC_FILE, load_search  # noqa: E402
+from tune_llama.search import absolute_paths  # noqa: E402
 from tune_llama.spec import load_spec  # noqa: E402
 
 
@@ -56,9 +57,9 @@ def random_search(spec, storage: Path, name: str = "random") -> None:
     spec = dataclasses.replace(spec, search=dataclasses.replace(spec.search, sampler="random"))
     (storage / name).mkdir()
     (storage / name / SPEC_FILE).write_text(json.dumps(spec.to_dict()))  # what load_search reads
-    config = dataclasses.replace(search.tune_config(spec, storage / name, spec.search.max_concurrent),
+    config = dataclasses.replace(tuner.tune_config(spec, storage / name, spec.search.max_concurrent),
                                  scheduler=FIFOScheduler())
-    tune.Tuner(search.trainable(spec), param_space=search.param_space(spec), tune_config=config,
+    tune.Tuner(tuner.trainable(spec), param_space=tuner.param_space(spec), tune_config=config,
                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0)).fit()
 
 
@@ -91,7 +92,7 @@ def best_within(folder: Path, epochs: float) -> float:
 
 def run_seed(args, overrides: list[str], storage: Path) -> dict[str, dict]:
     """The three searches of one search seed, in ``storage``: {name: figures}."""
-    spec = search.absolute_paths(load_spec(args.spec, overrides))
+    spec = absolute_paths(load_spec(args.spec, overrides))
     results = {}
     searches = [("asha", [])] + ([("asha-random-sampler", ["search.sampler=random"])] if args.random_sampler else [])
     for name, extra in searches:
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     overrides = [f"{k}={v}" for k, v in vars(args).items() if "." in k and v is not None] + args.overrides
     storage = Path(tempfile.mkdtemp(prefix="bench-search-")).resolve()
     common.say(f"{args.spec} with {' '.join(overrides)}, {args.seeds} seed(s); searches in {storage}")
-    spec = search.absolute_paths(load_spec(args.spec, overrides))
+    spec = absolute_paths(load_spec(args.spec, overrides))
     per_seed = {int(k): v for d in args.summarize or [] for k, v in json.loads((d / "per_seed.json").read_text()).items()}
     with contextlib.redirect_stdout(sys.stderr):  # the search's summary and progress table: not the result
         for seed in [] if args.summarize else range(args.first_seed, args.first_seed + args.seeds):
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     rows = [{"search": shown[name], "seed": seed, **per_seed[seed][name]} for name in names
             for seed in sorted(per_seed) if name in per_seed[seed]]
     lines = [f"scheduler {s.scheduler}, reduction factor {s.asha.reduction_factor}, grace period "
-             f"{search.grace_period(spec):g} epoch(s), max_t {spec.training.epochs} epochs, max_concurrent "
+             f"{tuner.grace_period(spec):g} epoch(s), max_t {spec.training.epochs} epochs, max_concurrent "
              f"{s.max_concurrent}, {s.num_samples} trials"]
     label = {"asha": f"{s.scheduler} + Optuna {s.sampler.upper()} (the default search)",
              "asha-random-sampler": f"{s.scheduler} + Optuna random sampler"}

@@ -28,7 +28,7 @@ import common  # noqa: E402  (puts the repo on sys.path)
 
 import torch  # noqa: E402
 
-from tune_llama.loop import encode_splits, epoch_windows, setup, train_step  # noqa: E402
+from tune_llama.loop import encode_splits, epoch_windows, peak_memory_gb, setup, train_step  # noqa: E402
 from tune_llama.model import load_model, load_tokenizer  # noqa: E402
 from tune_llama.spec import spec_from_dict  # noqa: E402
 
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
                 continue
             seconds_, real, computed = (sum(column) for column in zip(*clock.steps))
             results[label].append(dict(seconds=seconds_, real=real, computed=computed, steps=len(clock.steps),
-                                       cpu_s=clock.cpu_s, peak_gb=common.peak_gb(device)))
+                                       cpu_s=clock.cpu_s, peak_gb=peak_memory_gb(device)))
             common.say(f"  round {r + 1} {label}: {real / seconds_:.1f} real tok/s ({len(clock.steps)} steps, "
                        f"{seconds_:.0f} s, real share {real / computed:.3f})")
     n_params = bench.n_params or next(v[2].n_params for v in variants.values() if v[2].n_params)

@@ -181,7 +181,7 @@ def first_report(experiment: Path, by_epoch: float, checkpoint_kept: bool = Fals
     ``training.log_every=1``): Tune logs a report before it asks the worker for the report's checkpoint, and
     holds the worker at the report until it has that checkpoint; a worker killed in between is retried from
     the checkpoint before."""
-    from tune_llama.progress import LIVE_DIR, read_live
+    from tune_llama.live import LIVE_DIR, read_live
     from tune_llama.results import read_result_rows
 
     def reported():

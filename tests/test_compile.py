@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY
 from tune_llama.loop import fit, setup
 from tune_llama.model import trainable_state
-from tune_llama.speed import compile_wanted
+from tune_llama.kernels import compile_wanted
 from tune_llama.spec import load_spec
 
 COMMON = ["data.synthetic_size=20", "data.val_size=4", "data.batch_size=8", "training.epochs=1",

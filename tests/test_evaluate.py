@@ -16,8 +16,8 @@ from tune_llama.__main__ import command
 from tune_llama.cli import run_cli
 from tune_llama.data import final_answer, load_test
 from tune_llama.evaluate import (
-    DATA_VARIABLE, add_arguments, default_data_source, extract_flexible, extract_strict, gsm8k_accuracy,
-    normalize, run, score, wilson_interval,
+    DATA_VARIABLE, add_arguments, default_data_source, extract_flexible, extract_strict, gsm8k_accuracy, main,
+    normalize, score, wilson_interval,
 )
 from tune_llama.generate import Row, RowWatch, truncate_at_stop
 from tune_llama.spec import DataSpec
@@ -175,7 +175,7 @@ def test_the_cli_mounts_under_another_parser_and_runs_calculator_mode(tmp_path, 
     out = tmp_path / "calc.jsonl"
     args = parser.parse_args(["evaluate", "random:tiny", "--data", "synthetic", "--limit", "3", "--batch-size", "2",
                               "--max-new-tokens", "16", "--calculator", "--device", "cpu", "--out", str(out)])
-    assert run(args) == 0
+    assert main(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3 and all(set(r) >= ROW_FIELDS and isinstance(r["generated"], str) for r in rows)
     assert "calculator" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import torch
 from tune_llama.errors import CheckpointError
 from conftest import TINY
 from tune_llama.checkpoint import load_state, save_state
-from tune_llama.loop import DATA_COUNTS, METRIC_NAMES, epoch_windows, fit, report_steps, setup, train_step, validation_loss
+from tune_llama.loop import DATA_COUNTS, METRIC_NAMES, epoch_windows, fit, report_points, setup, train_step, validation_loss
 from tune_llama.model import trainable_state
 from tune_llama.spec import load_spec
 
@@ -76,7 +76,7 @@ def test_eval_every_a_quarter_epoch_reports_four_times_an_epoch_with_fractional_
 ])
 def test_report_points_end_each_fraction_of_an_epoch_or_every_n_steps(eval_every, steps_per_epoch, epochs, expected):
     training = tiny(f"training.eval_every={eval_every}", f"training.epochs={epochs}").training
-    assert report_steps(training, steps_per_epoch) == expected
+    assert report_points(training, steps_per_epoch) == expected
 
 
 def test_batch_4_equals_batch_1_with_4_accumulation_steps():

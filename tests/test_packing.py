@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from conftest import TINY
-from tune_llama.data.batching import collate, make_batches
-from tune_llama.data.packing import answer_positions, collate_packed, examples_of, first_fit_rows, split_batch
+from tune_llama.data.batching import collate, make_batches, split_batch
+from tune_llama.data.packing import answer_positions, collate_packed, examples_of, first_fit_rows
 from tune_llama.checkpoint import load_state, save_state
 from tune_llama.loop import epoch_windows, fit, label_count, setup, train_step
 from tune_llama.loss import answer_only_loss, model_loss
 from tune_llama.model import trainable_state
-from tune_llama.speed import probe_budget
+from tune_llama.memory import probe_budget
 from tune_llama.errors import SpecError
 from tune_llama.spec import load_spec
 

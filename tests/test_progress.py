@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from conftest import TINY
-from tune_llama.progress import (MAX_ROWS, WIDTH, Progress, eta_seconds, format_duration, plain_line, short_name,
-                                 table)
+from tune_llama.progress_bar import WIDTH, Progress, eta_seconds, format_duration, plain_line
+from tune_llama.trial_table import MAX_ROWS, short_name, table
 from tune_llama.spec import load_spec, spec_from_dict
 
 PLAIN = re.compile(r"^(?P<desc>[\w ]+): (?P<position>\d+)/(?P<total>\d+) (?P<unit>\w+)s \((?P<pct>\d+)%\)"
@@ -232,7 +232,7 @@ def test_evaluate_off_a_terminal_prints_a_plain_line_for_its_generation(capsys):
 
 def test_train_evaluate_and_progress_import_without_ray():
     # The GPU image has no Ray: a single run and an evaluation must not need it.
-    code = ("import sys, tune_llama.progress, tune_llama.train, tune_llama.evaluate; "
+    code = ("import sys, tune_llama.progress_bar, tune_llama.live, tune_llama.train, tune_llama.evaluate; "
             "print(sorted(m for m in ('ray', 'optuna') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
@@ -242,7 +242,7 @@ def test_train_evaluate_and_progress_import_without_ray():
 
 def test_between_reports_a_trial_writes_its_step_within_the_epoch_and_real_rates_every_log_every_steps(tmp_path):
     from tune_llama.loop import fit, setup
-    from tune_llama.progress import StepFile, read_live
+    from tune_llama.live import StepFile, read_live
     ticks = iter(range(10_000))
     path = tmp_path / ".live" / "trial.json"
     seen = []
@@ -272,7 +272,7 @@ def test_between_reports_a_trial_writes_its_step_within_the_epoch_and_real_rates
 
 
 def test_the_live_line_says_step_rate_time_since_the_report_and_eta():
-    from tune_llama.progress import live_line
+    from tune_llama.live import live_line
     live = {"epoch": 2, "step_in_epoch": 37, "steps_per_epoch": 120, "step": 157, "next_report_step": 180,
             "tokens_per_s": 151.6, "s_per_step": 2.0, "time": 1000.0}
     assert live_line(live, 42.0, now=1006.0) == ("epoch 2, step 37/120, 152 tok/s, last report 00:42 ago, "
@@ -298,7 +298,7 @@ def test_the_table_shows_a_running_trials_place_between_reports_under_its_row_in
 
 @pytest.mark.integration
 def test_the_search_says_what_it_waits_for_and_trials_push_progress_without_extra_reports(tiny_search):
-    from tune_llama.progress import LIVE_DIR, read_live
+    from tune_llama.live import LIVE_DIR, read_live
     log = (tiny_search.parent / "search.log").read_text()
     first_table = re.search(r"\[\d\d:\d\d:\d\d\] \d+ of 6 trials: ", log).start()
     assert re.search(r"\] starting Ray; meanwhile checking the spec, data and model \(preflight\)", log[:first_table])
@@ -314,7 +314,7 @@ def test_the_search_says_what_it_waits_for_and_trials_push_progress_without_extr
 
 
 def test_a_trial_paused_at_a_rung_shows_as_waiting_until_it_goes_on():
-    from tune_llama.progress import TrialTable
+    from tune_llama.trial_table import TrialTable
     from tune_llama.results import RUNNING, WAITING
 
     class TuneTrial:  # what Tune hands a callback: a trial with an id, its config and Ray's status
@@ -334,7 +334,7 @@ def test_a_trial_paused_at_a_rung_shows_as_waiting_until_it_goes_on():
 
 
 def test_a_started_trial_without_a_first_step_says_how_long_it_has_been_loading(tmp_path):
-    from tune_llama.progress import TrialTable
+    from tune_llama.trial_table import TrialTable
 
     class TuneTrial:
         trial_id, config, status = "a1", {"training.lr": 0.01}, "RUNNING"
@@ -352,7 +352,7 @@ def test_a_search_folder_calls_a_paused_trial_waiting_while_the_search_runs_and_
 
 
 def test_before_the_first_trial_starts_the_table_says_what_it_waits_for_once_per_change(capsys):
-    from tune_llama.progress import TrialTable
+    from tune_llama.trial_table import TrialTable
 
     class Pending:  # what Tune hands a callback: trials with a status
         def __init__(self, status):

@@ -279,15 +279,15 @@ def test_tunes_result_loggers_restore_a_trials_files_through_the_method_ray_priv
 
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, LoggerCallback
 
-    from tune_llama.ray_private import RESULT_LOGGER_NAMES, result_logger_class, result_loggers
+    from tune_llama.callbacks import result_loggers
     assert list(inspect.signature(LoggerCallback._restore_from_remote).parameters) == ["self", "file_name", "trial"], \
-        f"LoggerCallback._restore_from_remote changed (checked {CHECKED_RAY_VERSION}): fix ray_private.result_loggers"
+        f"LoggerCallback._restore_from_remote changed (checked {CHECKED_RAY_VERSION}): fix callbacks.KeepDriverCopy"
     for base in (JsonLoggerCallback, CSVLoggerCallback):
         assert "self._restore_from_remote(" in inspect.getsource(base), f"{base.__name__} no longer restores this way"
     json_logger, csv_logger = result_loggers()
     assert isinstance(json_logger, JsonLoggerCallback) and isinstance(csv_logger, CSVLoggerCallback)
-    import tune_llama.ray_private as module
-    assert all(getattr(module, name) is result_logger_class(name) for name in RESULT_LOGGER_NAMES)  # unpickling
+    import tune_llama.callbacks as module
+    assert all(getattr(module, type(logger).__name__) is type(logger) for logger in result_loggers())  # unpickling
 
 
 def test_a_trial_forgets_kept_checkpoints_whose_folders_are_gone_and_registers_the_next_without_an_error(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from conftest import one_line_error
 from tune_llama.cli import run_cli
 from tune_llama.__main__ import command
-from tune_llama.report import param_importance, report, trial_rows
+from tune_llama.report import param_importance, trial_rows, write_report
 from tune_llama.results import (RUNG_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING, load_search,
                                 write_driver_file)
 
@@ -31,7 +31,7 @@ def reported(experiment: Path) -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def reported_search(tiny_search) -> tuple[Path, list[Path]]:
-    return tiny_search, report(tiny_search)
+    return tiny_search, write_report(tiny_search)
 
 
 @pytest.mark.integration
@@ -120,7 +120,7 @@ def test_a_trial_still_running_is_reported_as_running(tiny_search, tmp_path):
     write_driver_file(experiment)  # this test process plays the search's driver
     rows = {r["trial"]: r for r in trial_rows(load_search(experiment))}
     assert rows[trial_id]["status"] == RUNNING and rows[trial_id]["epochs"] == 1
-    assert {p.name for p in report(experiment)} >= {"trials.csv", "eval_loss.png", "report.html"}
+    assert {p.name for p in write_report(experiment)} >= {"trials.csv", "eval_loss.png", "report.html"}
 
 
 @pytest.mark.integration
@@ -139,7 +139,7 @@ def test_a_search_killed_before_its_first_report_says_there_is_nothing_to_plot(t
     experiment = tmp_path / "early"
     experiment.mkdir()
     shutil.copy(tiny_search / "tune_llama_spec.json", experiment)
-    written = report(experiment)
+    written = write_report(experiment)
     assert "nothing to plot yet" in capsys.readouterr().out
     assert not [p for p in written if p.suffix == ".png"]
     assert "Nothing to plot yet" in (experiment / "report" / "report.html").read_text()
@@ -267,7 +267,7 @@ def test_report_files_are_readable_by_the_group_under_umask_0022(tiny_search, tm
     experiment = copy_search(tiny_search, tmp_path / "shared")
     old = os.umask(0o022)
     try:
-        report(experiment)
+        write_report(experiment)
     finally:
         os.umask(old)
     out = experiment / "report"

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tune_llama.plots import caption
-from tune_llama.report import report, trial_rows
+from tune_llama.report_html import caption
+from tune_llama.report import trial_rows, write_report
 from tune_llama.results import load_search
 
 pytestmark = pytest.mark.integration  # every test here starts Ray, Slurm or Chromium
@@ -121,7 +121,7 @@ def rgb(path: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def rendered(tiny_search, tmp_path_factory):
     """report.html of the tiny search, its screenshot, its DOM after rendering, and the page's requests."""
-    written = report(tiny_search)
+    written = write_report(tiny_search)
     page = tiny_search / "report" / "report.html"
     work = tmp_path_factory.mktemp("chromium")
     shot_file, net_log = work / "report.png", work / "net.json"

@@ -10,7 +10,7 @@ import torch
 
 from conftest import NO_HOST_OOM_KILLS, TINY, run_search
 from tune_llama.model import load_model, load_tokenizer, save_hf_model
-from tune_llama.search import EXIT_ALL_ERRORED
+from tune_llama.summary import EXIT_ALL_ERRORED
 from tune_llama.spec import ModelSpec
 
 ERROR = "SafetensorError: Error while deserializing header"

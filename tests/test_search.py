@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, kill_session, one_line_error, result_rows, run_search
-from tune_llama import search
 from tune_llama.__main__ import command
+from tune_llama.summary import EXIT_INTERRUPTED, write_summary
 
 
 def trial_dirs(experiment: Path) -> list[Path]:
@@ -50,7 +50,7 @@ def test_the_summary_export_report_and_single_run_name_the_same_best_trial_repor
     from tune_llama.export import choose
     from tune_llama.report import trial_rows
     from tune_llama.results import load_search
-    from tune_llama.train import run_summary
+    from tune_llama.train import training_summary
 
     search_ = load_search(tiny_search)
     trial, row = search_.best()
@@ -63,7 +63,7 @@ def test_the_summary_export_report_and_single_run_name_the_same_best_trial_repor
     assert trial_rows(search_)[0]["trial"] == trial.trial_id
     assert f"best trial: {trial.trial_id}" in (tiny_search / "summary.txt").read_text()
     assert str(choice.checkpoint) in (tiny_search / "summary.txt").read_text()
-    single = run_summary(trial.rows, "completed", "eval_loss", "min")
+    single = training_summary(trial.rows, "completed", "eval_loss", "min")
     assert (single["best_report"], single["best_step"]) == (row["report"], row["step"])
 
 
@@ -159,15 +159,16 @@ def test_a_killed_search_resumes_to_exactly_num_samples_without_restarting_check
 
 def test_the_sampler_is_tpe_by_default_and_random_on_request_both_seeded():
     import optuna
+    from tune_llama import tuner
     from tune_llama.spec import load_spec
 
     def draws(spec) -> list[float]:
-        study = optuna.create_study(sampler=search.sampler(spec))
+        study = optuna.create_study(sampler=tuner.sampler(spec))
         return [study.ask().suggest_float("lr", 1e-5, 1e-2, log=True) for _ in range(3)]
 
     tpe, rand = load_spec(TINY), load_spec(TINY, ["search.sampler=random", "search.seed=7"])
-    assert isinstance(search.sampler(tpe), optuna.samplers.TPESampler)
-    assert isinstance(search.sampler(rand), optuna.samplers.RandomSampler)
+    assert isinstance(tuner.sampler(tpe), optuna.samplers.TPESampler)
+    assert isinstance(tuner.sampler(rand), optuna.samplers.RandomSampler)
     assert draws(rand) == draws(rand) != draws(load_spec(TINY, ["search.sampler=random", "search.seed=8"]))
 
 
@@ -221,7 +222,7 @@ def search_started_ray() -> bool:
 def test_finalists_are_scored_on_gsm8k_accuracy_and_export_follows_their_winner(tmp_path):
     from tune_llama.export import EXPORT_FILE, export
     from tune_llama.paired import paired_difference
-    from tune_llama.report import report
+    from tune_llama.report import write_report
     from tune_llama.results import load_search
 
     proc = run_search([str(TINY), "--name", "fin", "--storage", str(tmp_path), "--set", "search.num_samples=3",
@@ -247,7 +248,7 @@ def test_finalists_are_scored_on_gsm8k_accuracy_and_export_follows_their_winner(
     paired = paired_difference(best["scores"][0]["strict"]["per_problem"], second["scores"][0]["strict"]["per_problem"])
     assert {k: comparison[k] for k in paired} == paired and comparison["over_seeds"]["seeds"] == 2
     assert comparison["sentence"] in proc.stdout, "the search prints it"
-    report(experiment)
+    write_report(experiment)
     assert html.escape(comparison["sentence"]) in (experiment / "report" / "report.html").read_text()
     assert "finalists" in (experiment / "summary.txt").read_text()
 
@@ -280,16 +281,16 @@ def test_interrupted_before_the_first_report_summary_report_and_export_all_say_n
                                                                                             capsys):
     from tune_llama.errors import UserError
     from tune_llama.export import choose
-    from tune_llama.report import report
+    from tune_llama.report import write_report
     from tune_llama.results import load_search
     experiment = interrupted_copy(tiny_search, tmp_path / "early", keep_first_checkpoint=False)
-    assert search.write_summary(experiment) == search.EXIT_INTERRUPTED
+    assert write_summary(experiment) == EXIT_INTERRUPTED
     summary = (experiment / "summary.txt").read_text()
     assert "no trial reported a finite eval_loss yet" in summary
     assert "tune-llama export" not in summary, "nothing to export: the hint must not suggest it"
     assert "tune-llama search --resume" in summary
     capsys.readouterr()
-    report(experiment)
+    write_report(experiment)
     assert "nothing to plot yet" in capsys.readouterr().out
     with pytest.raises(UserError, match="nothing to export"):
         choose(load_search(experiment), by="loss")
@@ -300,14 +301,14 @@ def test_a_checkpoint_whose_report_row_was_lost_counts_as_that_report_for_summar
                                                                                                   tmp_path, capsys):
     from tune_llama.checkpoint import read_metrics
     from tune_llama.export import choose
-    from tune_llama.report import report, trial_rows
+    from tune_llama.report import trial_rows, write_report
     from tune_llama.results import load_search
     experiment = interrupted_copy(tiny_search, tmp_path / "after-first", keep_first_checkpoint=True)
     kept = {folder.parent: read_metrics(folder) for folder in experiment.glob("*/checkpoint_*")}
     assert kept and all(kept.values())
     truth_folder, truth = min(kept.items(), key=lambda item: item[1]["eval_loss"])
 
-    assert search.write_summary(experiment) == search.EXIT_INTERRUPTED
+    assert write_summary(experiment) == EXIT_INTERRUPTED
     summary = (experiment / "summary.txt").read_text()
     chosen = choose(load_search(experiment), by="loss")
     best_row = trial_rows(load_search(experiment))[0]
@@ -316,4 +317,4 @@ def test_a_checkpoint_whose_report_row_was_lost_counts_as_that_report_for_summar
     assert best_row["trial"] == chosen.trial.trial_id and best_row["best_eval_loss"] == truth["eval_loss"]
     assert "tune-llama export" in summary and "tune-llama search --resume" in summary
     capsys.readouterr()
-    assert "eval_loss.png" in {p.name for p in report(experiment)}
+    assert "eval_loss.png" in {p.name for p in write_report(experiment)}

@@ -165,10 +165,10 @@ def test_each_run_logs_every_report_and_keeps_the_best_eval_loss_in_its_summary(
 
 @pytest.mark.integration
 def test_runs_are_tagged_with_the_spec_name(tiny_search):
-    # tiny_search runs search_spaces/tiny.yaml: search.py passes the spec's stem to callbacks(spec_name=...).
+    # tiny_search runs search_spaces/tiny.yaml: tuner.py passes the spec's stem to callbacks(spec_name=...).
     for run_dir in (tiny_search / "wandb").glob("offline-run-*"):
         tags = list(read_run(run_dir)["run"].tags)
-        assert "tiny" in tags, (f"run tags {tags} lack the spec name: tune_llama.search must call "
+        assert "tiny" in tags, (f"run tags {tags} lack the spec name: tune_llama.tuner must call "
                                 "tracking.callbacks(spec, name, spec_name=Path(SPEC).stem)")
 
 

@@ -1,6 +1,6 @@
 """One command for the whole pipeline: ``tune-llama COMMAND ...``.
 
-Each subcommand is a module with ``add_arguments(parser)`` and ``run(args)``;
+Each subcommand is a module with ``add_arguments(parser)`` and ``main(args)``;
 this is the one parser: ``python -m tune_llama.MODULE ...`` is ``tune-llama COMMAND ...``
 (each module's ``__main__`` block calls ``run_command``).
 """
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_noise("--verbose" in argv)  # before the command's module imports the libraries
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
-    return importlib.import_module(COMMANDS[args.command][0]).run(args)
+    return importlib.import_module(COMMANDS[args.command][0]).main(args)
 
 
 def command(name: str) -> Callable[[list[str] | None], int]:

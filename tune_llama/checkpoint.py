@@ -23,12 +23,13 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from tune_llama.errors import CheckpointError
+from tune_llama.errors import CheckpointError, one_line
+from tune_llama.paths import read_json
 
 if TYPE_CHECKING:
     import torch
 
-    from tune_llama.loop import Run
+    from tune_llama.loop import TrainingRun
     from tune_llama.spec import ModelSpec, Spec
 
 TRAINABLE, OPTIMIZER, STATE = "trainable.safetensors", "optimizer.pt", "state.pt"
@@ -37,16 +38,11 @@ FOLDER_GLOB = "checkpoint_*"
 """How Ray names a trial's checkpoint folders (``checkpoint_000003``): sorted by name, oldest first."""
 PROGRESS = ("step", "examples_seen", "tokens_seen", "train_time_s", "eval_time_s", "history", "status",
             "best_eval_loss", "best_report", "bad_reports")
-"""The ``Run`` fields a resume restores."""
+"""The ``TrainingRun`` fields a resume restores."""
 
 
 def rng_file(rank: int) -> str:
     return f"rng_rank{rank}.pt"
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 # ---------------------------------------------------------------- reading a folder without torch
@@ -63,10 +59,7 @@ def holds_weights(directory: Path) -> bool:
 
 def read_metrics(directory: Path) -> Optional[dict[str, Any]]:
     """The report a checkpoint was taken at, as it recorded it; None when it has none (or it is unreadable)."""
-    try:
-        metrics = json.loads((Path(directory) / METRICS).read_text())
-    except (OSError, ValueError):
-        return None
+    metrics = read_json(Path(directory) / METRICS)
     return metrics if isinstance(metrics, dict) and metrics else None
 
 
@@ -102,12 +95,12 @@ def set_rng_state(rng: dict) -> None:
 
 # ---------------------------------------------------------------- one process
 
-def progress_state(run: "Run") -> dict:
+def progress_state(run: "TrainingRun") -> dict:
     return {**{key: getattr(run, key) for key in PROGRESS}, "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler else None, "rng": rng_state()}
 
 
-def set_progress_state(run: "Run", state: dict) -> None:
+def set_progress_state(run: "TrainingRun", state: dict) -> None:
     for key in PROGRESS:
         setattr(run, key, state[key])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -116,12 +109,12 @@ def set_progress_state(run: "Run", state: dict) -> None:
     set_rng_state(state["rng"])
 
 
-def write_spec_and_metrics(run: "Run", directory: Path) -> None:
+def write_spec_and_metrics(run: "TrainingRun", directory: Path) -> None:
     write_json(directory, SPEC, run.spec.to_dict(), indent=1)
     write_json(directory, METRICS, run.history[-1] if run.history else {})
 
 
-def save_state(run: "Run", directory: Path) -> Path:
+def save_state(run: "TrainingRun", directory: Path) -> Path:
     """Trainable weights (the adapter alone for LoRA), optimizer, schedule, scaler, RNG and progress."""
     import torch
     from safetensors.torch import save_file
@@ -136,7 +129,7 @@ def save_state(run: "Run", directory: Path) -> Path:
     return directory
 
 
-def load_state(run: "Run", directory: Path, weights_only: bool = False) -> "Run":
+def load_state(run: "TrainingRun", directory: Path, weights_only: bool = False) -> "TrainingRun":
     """Restore what ``save_state`` wrote, so training continues exactly where it stopped.
 
     A checkpoint that cannot be read (truncated, or from another model) is a ``CheckpointError`` naming it.
@@ -193,7 +186,7 @@ def check_workers(directory: Path, world: int, parallel: str) -> None:
             f"{written.get('workers')} and training.parallel={written.get('parallel')}")
 
 
-def _fsdp_state(run: "Run") -> dict:
+def _fsdp_state(run: "TrainingRun") -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     model, optim = get_state_dict(run.model, run.optimizer, options=StateDictOptions(ignore_frozen_params=True))
     return {"model": model, "optim": optim}
@@ -208,7 +201,7 @@ def full_trainable_weights(model: "torch.nn.Module") -> dict[str, "torch.Tensor"
     return {k.removeprefix("inner."): v.contiguous() for k, v in full.items()}
 
 
-def save_sharded(run: "Run", directory: Path, rank: int) -> None:
+def save_sharded(run: "TrainingRun", directory: Path, rank: int) -> None:
     """FSDP: weights and optimizer as a sharded checkpoint; rank 0 adds progress, and for LoRA the whole adapter
     (small: the ordinary one-process file, as export and finalists read it). Collective: every worker calls it."""
     import torch
@@ -225,7 +218,7 @@ def save_sharded(run: "Run", directory: Path, rank: int) -> None:
         write_spec_and_metrics(run, directory)
 
 
-def load_sharded(run: "Run", directory: Path) -> None:
+def load_sharded(run: "TrainingRun", directory: Path) -> None:
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict

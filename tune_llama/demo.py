@@ -44,12 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set_argument(parser)
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     from tune_llama import search
     from tune_llama.__main__ import command
     from tune_llama.evaluate import gsm8k_accuracy
     from tune_llama.export import EXPORT_FILE, export
-    from tune_llama.report import report
+    from tune_llama.report import write_report
 
     name = args.name or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.perf_counter()
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         scores[label] = gsm8k_accuracy(model, data=DATA, split="test", limit=args.test_problems,
                                        max_new_tokens=args.max_new_tokens, device="cpu",
                                        out=search_dir / f"eval-{label}.jsonl")
-    report(search_dir)
+    write_report(search_dir)
     where = shell_path(search_dir)
     print("\n" + "\n".join([
         "=" * 30 + " what happened " + "=" * 30,

@@ -14,7 +14,7 @@ The maths (``training.parallel``):
   ``batch_size x N`` rows (one process with that batch size would see exactly these) and trains on rows
   ``rank, rank + N, ...`` of each. So batch 4 on each of 2 workers is the same update as batch 8 on one.
 - The loop normalises a step's loss by the label tokens of the whole step on all workers
-  (``Run.sum_across_workers`` is an all-reduce), so the gradients must be *summed* over workers, not
+  (``TrainingRun.sum_across_workers`` is an all-reduce), so the gradients must be *summed* over workers, not
   averaged as DDP and FSDP do by default: DDP gets a summing communication hook, FSDP a divide factor of 1.
 - DDP all-reduces once per optimizer step (the window's last micro-batch); FSDP reduce-scatters after every
   micro-batch, so unsharded gradients never accumulate.
@@ -42,10 +42,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tune_llama import checkpoint, speed
+from tune_llama import checkpoint, kernels
 from tune_llama.data import make_batches
 from tune_llama.errors import SpecError
-from tune_llama.loop import DataParallelHooks, Interval, Run, Window, build_optimizer, build_scheduler, fit, setup
+from tune_llama.loop import (DataParallelHooks, Interval, TrainingRun, Window, build_optimizer, build_scheduler, fit,
+                             setup)
 from tune_llama.loss import answer_only_loss, decoder_and_head
 from tune_llama.spec import Spec, TrainingSpec
 
@@ -88,7 +89,8 @@ def global_spec(spec: Spec, world: int) -> Spec:
     """The spec one process would need to see what ``world`` workers see together: ``world`` times the rows
     (and token budget) per micro-batch. Evaluation batches stay per worker: each worker validates alone."""
     data = spec.data
-    scaled = replace(data, batch_size=data.batch_size * world, packing=False,  # rows are sharded across workers
+    scaled = replace(data, batch_size=data.batch_size * world,
+                     packing=data.packing and kernels.packing_supported(spec, world)[0],
                      eval_batch_size=data.eval_batch_size or data.batch_size,
                      max_tokens_per_batch=data.max_tokens_per_batch * world if data.max_tokens_per_batch else None)
     return replace(spec, data=scaled)
@@ -102,7 +104,7 @@ def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, to
     return {k: v[:, :width].contiguous() for k, v in rows.items()}
 
 
-def worker_windows(run: Run, team: Team, data_spec, epoch: int) -> list[Window]:
+def worker_windows(run: TrainingRun, team: Team, data_spec, epoch: int) -> list[Window]:
     """This worker's share of every optimizer step of ``epoch``: the same steps on every worker."""
     batches = make_batches(run.train_set, data_spec, run.tokenizer.pad_token_id, seed=run.spec.training.seed,
                            epoch=epoch)
@@ -169,14 +171,14 @@ def make_ddp_class():
 
 
 def decoder_layers(inner: torch.nn.Module) -> list[torch.nn.Module]:
-    layers = speed.decoder_layers(inner)
+    layers = kernels.decoder_layers(inner)
     if layers is None:
         raise SpecError("training.parallel", f"fsdp shards decoder layers, and {type(inner).__name__} has none "
                                              "(model.layers); use ddp")
     return list(layers)
 
 
-def wrap(run: Run, team: Team) -> None:
+def wrap(run: TrainingRun, team: Team) -> None:
     """Wrap ``run.model`` for data parallelism; FSDP shards parameters, so the optimizer is rebuilt over them."""
     loss = MicroBatchLoss(run.model, run.spec.training, run.tokenizer.pad_token_id)
     if team.parallel == "ddp":
@@ -190,7 +192,7 @@ def wrap(run: Run, team: Team) -> None:
         run.model.register_comm_hook(None, _sum_allreduce_hook)
         return
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.spec.training.precision)
+    precision = kernels.AUTOCAST.get(run.spec.training.precision)
     policy = MixedPrecisionPolicy(param_dtype=precision, reduce_dtype=torch.float32) if precision else \
         MixedPrecisionPolicy()
     for layer in decoder_layers(run.model):
@@ -205,18 +207,18 @@ def wrap(run: Run, team: Team) -> None:
     run.scheduler = build_scheduler(run.optimizer, run.spec, run.total_steps)
 
 
-def inner_model(run: Run) -> torch.nn.Module:
+def inner_model(run: TrainingRun) -> torch.nn.Module:
     model = run.model.module if hasattr(run.model, "module") else run.model
     return model.inner if isinstance(model, MicroBatchLoss) else model
 
 
-def micro_batch_loss(run: Run) -> MicroBatchLoss:
+def micro_batch_loss(run: TrainingRun) -> MicroBatchLoss:
     return run.model.module if hasattr(run.model, "module") else run.model
 
 
 # ---------------------------------------------------------------- setup and the training loop
 
-def setup_workers(spec: Spec) -> tuple[Run, Team]:
+def setup_workers(spec: Spec) -> tuple[TrainingRun, Team]:
     """This worker's run: the loop's ``setup`` at the global batch size, then wrapped for ``training.parallel``.
 
     Every worker builds the same initial weights from ``training.seed``; dropout then draws from a
@@ -237,19 +239,19 @@ class TeamHooks(DataParallelHooks):
     """``loop.fit`` as one worker of N: the same report points, with the interval's loss, tokens and time
     combined over the workers first, so every worker reports (and decides) the same thing."""
 
-    def __init__(self, run: Run, team: Team):
+    def __init__(self, run: TrainingRun, team: Team):
         self.team, self.data_spec = team, global_spec(run.spec, team.world).data
 
-    def windows(self, run: Run, epoch: int) -> list[Window]:
+    def windows(self, run: TrainingRun, epoch: int) -> list[Window]:
         return worker_windows(run, self.team, self.data_spec, epoch)
 
-    def before_step(self, run: Run, window: Window) -> None:
+    def before_step(self, run: TrainingRun, window: Window) -> None:
         micro_batch_loss(run).pending = len(window)
 
     def loss_sum(self, interval: Interval) -> float:
         return self.team.reduce([float(interval.loss_sum)])[0]
 
-    def combine(self, run: Run, interval: Interval) -> None:
+    def combine(self, run: TrainingRun, interval: Interval) -> None:
         """Loss and tokens summed, time the slowest worker's; the run's token and example counts become the
         trial's (they are saved, and a resume continues from them)."""
         loss, real, examples = self.team.reduce([float(interval.loss_sum), interval.real_tokens,
@@ -260,18 +262,18 @@ class TeamHooks(DataParallelHooks):
         interval.real_tokens, interval.examples = int(real), int(examples)
         interval.seconds = self.team.reduce([interval.seconds], op=dist.ReduceOp.MAX)[0]
 
-    def agree(self, run: Run) -> None:
+    def agree(self, run: TrainingRun) -> None:
         run.status = self.team.broadcast(run.status)
 
 
-def fit_workers(run: Run, team: Team, save_checkpoint=None, report=None) -> Run:
+def fit_workers(run: TrainingRun, team: Team, save_checkpoint=None, report=None) -> TrainingRun:
     """``loop.fit`` for one worker of N (see ``TeamHooks``)."""
     return fit(run, save_checkpoint, report, workers=TeamHooks(run, team))
 
 
 # ---------------------------------------------------------------- checkpoints (the layout is tune_llama.checkpoint's)
 
-def save_worker_state(run: Run, team: Team, directory: Path) -> Path:
+def save_worker_state(run: TrainingRun, team: Team, directory: Path) -> Path:
     """This worker's part of a checkpoint into ``directory`` (under Ray Train, each worker's folder is merged
     into one checkpoint). Collective under FSDP: every worker must call it."""
     directory = Path(directory)
@@ -287,7 +289,7 @@ def save_worker_state(run: Run, team: Team, directory: Path) -> Path:
     return directory
 
 
-def load_worker_state(run: Run, team: Team, directory: Path) -> Run:
+def load_worker_state(run: TrainingRun, team: Team, directory: Path) -> TrainingRun:
     """Restore what ``save_worker_state`` wrote, on every worker; another worker count is one-line refused."""
     directory = Path(directory)
     checkpoint.check_workers(directory, team.world, team.parallel)
@@ -301,7 +303,7 @@ def load_worker_state(run: Run, team: Team, directory: Path) -> Run:
 
 
 @contextlib.contextmanager
-def model_swapped(run: Run, model: torch.nn.Module):
+def model_swapped(run: TrainingRun, model: torch.nn.Module):
     """``run.model`` temporarily the plain model, so the one-process save/load see the one-process names."""
     wrapped, run.model = run.model, model
     try:
@@ -310,7 +312,7 @@ def model_swapped(run: Run, model: torch.nn.Module):
         run.model = wrapped
 
 
-def trainable_weights(run: Run, team: Team) -> dict[str, torch.Tensor]:
+def trainable_weights(run: TrainingRun, team: Team) -> dict[str, torch.Tensor]:
     """The whole trained weights on the CPU under their one-process names (on rank 0 for FSDP, where every
     worker must call it; the others get an empty dict)."""
     if team.parallel == "ddp":

@@ -1,4 +1,5 @@
-"""Every exception type tune-llama raises on purpose, at the bottom of the package (imports nothing of it).
+"""Every exception type tune-llama raises on purpose, and how an error reads as one line, at the bottom of the
+package (imports nothing of it).
 
 Ray moves exceptions between processes with pickle, so each type here must
 survive ``pickle`` and ``copy``: an exception whose ``__init__`` takes other
@@ -37,3 +38,9 @@ class SearchFailed(RuntimeError):
 
 
 ALL = (UserError, SpecError, TrialOutOfMemory, CheckpointError, SearchFailed)
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: first line of the message``: an error from a library, quoted inside one of ours."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

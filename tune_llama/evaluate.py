@@ -179,7 +179,7 @@ def score(model, tokenizer, problems: list[dict[str, str]], prompt_template: str
     ``out`` when given. The model is put in eval mode with its KV cache on for the call only.
     """
     from tune_llama.data import final_answer, format_prompt
-    from tune_llama.progress import Progress
+    from tune_llama.progress_bar import Progress
 
     if out is not None:
         out = Path(out)
@@ -312,7 +312,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="JSONL file (default results/eval/MODEL-DATA-SPLIT.jsonl)")
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     gsm8k_accuracy(args.model, args.data, args.split, args.limit, args.batch_size, args.shots, args.max_new_tokens,
                    args.out, args.device, calculator=args.calculator)
     return 0

@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the LoRA adapter alone instead of merging it into the base weights")
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     out = export(args.search, args.out, args.adapter_only, args.by)
     info = json.loads((out / EXPORT_FILE).read_text())
     value = info["metric"]["value"]

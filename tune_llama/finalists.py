@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tune_llama.paired import over_seeds, paired_difference, sentence
-from tune_llama.paths import share_as_umask_allows
+from tune_llama.paths import read_json, share_as_umask_allows
 from tune_llama.resources import task_options
-from tune_llama.results import FINALISTS_FILE, Search, load_search, read_json
+from tune_llama.results import FINALISTS_FILE, Search, load_search
 from tune_llama.spec import FinalistsSpec, Spec
 
 

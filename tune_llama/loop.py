@@ -33,10 +33,11 @@ from tune_llama.data.batching import Batch, count_batches
 from tune_llama.data.cache import encode_cached
 from tune_llama.data.packing import DEVICE_KEYS, ONE_ROW_ATTENTION, real_tokens, with_answer_positions
 from tune_llama.errors import SpecError
+from tune_llama.kernels import (AUTOCAST, CompileClock, check_attention, compile_layers, compile_wanted,
+                                packing_supported)
 from tune_llama.loss import micro_batch_loss
+from tune_llama.memory import Halving, auto_budget, examples_in
 from tune_llama.model import cuda_package, load_model, load_tokenizer
-from tune_llama.speed import (AUTOCAST, CompileClock, Halving, auto_budget, check_attention, compile_layers,
-                              compile_wanted, examples_in, packing_supported)
 from tune_llama.spec import Spec, TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ Window = list[Batch]
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """Everything one training run holds; the loop's functions take and update it."""
     spec: Spec
     device: torch.device
@@ -111,7 +112,7 @@ def timed(timings: dict[str, float], name: str):
     timings[name] = time.perf_counter() - start
 
 
-def setup(spec: Spec, *, model=None, tokenizer=None, data: Optional[tuple[Encoded, Encoded]] = None) -> Run:
+def setup(spec: Spec, *, model=None, tokenizer=None, data: Optional[tuple[Encoded, Encoded]] = None) -> TrainingRun:
     """Build a run from a spec. A caller that already holds the model, tokenizer or encoded
     (train, validation) sets passes them in, so nothing is loaded twice."""
     timings: dict[str, float] = {}
@@ -141,9 +142,9 @@ def setup(spec: Spec, *, model=None, tokenizer=None, data: Optional[tuple[Encode
         optimizer = build_optimizer(model, spec, device)
         scheduler = build_scheduler(optimizer, spec, steps_per_epoch * spec.training.epochs)
         scaler = torch.amp.GradScaler(device.type) if spec.training.precision == "fp16" else None
-    return Run(spec, device, tokenizer, model, train_set, val_set, optimizer, scheduler, scaler, steps_per_epoch,
-               report_steps(spec.training, steps_per_epoch), timings, packing=packing, one_row=one_row,
-               halving=Halving(tokenizer.pad_token_id))
+    return TrainingRun(spec, device, tokenizer, model, train_set, val_set, optimizer, scheduler, scaler,
+                       steps_per_epoch, report_points(spec.training, steps_per_epoch), timings, packing=packing,
+                       one_row=one_row, halving=Halving(tokenizer.pad_token_id))
 
 
 def encode_splits(spec: Spec, tokenizer) -> tuple[Encoded, Encoded]:
@@ -152,7 +153,7 @@ def encode_splits(spec: Spec, tokenizer) -> tuple[Encoded, Encoded]:
     return encode_cached(splits.train, tokenizer, spec.data), encode_cached(splits.val, tokenizer, spec.data)
 
 
-def report_steps(training: TrainingSpec, steps_per_epoch: int) -> list[int]:
+def report_points(training: TrainingSpec, steps_per_epoch: int) -> list[int]:
     """The optimizer steps after which a run reports; the last is always the end of training."""
     total = steps_per_epoch * training.epochs
     if training.eval_every <= 1:
@@ -202,7 +203,7 @@ def build_scheduler(optimizer, spec: Spec, total_steps: int):
 
 # ---------------------------------------------------------------- one step
 
-def autocast(run: Run):
+def autocast(run: TrainingRun):
     dtype = AUTOCAST.get(run.spec.training.precision)
     return torch.autocast(run.device.type, dtype=dtype, enabled=dtype is not None)
 
@@ -212,7 +213,7 @@ def label_count(batch: Batch) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def epoch_windows(run: Run, epoch: int) -> list[Window]:
+def epoch_windows(run: TrainingRun, epoch: int) -> list[Window]:
     """The optimizer steps of epoch ``epoch`` (0-based): the same for the same (seed, epoch), always."""
     batches = make_batches(run.train_set, run.spec.data, run.tokenizer.pad_token_id,
                            seed=run.spec.training.seed, epoch=epoch, pack=run.packing, one_row=run.one_row)
@@ -228,7 +229,7 @@ class Interval:
     real_tokens: int = 0
     examples: int = 0
     seconds: float = 0.0
-    """Wall time of the steps, compiling included (``report_now`` takes ``compile_seconds`` out)."""
+    """Wall time of the steps, compiling included (``validate_and_report`` takes ``compile_seconds`` out)."""
     compile_seconds: float = 0.0
     micro_batches: int = 0
     """Micro-batches run, counting the pieces of a step retried in halves."""
@@ -241,7 +242,7 @@ class Interval:
         return (self.loss_sum / max(self.label_tokens, 1)).item()
 
 
-def train_step(run: Run, window: Window, interval: Optional[Interval] = None) -> Interval:
+def train_step(run: TrainingRun, window: Window, interval: Optional[Interval] = None) -> Interval:
     """One optimizer step over ``window``; the loss is normalised by the real tokens of the whole step."""
     interval = interval or Interval.start(run.device)
     compiled_before = CompileClock.total()
@@ -277,12 +278,12 @@ def train_step(run: Run, window: Window, interval: Optional[Interval] = None) ->
     return interval
 
 
-def batch_loss(run: Run, batch: Batch, n_items: int) -> torch.Tensor:
+def batch_loss(run: TrainingRun, batch: Batch, n_items: int) -> torch.Tensor:
     """The step-normalised loss of one micro-batch: answer-only logits unless the spec turns them off."""
     return micro_batch_loss(run.spec, run.model, batch, n_items)
 
 
-def optimizer_step(run: Run) -> None:
+def optimizer_step(run: TrainingRun) -> None:
     t = run.spec.training
     params = [p for p in run.model.parameters() if p.requires_grad]
     if run.scaler:
@@ -299,7 +300,7 @@ def optimizer_step(run: Run) -> None:
 
 
 @torch.no_grad()
-def validation_loss(run: Run, encoded: Optional[Encoded] = None) -> float:
+def validation_loss(run: TrainingRun, encoded: Optional[Encoded] = None) -> float:
     """Token-weighted mean loss over every example of ``encoded`` (the validation set by default)."""
     data = run.spec.data
     if data.batching == "packed":  # examples must not see each other when measured
@@ -321,7 +322,7 @@ def validation_loss(run: Run, encoded: Optional[Encoded] = None) -> float:
 
 # ---------------------------------------------------------------- fit
 
-SaveCheckpoint = Callable[[Run], Optional[Path]]
+SaveCheckpoint = Callable[[TrainingRun], Optional[Path]]
 Report = Callable[[dict, Optional[Path]], None]
 
 
@@ -329,28 +330,29 @@ class DataParallelHooks:
     """How ``fit`` runs as one of several data-parallel workers (``tune_llama.distributed`` overrides these);
     as it stands, the single process: its own windows, nothing to combine or agree on."""
 
-    def windows(self, run: Run, epoch: int) -> list[Window]:
+    def windows(self, run: TrainingRun, epoch: int) -> list[Window]:
         return epoch_windows(run, epoch)
 
-    def before_step(self, run: Run, window: Window) -> None:
+    def before_step(self, run: TrainingRun, window: Window) -> None:
         pass
 
     def loss_sum(self, interval: Interval) -> float:
         """The interval's summed loss over all workers (a divergence check)."""
         return float(interval.loss_sum)
 
-    def combine(self, run: Run, interval: Interval) -> None:
+    def combine(self, run: TrainingRun, interval: Interval) -> None:
         """Before a report: the interval's loss, tokens and time over all workers."""
 
-    def agree(self, run: Run) -> None:
+    def agree(self, run: TrainingRun) -> None:
         """After a report: one status (early stop, divergence) for every worker."""
 
 
 ONE_PROCESS = DataParallelHooks()
 
 
-def fit(run: Run, save_checkpoint: Optional[SaveCheckpoint] = None, report: Optional[Report] = None,
-        on_step: Optional[Callable[[Run], None]] = None, workers: DataParallelHooks = ONE_PROCESS) -> Run:
+def fit(run: TrainingRun, save_checkpoint: Optional[SaveCheckpoint] = None, report: Optional[Report] = None,
+        on_step: Optional[Callable[[TrainingRun], None]] = None,
+        workers: DataParallelHooks = ONE_PROCESS) -> TrainingRun:
     """Train from ``run.step`` to the end of ``training.epochs``.
 
     At each report point: validate, update best / early stopping, call
@@ -376,7 +378,7 @@ def fit(run: Run, save_checkpoint: Optional[SaveCheckpoint] = None, report: Opti
                 on_step(run)
             if diverged or run.step in due:
                 workers.combine(run, interval)
-                report_now(run, interval, diverged, save_checkpoint, report)
+                validate_and_report(run, interval, diverged, save_checkpoint, report)
                 workers.agree(run)
                 interval = Interval.start(run.device)
                 reset_peak_memory(run.device)
@@ -387,8 +389,8 @@ def fit(run: Run, save_checkpoint: Optional[SaveCheckpoint] = None, report: Opti
     return run
 
 
-def report_now(run: Run, interval: Interval, diverged: bool, save_checkpoint: Optional[SaveCheckpoint],
-               report: Optional[Report]) -> dict:
+def validate_and_report(run: TrainingRun, interval: Interval, diverged: bool,
+                        save_checkpoint: Optional[SaveCheckpoint], report: Optional[Report]) -> dict:
     """Validate, record the report's metrics, checkpoint, and hand them to ``report``."""
     train_loss = interval.mean_loss()
     interval.seconds = max(interval.seconds - interval.compile_seconds, 0.0)
@@ -434,7 +436,7 @@ def report_now(run: Run, interval: Interval, diverged: bool, save_checkpoint: Op
     return metrics
 
 
-def update_status(run: Run, train_loss: float, eval_loss: float) -> None:
+def update_status(run: TrainingRun, train_loss: float, eval_loss: float) -> None:
     t = run.spec.training
     report = len(run.history) + 1
     if not (math.isfinite(train_loss) and math.isfinite(eval_loss)):
@@ -464,6 +466,15 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_gb(device: torch.device) -> float:
+    """GiB at the peak: CUDA's allocator since ``reset_peak_memory``; on CPU the process's peak resident set.
+
+    On CPU the peak is Linux's VmHWM, which ``/proc/self/clear_refs`` can reset (the benchmarks measure one
+    setting after another in one process); ``ru_maxrss`` would also keep the peaks of ended threads and of
+    the process that started this one. It is the fallback where ``/proc`` has no VmHWM.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    try:
+        return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 2**20  # kB
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

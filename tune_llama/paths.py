@@ -1,10 +1,13 @@
-"""Where tune-llama keeps what it makes once and reuses: one place reads ``$TUNE_LLAMA_CACHE``."""
+"""Files and folders: where tune-llama keeps what it makes once and reuses (one place reads
+``$TUNE_LLAMA_CACHE``), what a name that looks like a path means, reading a JSON file that may be missing or
+half written, and the modes a written file should have."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 
 def cache_dir() -> Path:
@@ -28,6 +31,14 @@ def missing_folder(name: str) -> Optional[Path]:
     so the error says ``directory not found`` at once instead of the hub's complaint about a repo id."""
     path = Path(name).expanduser()
     return path if looks_like_path(name) and not path.is_dir() else None
+
+
+def read_json(path: Path) -> Any:
+    """The file's JSON value; None when it is missing, unreadable or not (yet) whole JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def current_umask() -> int:

@@ -1,14 +1,12 @@
-"""The report's pictures (matplotlib, written as PNG) and its one self-contained ``report.html``."""
+"""The report's pictures: matplotlib figures, written as PNG (``tune_llama.report_html`` puts them in
+``report.html``)."""
 
 from __future__ import annotations
 
-import base64
-import html
 import math
 from pathlib import Path
 from typing import Any, Optional
 
-from tune_llama.finalists import comparison_text
 from tune_llama.results import RUNG_STOPPED, FINISHED, Search, Trial
 
 STATUS_STYLE = {FINISHED: "-", RUNG_STOPPED: "--"}  # anything else (running, errored, ...) is dotted
@@ -27,16 +25,6 @@ class Importance(dict):
     @property
     def caveat(self) -> str:
         return FEW_TRIALS_NOTE if self.trials < FEW_TRIALS else ""
-
-
-def caption(image: Path, metric: str) -> str:
-    """What a plot shows, in words (its file name is for the folder, not for the reader)."""
-    words = {"eval_loss": "Validation loss per report, one line per trial",
-             "eval_perplexity": "Validation perplexity per report, one line per trial (log scale)",
-             f"{metric}_vs_lr": f"Each trial's best {metric} against its learning rate",
-             "parallel_coordinates": f"Searched parameters of each trial against its best {metric}",
-             "param_importance": "Which searched parameter mattered most (Optuna PED-ANOVA)"}
-    return words.get(image.stem, image.stem.replace("_", " "))
 
 
 def pyplot():
@@ -196,55 +184,3 @@ def importance_bars(importance: Importance, out: Path) -> Path:
     ax.set_xlabel("importance (Optuna PED-ANOVA)")
     ax.set_title(f"which searched parameter mattered{importance.caveat}")
     return save(fig, out)
-
-
-# ---------------------------------------------------------------- report.html
-
-def html_table(headers: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def write_html(search: Search, rows: list[dict[str, Any]], finalists: Optional[dict],
-               importance: Optional[Importance], images: list[Path], out: Path, overlong: str = "") -> Path:
-    """One file, images inline as data URIs: it opens anywhere, offline, and can be mailed as is."""
-    keys = list(search.spec.search.space)
-    parts = [f"<h1>{html.escape(search.name)}</h1>",
-             f"<p>metric <b>{html.escape(search.metric)}</b> ({search.mode}); {len(rows)} trials of "
-             f"{search.spec.search.num_samples}; training.epochs={search.spec.training.epochs}</p>",
-             "<h2>Trials</h2>",
-             html_table(["trial", *keys, "status", "epochs", "best eval_loss", "best ppl", "best@epoch", "error"],
-                        [[r["trial"], *[r[k] for k in keys], r["status"], r["epochs"], r["best_eval_loss"],
-                          r["best_eval_perplexity"], r["best_epoch"], r["error"]] for r in rows])]
-    if overlong:
-        parts.append(f"<p>{html.escape(overlong)}</p>")
-    if finalists:
-        parts += ["<h2>Finalists (GSM8K accuracy)</h2>", html_table(
-            ["trial", "strict", "strict 95% CI", "flexible", search.metric],
-            [[f["trial_id"], f"{f['strict_accuracy']:.1%}", f"{f['strict_ci95'][0]:.1%} - {f['strict_ci95'][1]:.1%}",
-              f"{f['flexible_accuracy']:.1%}", f["metric_value"]] for f in finalists.get("finalists", [])])]
-        if finalists.get("comparison"):
-            parts.append(f"<p>{html.escape(comparison_text(finalists['comparison']))}</p>")
-    if importance:
-        parts += [f"<h2>Parameter importance{html.escape(importance.caveat)}</h2>",
-                  html_table(["param", "importance"], [[k, v] for k, v in importance.items()])]
-    pngs = [p for p in images if p.suffix == ".png"]
-    if pngs:
-        parts.append("<h2>Plots</h2>")
-        parts += [f'<figure><img alt="{html.escape(caption(p, search.metric))}" src="data:image/png;base64,'
-                  f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>'
-                  f'{html.escape(caption(p, search.metric))}</figcaption></figure>' for p in pngs]
-    else:
-        parts.append("<p>Nothing to plot yet: no trial has reported a result.</p>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}")
-    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(search.name)}</title>"
-                   f"<style>{style}</style></head><body>{''.join(parts)}</body></html>", encoding="utf-8")
-    return out

@@ -52,7 +52,7 @@ def eval_every_notes(spec: Spec, train: Any) -> list[str]:
     optimizer steps than a fractional ``training.eval_every`` asks to report: such trials report less
     often, and ASHA has fewer rungs to compare. Said once per cause, before any trial starts."""
     from tune_llama.data import count_batches
-    from tune_llama.loop import report_steps
+    from tune_llama.loop import report_points
     t = spec.training
     wanted = round(1 / t.eval_every) if t.eval_every < 1 else 1
     if wanted <= 1:
@@ -63,7 +63,7 @@ def eval_every_notes(spec: Spec, train: Any) -> list[str]:
         per_epoch = max(1, math.ceil(count_batches(train, trial.data) / trial.training.gradient_accumulation_steps))
         if per_epoch >= wanted:
             continue
-        reports = len([s for s in report_steps(trial.training, per_epoch) if s <= per_epoch])
+        reports = len([s for s in report_points(trial.training, per_epoch) if s <= per_epoch])
         who = ("trials with " + ", ".join(f"{k}={v}" for k, v in setting.items())) if setting else "each trial"
         notes.append(f"{who} {'have' if setting else 'has'} {per_epoch} optimizer step{'s' * (per_epoch != 1)} "
                      f"per epoch; {'they' if setting else 'it'} report{'' if setting else 's'} "

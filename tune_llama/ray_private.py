@@ -16,6 +16,8 @@ and, driving a search, three more: ``search_gen_state-*.json`` (``total_samples`
 ``TuneController.stop_trial`` and ``_mark_trial_to_checkpoint`` (the halving scheduler stops paused trials),
 a trial's kept checkpoints (a resumed search forgets those a kill left listed but deleted);
 for bench/scale.py, the session folder of the running Ray (``ray._private.worker._global_node``).
+One more, a method to override, lives with the subclasses that override it, as it needs Ray imported:
+``LoggerCallback._restore_from_remote`` (``tune_llama.callbacks.KeepDriverCopy``).
 
 ``tests/test_ray_private.py`` runs a real Tune experiment and fails, naming the
 piece, when any of this changes; ``pyproject.toml`` pins ``ray`` to the minor
@@ -29,6 +31,8 @@ import json
 import re
 from pathlib import Path
 from typing import Any, Optional
+
+from tune_llama.paths import read_json
 
 CHECKED_RAY_VERSION = "2.60.0"
 EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
@@ -47,7 +51,7 @@ def read_trial_states(experiment: Path) -> list[dict[str, Any]]:
     """
     experiment = Path(experiment)
     newest = newest_state(experiment)
-    state = _read_json(newest) if newest else None
+    state = read_json(newest) if newest else None
     entries = state.get("trial_data", []) if isinstance(state, dict) else []
     out = []
     for entry in entries:
@@ -86,13 +90,6 @@ def _error(experiment: Path, trial: dict, runtime: dict) -> tuple[Optional[str],
     except OSError:
         return None, "error (no error file)"
     return str(error_file), lines[-1] if lines else "error (no error file)"
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------- a last good copy of the experiment state
@@ -304,41 +301,3 @@ def forget_lost_checkpoints(trial) -> int:
     lost = len(manager._checkpoint_results) - len(kept)
     manager._checkpoint_results = kept
     return lost
-
-
-# ---------------------------------------------------------------- result files of a trial that starts again
-
-# Private: ray.tune.logger.LoggerCallback._restore_from_remote(file_name, trial), checked on 2.60.0. When a trial
-# with a checkpoint starts (a resume, and also a trial paused at a rung going on in the same search), Tune's JSON
-# and CSV loggers copy the trial's result.json / progress.csv from the search storage over the driver's own
-# copy. Storage's copy lags the driver's by up to one experiment sync (about 10 s), so the rows written since
-# were lost (a halving search showed reports 1, 3, 4). The driver's copy, where it exists, is the newer one;
-# a resumed search (a new driver, no copy) still restores from storage.
-RESULT_LOGGER_NAMES = ("DriverCopyJsonLogger", "DriverCopyCsvLogger")
-
-
-def result_loggers() -> list:
-    """Tune's JSON and CSV result loggers, keeping the driver's copy of a trial's file when it has one."""
-    return [result_logger_class(name)() for name in RESULT_LOGGER_NAMES]
-
-
-def result_logger_class(name: str) -> type:
-    """The logger class ``name``, made on first use (no Ray import at module level) and found here by name,
-    so that Tune's pickled run config finds it again."""
-    if name not in globals():
-        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
-        def _restore_from_remote(self, file_name: str, trial) -> None:
-            if Path(trial.local_path, file_name).is_file():
-                return  # this driver wrote it: newer than storage's copy
-            base._restore_from_remote(self, file_name, trial)
-
-        base = JsonLoggerCallback if name == RESULT_LOGGER_NAMES[0] else CSVLoggerCallback
-        globals()[name] = type(name, (base,), {"__module__": __name__, "_restore_from_remote": _restore_from_remote})
-    return globals()[name]
-
-
-def __getattr__(name: str):
-    if name in RESULT_LOGGER_NAMES:
-        return result_logger_class(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

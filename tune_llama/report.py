@@ -18,11 +18,11 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from tune_llama import plots
 from tune_llama.finalists import comparison_text
 from tune_llama.loop import DATA_COUNTS
-from tune_llama.plots import Importance
-from tune_llama.progress import format_value
+from tune_llama.plots import Importance, all_plots
+from tune_llama.progress_bar import format_value
+from tune_llama.report_html import write_html
 from tune_llama.results import ERRORED, OPTUNA_DB, Search, load_search
 
 
@@ -127,7 +127,7 @@ def overlong_line(search: Search, rows: list[dict[str, Any]]) -> str:
 
 # ---------------------------------------------------------------- the report
 
-def report(search_dir: Path) -> list[Path]:
+def write_report(search_dir: Path) -> list[Path]:
     """Print the table, write the CSV, the plots and report.html; returns the files written."""
     search = load_search(search_dir)
     rows = trial_rows(search)
@@ -147,11 +147,11 @@ def report(search_dir: Path) -> list[Path]:
     out.mkdir(exist_ok=True)
     written = [write_csv(rows, out / "trials.csv")]
     if any(math.isfinite(r["best_metric"]) for r in rows if isinstance(r["best_metric"], (int, float))):
-        written += plots.all_plots(search, importance, out)
+        written += all_plots(search, importance, out)
     else:
         print("nothing to plot yet: no trial has reported a finite "
               f"{search.metric} (the search stopped before its first report)")
-    written.append(plots.write_html(search, rows, finalists, importance, written, out / "report.html", overlong))
+    written.append(write_html(search, rows, finalists, importance, written, out / "report.html", overlong))
     print(f"wrote {', '.join(p.name for p in written)} to {out}")
     return written
 
@@ -169,8 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("search", type=Path, help="search folder, e.g. results/NAME")
 
 
-def run(args: argparse.Namespace) -> int:
-    report(args.search)
+def main(args: argparse.Namespace) -> int:
+    write_report(args.search)
     return 0
 
 

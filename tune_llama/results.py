@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from tune_llama import checkpoint
 from tune_llama.errors import SpecError, UserError
+from tune_llama.paths import read_json
 from tune_llama.ray_private import read_trial_states, trial_id_from_name, trial_sequence_number
 from tune_llama.spec import Spec, apply_params, spec_from_dict
 
@@ -301,13 +302,6 @@ def with_checkpoint_reports(rows: list[dict[str, Any]], folder: Path) -> list[di
             rows.append({**metrics, "checkpoint_dir_name": directory.name})
             steps.add(metrics["step"])
     return sorted(rows, key=lambda row: row["step"])
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def trial_order(trial: Trial) -> tuple:

@@ -15,7 +15,7 @@ judge them: ``WaitingLimiter`` is Ray's ``ConcurrencyLimiter`` that does not cou
 records live in ``scheduler.json`` in the search folder (Tune does not save a scheduler's state), so a
 resumed or extended search judges against every result it had. Public Ray APIs only, except stopping a
 paused trial (``ray_private.stop_trial``), as Ray's own HyperBand does. A paused trial's process is stopped:
-``searcher.ReleaseWorkers`` frees a multi-worker trial's workers meanwhile, and ``ray_private.result_loggers``
+``callbacks.ReleaseWorkers`` frees a multi-worker trial's workers meanwhile, and ``callbacks.result_loggers``
 keep the rows it wrote when it goes on.
 """
 

@@ -16,15 +16,15 @@ from typing import Optional
 
 from tune_llama.cli import add_set_argument
 from tune_llama.checkpoint import load_state, save_state
-from tune_llama.loop import DATA_COUNTS, Run, fit, setup
+from tune_llama.loop import DATA_COUNTS, TrainingRun, fit, setup
 from tune_llama.model import save_hf_model
 from tune_llama.preflight import preflight
-from tune_llama.progress import Progress
+from tune_llama.progress_bar import Progress
 from tune_llama.results import best_row
 from tune_llama.spec import Spec, load_spec
 
 
-def run_summary(history: list[dict], status: str, metric: str, mode: str) -> dict:
+def training_summary(history: list[dict], status: str, metric: str, mode: str) -> dict:
     """The best report (by the search metric, as a search would rank it) and averages over a run's reports."""
     best = best_row(history, metric, mode)
     if best is None:
@@ -58,7 +58,7 @@ def train(spec: Spec, output: Path) -> dict:
     best_state = output / "best_state"
     metric, mode = spec.search.metric, spec.search.mode
 
-    def save_if_best(run: Run) -> Optional[Path]:
+    def save_if_best(run: TrainingRun) -> Optional[Path]:
         # Only the best report is worth keeping; its state is tiny for LoRA.
         return save_state(run, best_state) if best_row(run.history, metric, mode) is run.history[-1] else None
 
@@ -71,7 +71,7 @@ def train(spec: Spec, output: Path) -> dict:
     # A bar (plain lines in a log) over optimizer steps: an epoch can take many minutes between reports.
     with Progress(run.total_steps, "train", "step", initial=run.step) as bar:
         fit(run, save_checkpoint=save_if_best, report=report, on_step=lambda _: bar.update(1))
-    summary = run_summary(run.history, run.status, metric, mode)
+    summary = training_summary(run.history, run.status, metric, mode)
     if best_state.exists():
         load_state(run, best_state, weights_only=True)
         save_hf_model(run.model, run.tokenizer, output / "best")
@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set_argument(parser)
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     output = args.output or Path("results/runs") / f"{Path(args.spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     summary = train(spec, output.resolve())

@@ -23,8 +23,8 @@ from ray import tune
 from tune_llama.errors import CheckpointError, TrialOutOfMemory
 from tune_llama import checkpoint
 from tune_llama.checkpoint import folders, load_state, save_state
-from tune_llama.loop import Run, fit, setup
-from tune_llama.progress import StepFile
+from tune_llama.loop import TrainingRun, fit, setup
+from tune_llama.live import StepFile
 from tune_llama.ray_private import register_placement_group
 from tune_llama.resources import ray_resources, worker_resources
 from tune_llama.spec import Spec, apply_params, spec_from_dict
@@ -32,11 +32,11 @@ from tune_llama.spec import Spec, apply_params, spec_from_dict
 
 def train_trial(config: dict[str, Any], spec: dict[str, Any], live_dir: Optional[str] = None) -> None:
     """One trial: ``spec`` is the search's spec as a dict, ``config`` the sampled ``section.field`` values;
-    between reports the trial writes where it is into ``live_dir`` (``progress.StepFile``) for the live table."""
+    between reports the trial writes where it is into ``live_dir`` (``live.StepFile``) for the live table."""
     trial_spec = apply_params(spec_from_dict(spec), config)
     if trial_spec.search.resources.workers > 1:  # Ray Train workers; this process only drives them
         return train_trial_on_workers(trial_spec)
-    run: Optional[Run] = None
+    run: Optional[TrainingRun] = None
     try:
         run = setup(trial_spec)
         limit_rows(run)
@@ -45,7 +45,7 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any], live_dir: Optional
             restore(run, Path(handed_back.path))
         on_step = StepFile(Path(live_dir) / f"{tune.get_context().get_trial_id()}.json",
                            trial_spec.training.log_every) if live_dir else None
-        fit(run, save_checkpoint=save_to_temp, report=report_to_tune, on_step=on_step)
+        fit(run, save_checkpoint=save_to_temp, report=report_to_ray, on_step=on_step)
     except torch.OutOfMemoryError:
         raise TrialOutOfMemory(out_of_memory_message(trial_spec)) from None
     finally:
@@ -74,7 +74,7 @@ def out_of_memory_message(spec) -> str:
 OOM_ABOVE_ROWS = "TUNE_LLAMA_OOM_ABOVE_ROWS"
 
 
-def limit_rows(run: Run) -> None:
+def limit_rows(run: TrainingRun) -> None:
     limit = os.environ.get(OOM_ABOVE_ROWS)
     if not limit:
         return
@@ -86,7 +86,7 @@ def limit_rows(run: Run) -> None:
     run.model.get_input_embeddings().register_forward_pre_hook(too_many_rows)
 
 
-def restore(run: Run, newest: Path) -> None:
+def restore(run: TrainingRun, newest: Path) -> None:
     """Load the newest checkpoint Tune hands back; if it is damaged, the newest older one that loads.
 
     Tune keeps the trial's checkpoints side by side in its folder, so the older ones are its siblings.
@@ -106,7 +106,7 @@ def restore(run: Run, newest: Path) -> None:
 SHARED_MEMORY = Path("/dev/shm")
 
 
-def staging_dir(run: Run) -> Optional[Path]:
+def staging_dir(run: TrainingRun) -> Optional[Path]:
     """Where a checkpoint is written before Ray persists (copies) it: shared memory when it has room.
 
     Ray always copies the folder it is handed into the trial's storage; staged in RAM, the checkpoint
@@ -121,11 +121,11 @@ def staging_dir(run: Run) -> Optional[Path]:
     return None
 
 
-def save_to_temp(run: Run) -> Path:
+def save_to_temp(run: TrainingRun) -> Path:
     return save_state(run, Path(tempfile.mkdtemp(prefix="tune-llama-ckpt-", dir=staging_dir(run))))
 
 
-def report_to_tune(metrics: dict, checkpoint_dir: Optional[Path], api=tune) -> None:
+def report_to_ray(metrics: dict, checkpoint_dir: Optional[Path], api=tune) -> None:
     """Report the metrics with the checkpoint staged in ``checkpoint_dir`` through ``api`` (``ray.tune``, or
     ``ray.train`` on a worker: each has its own ``report`` and ``Checkpoint``); the staged folder is gone
     afterwards, as Ray has persisted its own copy."""
@@ -145,7 +145,7 @@ def train_trial_on_workers(spec: Spec) -> None:
 
     Retries are Tune's (``search.max_failures``): Train's own are off, so one budget counts every failure. A
     retried trial starts a Train run of the same name in the same folder, which hands back its latest
-    checkpoint. The search frees each ended trial's placement group (``searcher.ReleaseWorkers``).
+    checkpoint. The search frees each ended trial's placement group (``callbacks.ReleaseWorkers``).
     """
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     import ray.train
@@ -188,7 +188,7 @@ def train_worker(config: dict[str, Any]) -> None:
         with handed_back.as_directory() as directory:
             load_worker_state(run, team, Path(directory))
 
-    def save(run_: Run) -> Path:
+    def save(run_: TrainingRun) -> Path:
         return save_worker_state(run_, team, Path(tempfile.mkdtemp(prefix="tune-llama-ckpt-")))
 
     def report(metrics: dict, directory: Optional[Path]) -> None:
@@ -196,6 +196,6 @@ def train_worker(config: dict[str, Any]) -> None:
         metrics["peak_memory_gb"] = team.reduce([metrics["peak_memory_gb"]], op=dist.ReduceOp.MAX)[0]
         if directory is not None and team.rank == 0 and (directory / checkpoint.METRICS).exists():
             checkpoint.write_json(directory, checkpoint.METRICS, metrics)
-        report_to_tune(metrics, directory, api=ray.train)
+        report_to_ray(metrics, directory, api=ray.train)
 
     fit_workers(run, team, save_checkpoint=save, report=report)

@@ -252,7 +252,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"DIR {args.dir}: exists and is not an empty folder")
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     check_arguments(args)
     present = read_present(args.present) if args.present else {}
     excluded = {canonical(name) for name in args.exclude}

@@ -16,7 +16,8 @@ Modes (``data.batching``):
 Each batch holds ``input_ids``, ``attention_mask`` and ``labels`` (-100 on
 prompts and padding), right-padded to its longest row. With ``pack=True``
 (the loop's ``data.packing``) the same examples come padding-free instead
-(``tune_llama.data.packing``), and a token budget counts real tokens.
+(``tune_llama.data.packing``), and a token budget counts real tokens. ``split_batch`` cuts a
+micro-batch, packed or padded, into two of half as many examples (a step that ran out of memory).
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from tune_llama.data.examples import IGNORE_INDEX, Encoded
-from tune_llama.data.packing import collate_packed
+from tune_llama.data.packing import Batch, collate_packed, examples_of, with_answer_positions
 from tune_llama.spec import DataSpec
-
-Batch = dict[str, torch.Tensor]
 
 
 def make_batches(encoded: Encoded, data: DataSpec, pad_id: int, *, seed: int, epoch: int,
@@ -159,6 +158,23 @@ def collate(rows: list[torch.Tensor], label_rows: list[torch.Tensor], pad_id: in
         "attention_mask": (torch.arange(input_ids.shape[1]) < lengths[:, None]).long(),
         "labels": pad_sequence(label_rows, batch_first=True, padding_value=IGNORE_INDEX),
     }
+
+
+def split_batch(batch: Batch, pad_id: int) -> list[Batch]:
+    """The batch's examples in two micro-batches of half as many (same layout), for a step that ran out
+    of memory; a batch of one example cannot be split (ValueError)."""
+    ids, labels = examples_of(batch)
+    if len(ids) < 2:
+        raise ValueError("a micro-batch of one example cannot be split")
+    half = len(ids) // 2
+    if "example_lengths" in batch:
+        # First-fit rows put two or more examples in two or more rows (the longest fills its own), so one row
+        # of several examples is the one-row layout.
+        one_row = len(batch["input_ids"]) == 1
+        return [collate_packed(ids[:half], labels[:half], pad_id, one_row),
+                collate_packed(ids[half:], labels[half:], pad_id, one_row)]
+    return [with_answer_positions(collate(ids[:half], labels[:half], pad_id)),
+            with_answer_positions(collate(ids[half:], labels[half:], pad_id))]
 
 
 def real_token_share(batches: list[Batch]) -> float:

@@ -119,22 +119,3 @@ def examples_of(batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
             labels.append(y[start:start + n])
             start += n
     return ids, labels
-
-
-def split_batch(batch: Batch, pad_id: int) -> list[Batch]:
-    """The batch's examples in two micro-batches of half as many (same layout), for a step that ran out
-    of memory; a batch of one example cannot be split (ValueError)."""
-    from tune_llama.data.batching import collate
-
-    ids, labels = examples_of(batch)
-    if len(ids) < 2:
-        raise ValueError("a micro-batch of one example cannot be split")
-    half = len(ids) // 2
-    if "example_lengths" in batch:
-        # First-fit rows put two or more examples in two or more rows (the longest fills its own), so one row
-        # of several examples is the one-row layout.
-        one_row = len(batch["input_ids"]) == 1
-        return [collate_packed(ids[:half], labels[:half], pad_id, one_row),
-                collate_packed(ids[half:], labels[half:], pad_id, one_row)]
-    return [with_answer_positions(collate(ids[:half], labels[:half], pad_id)),
-            with_answer_positions(collate(ids[half:], labels[half:], pad_id))]
