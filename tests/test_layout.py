@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tune_llama"
 # The pipeline, bottom first. A module may import any module in an earlier (or its own) layer.
 LAYERS = [
     ["errors", "paths", "redact", "calculator", "paired", "progress_bar"],
-    ["spec", "cli", "wheelhouse"],
+    ["spec", "cli", "wheelhouse", "budget"],
     ["data"],
     ["model", "loss", "generate", "kernels", "memory"],
     ["loop", "checkpoint"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ MAX_EPOCHS = 10_000  # the report schedule is built up front
 MAX_LR = 10.0  # a step this much larger than the gradient diverges at once
 MAX_SYNTHETIC = 1_000_000
 SEED_LIMIT = 2 ** 32  # numpy's and Optuna's seeds
+DEFAULT_TRIALS = 8  # search.num_samples without a budget
 
 
 @dataclass
@@ -318,8 +320,9 @@ class SearchSpec:
     """Metric the searcher and scheduler optimise."""
     mode: Literal["min", "max"] = "min"
     """Whether the metric is minimised or maximised."""
-    num_samples: int = 8
-    """Trials to run."""
+    num_samples: Optional[int] = None
+    """Trials to run; None: 8. With ``budget``, the most trials its plan may use (None: as many as it plans),
+    the budget left over going to the winner."""
     max_concurrent: int = 1
     """Trials running at once."""
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
@@ -358,9 +361,23 @@ class SearchSpec:
     stop_after_same_error: int = 3
     """Stop the search when this many trials in a row fail with the same error (type and message): a value
     that breaks every trial would otherwise fail them all, one after another. 0 never stops."""
+    budget: Optional[float] = None
+    """The search's whole training compute in runs (one run: ``training.epochs`` over the train split). The
+    search sizes itself to it (``tune_llama.budget``: how many trials, the rungs, when to stop), trains its
+    winner to ``training.epochs`` and then on with what the exploration left, while its validation loss
+    improves; every trial's reports together stay within it. Replaces ``num_samples`` and the ``asha``
+    rungs; halving scheduler only. Below 1.5 runs nothing fits a search: the spec's own config trains for
+    the whole budget. None: ``num_samples`` trials, as before."""
+    include_spec_config: bool = True
+    """The spec's own values of the searched fields (the config you would run without a search) are the
+    first trial, so the search is compared with, and cannot silently lose to, the recipe. A spec value
+    outside the space is skipped with a note."""
 
     def validate(self, path: str) -> None:
-        _require(self.num_samples >= 1, f"{path}.num_samples", f"must be >= 1, got {self.num_samples}")
+        if self.num_samples is None and self.budget is None:
+            self.num_samples = DEFAULT_TRIALS
+        if self.num_samples is not None:
+            _require(self.num_samples >= 1, f"{path}.num_samples", f"must be >= 1, got {self.num_samples}")
         _require(self.max_concurrent >= 1, f"{path}.max_concurrent", f"must be >= 1, got {self.max_concurrent}")
         _require(self.resources.cpu > 0, f"{path}.resources.cpu", f"must be > 0, got {self.resources.cpu}")
         _require(self.resources.workers >= 1, f"{path}.resources.workers",
@@ -383,6 +400,11 @@ class SearchSpec:
                  f"must be >= 0 (0 never stops), got {self.stop_after_same_error}")
         _require(self.asha.brackets >= 1, f"{path}.asha.brackets", f"must be >= 1, got {self.asha.brackets}")
         _require(self.warm_start_k >= 1, f"{path}.warm_start_k", f"must be >= 1, got {self.warm_start_k}")
+        if self.budget is not None:
+            _require(math.isfinite(self.budget) and self.budget > 0, f"{path}.budget",
+                     f"must be a number of runs > 0, got {self.budget}")
+            _require(self.scheduler == "halving", f"{path}.budget",
+                     "sizes a halving search; drop search.scheduler: asha (or search.budget)")
         f = self.finalists
         _require(f.top_k >= 0, f"{path}.finalists.top_k", f"must be >= 0, got {f.top_k}")
         for name in ("limit", "batch_size", "max_new_tokens"):
