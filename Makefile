@@ -26,12 +26,12 @@ PYTEST := OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false $(PY) -m pytest -
 
 # Both tiers: the unit tests and the integration tests (Ray, Slurm, Chromium; their system packages first).
 test: $(STAMP)
-	bash tests/system_packages.sh
+	bash tests/integration/system_packages.sh
 	$(PYTEST) tests
 
 # The unit tier alone: no Ray, Slurm or Chromium.
 test-fast: $(STAMP)
-	$(PYTEST) -m "not integration" tests
+	$(PYTEST) -m "not integration" tests/unit
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py

@@ -35,6 +35,17 @@ def result_rows(experiment: Path) -> dict[str, list[dict]]:
     return out
 
 
+INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The folder is the tier: every test under tests/integration/ gets the ``integration`` marker, so ``-m`` selects
+    by tier without each test writing it."""
+    for item in items:
+        if INTEGRATION_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

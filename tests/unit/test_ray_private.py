@@ -16,7 +16,7 @@ import pytest
 from tune_llama.ray_private import (CHECKED_RAY_VERSION, TRAINABLE_NAME, read_trial_states, trial_id_from_name,
                                     trial_sequence_number)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Three trials created as tune-llama creates them (OptunaSearch, a trainable called train_trial); the
 # second one raises.

@@ -171,7 +171,7 @@ def lora_search(tmp_path_factory):
     from tune_llama.loop import fit, setup
     from tune_llama.spec import apply_params, load_spec
 
-    spec = load_spec(Path(__file__).resolve().parents[1] / "search_spaces" / "tiny.yaml",
+    spec = load_spec(Path(__file__).resolve().parents[2] / "search_spaces" / "tiny.yaml",
                      ["model.lora.enabled=true", "model.lora.target_modules=[q_proj, v_proj]", "training.epochs=1",
                       "training.device=cpu", "training.optimizer=adamw", "data.synthetic_size=24", "data.val_size=8",
                       "search.space={model.lora.r: {choice: [4, 8]}}"])

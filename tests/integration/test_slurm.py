@@ -1,4 +1,4 @@
-"""The Slurm scripts, against a real Slurm: a private two-node cluster on loopback (tests/slurm_cluster.py).
+"""The Slurm scripts, against a real Slurm: a private two-node cluster on loopback (tests/integration/slurm_cluster.py).
 
 The search is the real one (`search_spaces/tiny.yaml`, made smaller with --set). Needs root and
 Debian's slurm-wlm, munge and shellcheck, installed with apt when missing; when that is impossible
@@ -22,7 +22,7 @@ from slurm_cluster import SlurmCluster, ensure_packages, free_port
 
 pytestmark = pytest.mark.integration  # every test here starts Ray, Slurm or Chromium
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SINGLE = REPO / "slurm" / "tune_single_node.sbatch"
 MULTI = REPO / "slurm" / "tune_multi_node.sbatch"
 TINY = "search_spaces/tiny.yaml"

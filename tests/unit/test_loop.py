@@ -15,7 +15,7 @@ from tune_llama.loop import DATA_COUNTS, METRIC_NAMES, epoch_windows, fit, repor
 from tune_llama.model import trainable_state
 from tune_llama.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny(*overrides: str):

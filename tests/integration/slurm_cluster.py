@@ -9,7 +9,7 @@ a GRES backed by /dev/null, so Slurm's GPU bookkeeping (CUDA_VISIBLE_DEVICES,
 SLURM_GPUS_ON_NODE) is real although the machine has no GPU.
 
 Needs root (the daemons run as root, as on the CI machines) and Debian's
-slurm-wlm and munge, which `tests/system_packages.sh` (run by `make test`) installs when missing.
+slurm-wlm and munge, which `tests/integration/system_packages.sh` (run by `make test`) installs when missing.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ def which(program: str) -> str | None:
 
 
 def ensure_packages() -> None:
-    """Fail naming what is missing: ``tests/system_packages.sh`` (one policy for every system package the
+    """Fail naming what is missing: ``tests/integration/system_packages.sh`` (one policy for every system package the
     tests use) installs it; ``make test`` runs that first."""
     missing = sorted({package for program, package in PROGRAMS.items() if which(program) is None})
     if missing:
-        raise RuntimeError(f"Slurm tests need {' '.join(missing)}: run tests/system_packages.sh (as root)")
+        raise RuntimeError(f"Slurm tests need {' '.join(missing)}: run tests/integration/system_packages.sh (as root)")
 
 
 def free_port() -> int:

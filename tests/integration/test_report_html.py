@@ -26,7 +26,7 @@ BORDER = (204, 204, 204)  # report.html's table border colour, #ccc
 def chromium() -> str:
     path = shutil.which("chromium")
     if path is None:  # not a skip: CI installs it, and without it this check would silently not run
-        pytest.fail("chromium not found on PATH: run tests/system_packages.sh (make test does)")
+        pytest.fail("chromium not found on PATH: run tests/integration/system_packages.sh (make test does)")
     return path
 
 

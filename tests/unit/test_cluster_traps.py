@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PYTHON_BIN = Path(sys.executable).parent
 VENV = sys.prefix if Path(sys.prefix, "bin", "activate").is_file() else ""
 # What require_cuda must say of the torch that runs the tests: nothing (it can use a GPU), or why not.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one policy for the system programs the integration tests use (`make test` runs this first):
-#   chromium          tests/test_report_html.py renders report.html headless
-#   slurm-wlm, munge  tests/test_slurm.py runs a private Slurm (slurmctld, slurmd, sbatch; munged)
-#   shellcheck        tests/test_slurm.py lints slurm/*.sh
+#   chromium          tests/integration/test_report_html.py renders report.html headless
+#   slurm-wlm, munge  tests/integration/test_slurm.py runs a private Slurm (slurmctld, slurmd, sbatch; munged)
+#   shellcheck        tests/integration/test_slurm.py lints slurm/*.sh
 # Missing ones are installed with apt-get when we are root; otherwise one line names them and the exit is 1.
 set -euo pipefail
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "tune_llama"
+PACKAGE = Path(__file__).resolve().parents[2] / "tune_llama"
 
 # The pipeline, bottom first. A module may import any module in an earlier (or its own) layer.
 LAYERS = [
