@@ -31,7 +31,7 @@ test: $(STAMP)
 
 # The unit tier alone: no Ray, Slurm or Chromium.
 test-fast: $(STAMP)
-	$(PYTEST) -m "not integration" tests/unit
+	$(PYTEST) tests/unit
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py

@@ -40,7 +40,7 @@ if [ "${SHAPE:-gpu}" = tiny ]; then
     DEVICE=auto
     A=(--cpu-concurrency 1 2 --trials 2 --set data.synthetic_size=64)
     A_GOAL=()
-    # Two trials side by side, 4 reports in their one epoch: time to kill one mid-epoch (as tests/test_faults.py).
+    # Two trials side by side, 4 reports in their one epoch: time to kill one mid-epoch (as tests/integration/test_fault_injection.py).
     B=(--set search.num_samples=2 --set search.max_concurrent=2 --set training.epochs=1
        --set training.eval_every=0.25 --set search.asha.grace_period=1 --set data.synthetic_size=400)
     C=(--model random:tiny --data synthetic --examples 64 --batch-size 4 --max-length 256)

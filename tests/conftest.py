@@ -171,17 +171,24 @@ def kill_session(leader) -> None:
             pass
 
 
-def wait_until(condition, leader, what: str, timeout: float = 300):
-    """``condition()``'s first truthy value, while the search ``leader`` still runs."""
+def wait_until(condition, leader=None, what: str = "the condition", timeout: float = 300, interval: float = 0.2,
+               detail=None):
+    """``condition()``'s first truthy value, polled every ``interval`` seconds: the one way tests wait for
+    something (never a fixed sleep). With ``leader`` (a Popen), it fails as soon as that process has ended;
+    ``detail()``, when given, adds what to look at (a log tail) to a failure."""
     import time
     deadline = time.monotonic() + timeout
+
+    def why(text: str) -> str:
+        return f"{text}\n{detail()}" if detail else text
+
     while True:
         value = condition()
         if value:
             return value
-        assert leader.poll() is None, f"the search ended (exit {leader.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+        assert leader is None or leader.poll() is None, why(f"the process ended (exit {leader.returncode}) before {what}")
+        assert time.monotonic() < deadline, why(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
 
 
 def first_report(experiment: Path, by_epoch: float, checkpoint_kept: bool = False):
@@ -206,3 +213,71 @@ def first_report(experiment: Path, by_epoch: float, checkpoint_kept: bool = Fals
                     continue
             return folder.name, rows[-1]["pid"]
     return reported
+
+
+# ---------------------------------------------------------------- W&B offline runs, read as W&B wrote them
+
+def wandb_records(path: Path):
+    """The protobuf records of a ``run-ID.wandb`` file (LevelDB log format: 32 KiB blocks, 7-byte headers)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += 7
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def wandb_item_key(item) -> str:
+    return item.key or "/".join(item.nested_key)  # newer W&B versions fill nested_key only
+
+
+def read_wandb_run(run_dir: Path) -> dict:
+    """An offline run as W&B wrote it: the run record, config, history rows, summary, whether it was closed.
+
+    Offline W&B (0.31) writes no ``files/config.yaml`` or ``files/wandb-summary.json``: everything is in
+    ``run-ID.wandb``, a log of protobuf records (the summary as a series of updates, the last one wins).
+    """
+    (log,) = run_dir.glob("run-*.wandb")
+    run, config, history, summary, closed = None, {}, [], {}, False
+    for record in wandb_records(log):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            config.update({wandb_item_key(u): json.loads(u.value_json) for u in run.config.update})
+        elif kind == "config":
+            config.update({wandb_item_key(u): json.loads(u.value_json) for u in record.config.update})
+        elif kind == "history":
+            history.append({wandb_item_key(item): json.loads(item.value_json) for item in record.history.item})
+        elif kind == "summary":
+            summary.update({wandb_item_key(u): json.loads(u.value_json) for u in record.summary.update})
+        elif kind == "exit":
+            closed = True
+    assert run is not None, f"{log} holds no run record"
+    config.pop("_wandb", None)  # W&B's own bookkeeping
+    return {"run": run, "config": config, "history": history, "summary": summary, "closed": closed}
+
+
+def wandb_run_closed(run_dir: Path, timeout: float = 30.0) -> Path:
+    """``run.finish()`` returns before W&B's service has written the run's last records (they reach the file
+    within a second, or at the latest when the process exits): wait for the exit record."""
+    def closed():
+        logs = list(run_dir.glob("run-*.wandb"))
+        return bool(logs) and any(r.WhichOneof("record_type") == "exit" for r in wandb_records(logs[0]))
+    wait_until(closed, what=f"{run_dir}'s exit record after the run was finished", timeout=timeout)
+    return run_dir

@@ -7,7 +7,7 @@ share of the compute. Here the decoder runs as usual, then only the positions
 whose next token carries a label go through the head, in chunks; each chunk's
 logits are recomputed in the backward pass (activation checkpointing), so at
 most ``chunk`` rows of logits exist at any time. Same loss and gradients as the
-plain path (tests/test_loss.py). The labelled positions come as a flat index
+plain path (tests/unit/test_loss.py). The labelled positions come as a flat index
 built on the host (``tune_llama.data.packing.answer_positions``), so selecting
 them is a gather: boolean indexing would make the host wait for the device to
 count them.

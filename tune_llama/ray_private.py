@@ -19,7 +19,7 @@ for bench/scale.py, the session folder of the running Ray (``ray._private.worker
 One more, a method to override, lives with the subclasses that override it, as it needs Ray imported:
 ``LoggerCallback._restore_from_remote`` (``tune_llama.callbacks.KeepDriverCopy``).
 
-``tests/test_ray_private.py`` runs a real Tune experiment and fails, naming the
+``tests/integration/test_ray_private_against_real_tune.py`` runs a real Tune experiment and fails, naming the
 piece, when any of this changes; ``pyproject.toml`` pins ``ray`` to the minor
 versions it was checked on. No Ray import at module level: export and report read searches
 where Ray is not installed.

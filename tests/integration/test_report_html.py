@@ -17,7 +17,6 @@ from tune_llama.report_html import caption
 from tune_llama.report import trial_rows, write_report
 from tune_llama.results import load_search
 
-pytestmark = pytest.mark.integration  # every test here starts Ray, Slurm or Chromium
 
 WINDOW = (1200, 6000)  # tall enough for the whole report of a small search in one screenshot
 BORDER = (204, 204, 204)  # report.html's table border colour, #ccc

@@ -20,7 +20,6 @@ import pytest
 
 from slurm_cluster import SlurmCluster, ensure_packages, free_port
 
-pytestmark = pytest.mark.integration  # every test here starts Ray, Slurm or Chromium
 
 REPO = Path(__file__).resolve().parents[2]
 SINGLE = REPO / "slurm" / "tune_single_node.sbatch"

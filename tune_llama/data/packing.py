@@ -7,7 +7,7 @@ examples share a row instead of each padding its own. It has no
 transformers (5.x, ``masking_utils.find_packed_sequence_indices``) turns those
 restarts into a block-diagonal causal mask for sdpa and eager, and into a
 document ``BlockMask`` for ``flex_attention``, so no example sees another and
-the loss equals the padded path's (tests/test_packing.py). Rows are no longer
+the loss equals the padded path's (tests/unit/test_packing.py). Rows are no longer
 than the padded batch's rather than one long row per batch: sdpa and eager get
 a dense mask and compute every masked pair, so one 4k-token row would cost
 4k x 4k per head where the padded rows pay about each example's own square.

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import one_line_error
 from tune_llama.cli import run_cli
 from tune_llama.__main__ import command
 from tune_llama.report import param_importance, trial_rows, write_report
 from tune_llama.results import (RUNG_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING, load_search,
                                 write_driver_file)
+
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -34,7 +34,6 @@ def reported_search(tiny_search) -> tuple[Path, list[Path]]:
     return tiny_search, write_report(tiny_search)
 
 
-@pytest.mark.integration
 def test_report_writes_valid_non_trivial_pngs_including_metric_against_lr(reported_search):
     import matplotlib.image
 
@@ -55,7 +54,6 @@ def test_report_writes_valid_non_trivial_pngs_including_metric_against_lr(report
             assert height >= 300 and width >= 500
 
 
-@pytest.mark.integration
 def test_table_lists_every_trial_with_its_status_epochs_and_best_loss(reported_search, capsys):
     experiment, _ = reported_search
     run_cli_ok(experiment)
@@ -111,7 +109,6 @@ def longest_trial(experiment: Path) -> tuple[str, Path]:
     return trial_id, folder
 
 
-@pytest.mark.integration
 def test_a_trial_still_running_is_reported_as_running(tiny_search, tmp_path):
     experiment = copy_search(tiny_search, tmp_path / "live")
     trial_id, folder = longest_trial(experiment)
@@ -123,7 +120,6 @@ def test_a_trial_still_running_is_reported_as_running(tiny_search, tmp_path):
     assert {p.name for p in write_report(experiment)} >= {"trials.csv", "eval_loss.png", "report.html"}
 
 
-@pytest.mark.integration
 def test_trials_of_a_search_whose_driver_is_gone_are_interrupted_not_running(tiny_search, tmp_path):
     experiment = copy_search(tiny_search, tmp_path / "driver-gone")
     trial_id, folder = longest_trial(experiment)
@@ -134,7 +130,6 @@ def test_trials_of_a_search_whose_driver_is_gone_are_interrupted_not_running(tin
     assert rows[trial_id]["status"] == INTERRUPTED  # ... but nothing drives the search any more
 
 
-@pytest.mark.integration
 def test_a_search_killed_before_its_first_report_says_there_is_nothing_to_plot(tiny_search, tmp_path, capsys):
     experiment = tmp_path / "early"
     experiment.mkdir()
@@ -145,14 +140,12 @@ def test_a_search_killed_before_its_first_report_says_there_is_nothing_to_plot(t
     assert "Nothing to plot yet" in (experiment / "report" / "report.html").read_text()
 
 
-@pytest.mark.integration
 def test_parameter_importance_comes_from_the_searchs_optuna_study(tiny_search):
     importance = param_importance(load_search(tiny_search))
     assert set(importance) == {"training.lr", "training.gradient_accumulation_steps", "training.optimizer"}
     assert sum(importance.values()) == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.integration
 def test_the_optuna_study_holds_every_report_as_an_intermediate_value(tiny_search):
     import optuna
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tiny_search / 'optuna.db'}")
@@ -160,7 +153,6 @@ def test_the_optuna_study_holds_every_report_as_an_intermediate_value(tiny_searc
     assert sorted(len(t.intermediate_values) for t in study.trials) == truth
 
 
-@pytest.mark.integration
 def test_an_interrupted_search_without_ray_state_still_reports(tiny_search, tmp_path, capsys):
     experiment = copy_search(tiny_search, tmp_path / "killed")
     trial_id, folder = longest_trial(experiment)
@@ -176,7 +168,6 @@ def test_an_interrupted_search_without_ray_state_still_reports(tiny_search, tmp_
     assert (experiment / "report" / "eval_loss.png").stat().st_size > 10_000
 
 
-@pytest.mark.integration
 def test_a_trial_ray_marked_as_errored_is_reported_as_errored(tiny_search, tmp_path, capsys):
     experiment = copy_search(tiny_search, tmp_path / "failed")
     trial_id, _ = longest_trial(experiment)
@@ -192,11 +183,6 @@ def dead_pid() -> int:
     return int(proc.stdout)
 
 
-def test_report_of_a_folder_that_is_not_a_search_is_a_one_line_error(tmp_path, capsys):
-    assert "not a tune-llama search folder" in one_line_error(command("report"), [str(tmp_path)], capsys)
-
-
-@pytest.mark.integration
 def test_importance_from_fewer_than_8_trials_is_said_to_be_indicative_only(reported_search, capsys):
     experiment, _ = reported_search
     assert param_importance(load_search(experiment)).trials < 8  # tiny.yaml: 6 trials
@@ -205,12 +191,6 @@ def test_importance_from_fewer_than_8_trials_is_said_to_be_indicative_only(repor
     assert "Parameter importance (few trials: indicative only)</h2>" in (experiment / "report" / "report.html").read_text()
 
 
-def test_importance_from_8_trials_or_more_carries_no_caveat():
-    from tune_llama.plots import Importance
-    assert Importance({"training.lr": 1.0}, 8).caveat == "" and Importance({}, 7).caveat
-
-
-@pytest.mark.integration
 def test_figure_captions_are_words_not_file_names(reported_search):
     import re
     experiment, written = reported_search
@@ -222,7 +202,6 @@ def test_figure_captions_are_words_not_file_names(reported_search):
     assert "Validation loss per report, one line per trial" in captions
 
 
-@pytest.mark.integration
 def test_the_curves_legend_sits_under_the_axes_never_over_a_curve(tiny_search):
     from tune_llama.plots import curves_figure
     fig = curves_figure(load_search(tiny_search), "eval_loss")
@@ -232,7 +211,6 @@ def test_the_curves_legend_sits_under_the_axes_never_over_a_curve(tiny_search):
     assert legend.y1 <= axes.y0, "the legend overlaps the plotting area"
 
 
-@pytest.mark.integration
 def test_the_saved_curves_keep_the_figures_width_for_the_axes_and_grow_taller_for_the_legend(tiny_search,
                                                                                                tmp_path):
     from matplotlib.image import imread
@@ -247,7 +225,6 @@ def test_the_saved_curves_keep_the_figures_width_for_the_axes_and_grow_taller_fo
     assert image.shape[1] <= width_px, "wider than the figure: the report would shrink it"
 
 
-@pytest.mark.integration
 def test_over_length_counts_are_in_each_trials_first_report_and_in_the_report(reported_search, capsys):
     from tune_llama.loop import DATA_COUNTS
     experiment, _ = reported_search
@@ -261,7 +238,6 @@ def test_over_length_counts_are_in_each_trials_first_report_and_in_the_report(re
     assert "train_truncated" in (experiment / "report" / "trials.csv").read_text().splitlines()[0]
 
 
-@pytest.mark.integration
 def test_report_files_are_readable_by_the_group_under_umask_0022(tiny_search, tmp_path):
     import stat
     experiment = copy_search(tiny_search, tmp_path / "shared")

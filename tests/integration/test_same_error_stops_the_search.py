@@ -15,8 +15,6 @@ from tune_llama.spec import ModelSpec
 
 ERROR = "SafetensorError: Error while deserializing header"
 
-pytestmark = pytest.mark.integration  # every test here runs real searches (Ray)
-
 
 @pytest.fixture(scope="module")
 def broken_model(tmp_path_factory) -> Path:

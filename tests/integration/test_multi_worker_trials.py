@@ -1,5 +1,5 @@
 """Trials larger than one process, on CPU: two gloo workers (torch.distributed, then real Ray Train inside a
-real Tune search) against one process."""
+real Tune search) against one process; stopped or paused multi-worker trials give their workers back."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 from conftest import TINY, popen_search, result_rows, summary_counts
 from tune_llama.spec import Spec, spec_from_dict
+
 
 WORLD = 2
 TOLERANCE = 1e-5
@@ -95,7 +96,6 @@ def max_difference(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.integration
 def test_two_workers_of_batch_4_make_the_update_of_one_process_of_batch_8_and_resume_exactly_ddp_and_fsdp(
         tmp_path):
     """The last global micro-batch has one row, so one worker's share of it is empty (a zero-weighted pass)."""
@@ -128,42 +128,6 @@ def test_two_workers_of_batch_4_make_the_update_of_one_process_of_batch_8_and_re
         consolidated = load_file(weights)
     assert {k: v.shape for k, v in consolidated.items()} == {k: v.shape for k, v in reference.items()}
     assert max_difference(consolidated, reference) > 0, "the step-2 checkpoint, not the final weights"
-
-
-def test_a_checkpoint_of_two_workers_is_refused_in_one_line_by_another_number_of_workers(tmp_path):
-    from tune_llama.checkpoint import WORKERS
-    from tune_llama.distributed import Team, load_worker_state
-    from tune_llama.errors import CheckpointError
-    (tmp_path / WORKERS).write_text(json.dumps({"workers": 2, "parallel": "ddp"}))
-    with pytest.raises(CheckpointError) as err:
-        load_worker_state(None, Team(0, 3, torch.device("cpu"), "ddp"), tmp_path)
-    assert "\n" not in str(err.value) and "search.resources.workers=2" in str(err.value)
-
-
-def test_concurrent_trials_fit_the_cluster_unless_the_spec_asks_for_fewer():
-    from tune_llama.errors import UserError
-    from tune_llama.preflight import check_cluster
-    spec = spec_from_dict({"search": {"max_concurrent": 8, "resources": {"workers": 2, "gpu": 1, "cpu": 4}}})
-    assert check_cluster(spec, [{"GPU": 8, "CPU": 64}]) == 4
-    assert check_cluster(spec, [{"GPU": 5, "CPU": 64}]) == 2
-    assert check_cluster(spec, [{"GPU": 1, "CPU": 8}, {"GPU": 3, "CPU": 8}]) == 2, "workers span nodes"
-    spec.search.max_concurrent = 1
-    assert check_cluster(spec, [{"GPU": 8, "CPU": 64}]) == 1
-    with pytest.raises(UserError, match="workers"):
-        check_cluster(spec, [{"GPU": 1, "CPU": 64}])
-    with pytest.raises(UserError, match="largest node offers cpu=2"):
-        check_cluster(spec, [{"GPU": 8, "CPU": 2}])
-
-
-def test_a_trial_asking_more_memory_than_any_node_has_is_refused_naming_memory_gb():
-    from tune_llama.errors import UserError
-    from tune_llama.preflight import check_cluster
-    from tune_llama.resources import tune_trial_resources
-    spec = spec_from_dict({"search": {"resources": {"cpu": 1, "gpu": 0, "memory_gb": 12}}})
-    assert check_cluster(spec, [{"CPU": 2, "memory": 16 * 2**30}]) == spec.search.max_concurrent
-    with pytest.raises(UserError, match=r"memory_gb=12, but the largest node offers cpu=2, gpu=0, memory_gb=8"):
-        check_cluster(spec, [{"CPU": 2, "memory": 8 * 2**30}])
-    assert tune_trial_resources(spec) == {"cpu": 1, "gpu": 0, "memory": 12 * 2**30}, "what with_resources is given"
 
 
 # ---------------------------------------------------------------- a real search: Tune trials of 2 Ray Train workers
@@ -207,7 +171,6 @@ def worker_search(tmp_path_factory):
     return experiment, trial, driver_pid
 
 
-@pytest.mark.integration
 def test_a_search_of_two_worker_trials_finishes_with_one_report_per_point_and_checkpoints_in_each_trial(
         worker_search):
     experiment, _, _ = worker_search
@@ -225,7 +188,6 @@ def test_a_search_of_two_worker_trials_finishes_with_one_report_per_point_and_ch
             assert {"trainable.safetensors", "rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in checkpoint.iterdir()}
 
 
-@pytest.mark.integration
 def test_a_killed_worker_makes_tune_retry_its_trial_from_the_last_checkpoint(worker_search):
     experiment, trial, driver_pid = worker_search
     killed = result_rows(experiment)[trial]
@@ -238,7 +200,6 @@ def test_a_killed_worker_makes_tune_retry_its_trial_from_the_last_checkpoint(wor
     assert after[0]["tokens_seen"] > before[-1]["tokens_seen"]
 
 
-@pytest.mark.integration
 def test_the_best_two_worker_checkpoint_exports_as_an_ordinary_model(worker_search, tmp_path):
     import subprocess
     import sys
@@ -251,20 +212,6 @@ def test_the_best_two_worker_checkpoint_exports_as_an_ordinary_model(worker_sear
     assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 0
 
 
-def test_the_worker_fields_are_checked_with_one_line_naming_them():
-    from tune_llama.errors import SpecError
-    bad = {"search.resources.workers": {"search": {"resources": {"workers": 0}}},
-           "training.parallel": {"training": {"parallel": "zero3"}}}
-    for field, raw in bad.items():
-        with pytest.raises(SpecError) as err:
-            spec_from_dict(raw)
-        assert str(err.value).startswith(field) and "\n" not in str(err.value)
-    with pytest.raises(SpecError, match="training.parallel: fsdp cannot shard 4bit"):
-        spec_from_dict({"training": {"parallel": "fsdp"}, "model": {"quantization": "4bit", "lora": {"enabled": True}}})
-    assert spec_from_dict({}).search.resources.workers == 1 and spec_from_dict({}).training.parallel == "ddp"
-
-
-@pytest.mark.integration
 def test_a_trial_whose_workers_the_cluster_cannot_hold_is_one_line_and_leaves_no_folder(tmp_path):
     from conftest import run_search
     proc = run_search([str(TINY), "--name", "big", "--storage", str(tmp_path), "--set", "search.resources.workers=64"],
@@ -277,7 +224,6 @@ def test_a_trial_whose_workers_the_cluster_cannot_hold_is_one_line_and_leaves_no
 
 # ---------------------------------------------------------------- ASHA stops give the workers back
 
-@pytest.mark.integration
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("scheduler", ["asha", "halving"])
 def test_stopped_or_waiting_two_worker_trials_give_back_their_workers_so_every_trial_runs(tmp_path, scheduler):

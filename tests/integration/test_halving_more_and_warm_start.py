@@ -1,5 +1,5 @@
-"""The halving scheduler's waiting rungs, ``--resume DIR --more N`` and ``search.warm_start``: real Ray, real
-Optuna, on CPU."""
+"""The halving scheduler's waiting rungs, ``--resume DIR --more N`` and ``search.warm_start`` on real searches: real
+Ray, real Optuna, on CPU."""
 
 from __future__ import annotations
 
@@ -9,37 +9,18 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import TINY, one_line_error, result_rows, run_search
-from tune_llama.__main__ import command
+from conftest import TINY, result_rows, run_search
 from tune_llama.ray_private import read_trial_states, total_samples
 from tune_llama.results import OPTUNA_DB, load_search
 from tune_llama.scheduler import STATE_FILE, rungs
-from tune_llama.spec import load_spec
-from tune_llama.warm_start import misfit
+
 
 SMALL = ["--set", "training.epochs=2", "--set", "search.max_concurrent=2", "--set", "search.asha.grace_period=1"]
-
-
-def search_error(capsys, argv: list[str]) -> str:
-    return one_line_error(command("search"), argv, capsys)
 
 
 def study_trials(experiment: Path) -> list[optuna.trial.FrozenTrial]:
     study = optuna.load_study(study_name=experiment.name, storage=f"sqlite:///{experiment / OPTUNA_DB}")
     return study.get_trials(deepcopy=False)
-
-
-# ---------------------------------------------------------------- the halving scheduler
-
-def test_rungs_are_the_grace_period_times_powers_of_the_reduction_factor_below_max_t():
-    assert rungs(0.25, 4, 4) == [0.25, 1.0]
-    assert rungs(1, 2, 4) == [1, 2]
-    assert rungs(4, 2, 4) == []
-
-
-def test_the_default_scheduler_is_halving_and_asha_is_on_request():
-    assert load_spec(TINY).search.scheduler == "halving"
-    assert load_spec(TINY, ["search.scheduler=asha"]).search.scheduler == "asha"
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +33,6 @@ def halving_search(tmp_path_factory) -> Path:
     return storage / "halving"
 
 
-@pytest.mark.integration
 def test_no_trial_goes_past_a_rung_before_reduction_factor_trials_reported_there(halving_search):
     """The first trials at a rung wait (paused) for company, unlike ASHA, which lets them through unopposed."""
     spec = load_search(halving_search).spec
@@ -72,7 +52,6 @@ def test_no_trial_goes_past_a_rung_before_reduction_factor_trials_reported_there
     assert state["waiting"] == {}, "a trial was left waiting at rung"
 
 
-@pytest.mark.integration
 def test_every_trial_the_scheduler_stopped_is_terminated_in_tunes_state_even_when_it_was_paused(halving_search):
     stopped = json.loads((halving_search / STATE_FILE).read_text())["stopped"]
     assert stopped, "the scheduler stopped no trial"
@@ -82,7 +61,6 @@ def test_every_trial_the_scheduler_stopped_is_terminated_in_tunes_state_even_whe
 
 # ---------------------------------------------------------------- --more
 
-@pytest.mark.integration
 def test_more_adds_trials_to_a_finished_search_in_the_same_folder_study_and_scheduler_state(tmp_path):
     experiment = tmp_path / "grow"
     proc = run_search([str(TINY), "--name", "grow", "--storage", str(tmp_path), "--set", "search.num_samples=3",
@@ -102,45 +80,6 @@ def test_more_adds_trials_to_a_finished_search_in_the_same_folder_study_and_sche
     assert "trials: 5 of 5" in proc.stdout
 
 
-@pytest.mark.parametrize("count", ["0", "-3"])
-def test_more_with_no_or_a_negative_count_is_one_line_naming_the_option(capsys, tmp_path, count):
-    err = search_error(capsys, ["--resume", str(tmp_path), "--more", count])
-    assert "--more" in err and count in err
-
-
-def test_more_without_resume_is_rejected(capsys, tmp_path):
-    err = search_error(capsys, [str(TINY), "--storage", str(tmp_path), "--more", "2"])
-    assert "--more" in err and "--resume" in err
-    assert not list(tmp_path.iterdir())
-
-
-def test_more_on_a_folder_that_is_not_a_search_is_rejected(capsys, tmp_path):
-    (tmp_path / "notes.txt").write_text("not a search")
-    err = search_error(capsys, ["--resume", str(tmp_path), "--more", "2"])
-    assert "not a tune-llama search" in err
-
-
-# ---------------------------------------------------------------- warm start
-
-def test_a_config_fits_a_space_only_with_the_same_fields_and_values_inside_each_distribution():
-    space = {"training.lr": {"loguniform": [1e-4, 1e-2]}, "training.optimizer": {"choice": ["sgd", "adamw"]}}
-    assert misfit({"training.lr": 1e-3, "training.optimizer": "sgd"}, space) is None
-    assert "training.lr=0.05 outside" in misfit({"training.lr": 0.05, "training.optimizer": "sgd"}, space)
-    assert "not one of" in misfit({"training.lr": 1e-3, "training.optimizer": "lion"}, space)
-    assert "lacks training.optimizer" in misfit({"training.lr": 1e-3}, space)
-    assert "training.seed, not searched now" in misfit({"training.lr": 1e-3, "training.optimizer": "sgd",
-                                                        "training.seed": 1}, space)
-
-
-def test_a_warm_start_folder_that_is_not_a_search_is_one_line_before_anything_is_written(capsys, tmp_path):
-    (tmp_path / "old").mkdir()
-    err = search_error(capsys, [str(TINY), "--storage", str(tmp_path / "new"),
-                                "--set", f"search.warm_start={tmp_path / 'old'}"])
-    assert "search.warm_start" in err and "not a tune-llama search folder" in err
-    assert not (tmp_path / "new").exists()
-
-
-@pytest.mark.integration
 def test_warm_start_enqueues_the_old_searchs_best_configs_that_fit_and_notes_the_others(tiny_search, tmp_path):
     old = load_search(tiny_search)
     ranked = [t.params for t, _ in old.ranked()]

@@ -21,8 +21,6 @@ SMALL = ["--set", "search.num_samples=3", "--set", "search.max_concurrent=1", "-
          "--set", "search.asha.grace_period=2", "--set", "data.synthetic_size=400",
          "--set", "training.eval_every=0.5"]
 
-pytestmark = pytest.mark.integration  # every test here runs real searches (Ray)
-
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory) -> Path:

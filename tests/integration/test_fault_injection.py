@@ -21,7 +21,6 @@ from conftest import (TINY, cmdline, first_report, kill_session, popen_search, p
 from tune_llama.ray_private import newest_state
 from tune_llama.results import read_result_rows
 
-pytestmark = pytest.mark.integration  # every test here starts Ray, Slurm or Chromium
 
 # Two trials side by side, four reports (with checkpoints) in their one epoch, no ASHA stop before the end, and
 # enough rows that a trial runs for some seconds after its first report: time to inject a fault mid-epoch.
