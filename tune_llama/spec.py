@@ -517,10 +517,72 @@ def set_path(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+ALIASES = {
+    "training.lr": ("learning_rate", "lr_rate", "base_lr", "peak_lr"),
+    "model.lora.r": ("lora_rank", "rank", "lora_r", "lora_dim"),
+    "model.lora.alpha": ("lora_alpha",),
+    "model.lora.dropout": ("lora_dropout",),
+    "model.lora.target_modules": ("lora_target_modules", "lora_modules", "modules"),
+    "training.gradient_accumulation_steps": ("grad_accum", "gradient_accumulation", "grad_accumulation",
+                                             "accumulation_steps", "accum_steps", "grad_accum_steps",
+                                             "gradient_accumulation_step", "accumulate_grad_batches"),
+    "data.batch_size": ("batch", "batch_size", "per_device_train_batch_size", "train_batch_size",
+                        "micro_batch_size", "bs"),
+    "data.eval_batch_size": ("per_device_eval_batch_size", "val_batch_size"),
+    "data.max_length": ("max_seq_length", "max_seq_len", "seq_len", "seq_length", "sequence_length",
+                        "max_len", "cutoff_len", "block_size", "context_length"),
+    "data.source": ("dataset", "dataset_name", "data_path", "dataset_path", "data_dir"),
+    "training.epochs": ("num_epochs", "num_train_epochs", "n_epochs", "epoch", "max_epochs"),
+    "training.optimizer": ("optim", "opt"),
+    "training.lr_schedule": ("lr_scheduler", "lr_scheduler_type", "training.scheduler", "schedule"),
+    "training.max_grad_norm": ("grad_clip", "clip_grad_norm", "gradient_clipping", "max_norm"),
+    "training.precision": ("mixed_precision", "fp16", "bf16", "amp"),
+    "training.early_stopping_patience": ("patience", "early_stopping"),
+    "training.warmup_ratio": ("warmup", "warmup_steps"),
+    "model.name": ("model_name", "model_name_or_path", "base_model", "model_id", "pretrained_model"),
+    "model.quantization": ("quantize", "load_in_4bit", "load_in_8bit", "bits"),
+    "model.attn_implementation": ("attention", "attn", "attn_impl", "attention_implementation"),
+    "search.num_samples": ("num_trials", "trials", "n_trials", "samples", "num_sample", "max_trials"),
+    "search.max_concurrent": ("concurrency", "max_concurrent_trials", "parallel_trials", "concurrent"),
+    "search.resources.gpu": ("gpus", "num_gpus", "gpus_per_trial", "gpu_per_trial"),
+    "search.resources.cpu": ("cpus", "num_cpus", "cpus_per_trial", "cpu_per_trial"),
+    "search.asha.grace_period": ("search.grace_period", "min_epochs"),
+    "search.asha.reduction_factor": ("search.reduction_factor", "eta"),
+    "search.finalists.top_k": ("top_k", "num_finalists"),
+    "data.split_seed": ("data.seed", "val_seed"),
+}
+"""Field -> the names people reach for when they mean it (other tools' names, the words for it): a name is
+matched alone or as ``section.name``, which may sit in another section than the field. Read by ``did_you_mean``."""
+_MEANING = {alias: path for path, names in ALIASES.items() for alias in names}
+
+
 def did_you_mean(key: str, known: Iterable[str], section: str = "") -> str:
-    """``; did you mean training.lr?`` for the known name closest to a mistyped one, or nothing."""
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    """``; did you mean training.lr?`` for a mistyped or other-tool name: by meaning first (``ALIASES``:
+    ``learning_rate`` -> ``training.lr``), then the same name in another section (``training.max_length`` ->
+    ``data.max_length``), then the closest spelling in its own section; or nothing."""
+    key, known = key.strip().lower(), list(known)
+    meant = _MEANING.get(f"{section}.{key}") or _MEANING.get(key) or elsewhere(key, section)
+    if meant and meant != f"{section}.{key}".strip("."):
+        return f"; did you mean {meant}?"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f"; did you mean {section + '.' if section else ''}{close[0]}?" if close else ""
+
+
+def elsewhere(name: str, section: str) -> str:
+    """The one spec field called ``name`` outside ``section`` (``data.max_length`` for a
+    ``training.max_length``), or ''."""
+    found = [path for path in field_paths() if path.rsplit(".", 1)[-1] == name and
+             path.rsplit(".", 1)[0] != section and not path.startswith("search.space")]
+    return found[0] if len(found) == 1 else ""
+
+
+def field_paths(cls: Any = None, prefix: str = "") -> list[str]:
+    """Every field of the schema as a dotted path (``model.lora.r``), sections not listed."""
+    paths = []
+    for name, tp in typing.get_type_hints(cls or Spec).items():
+        path = f"{prefix}{name}"
+        paths += field_paths(tp, path + ".") if dataclasses.is_dataclass(tp) else [path]
+    return paths
 
 
 def field_type(key: str) -> Any:
@@ -643,6 +705,17 @@ def validate_space(spec: Spec) -> None:
             raise SpecError(f"{path}.{kind}", f"needs low > 0, got {args!r}")
         for i, bound in enumerate(args[:2]):
             convert(bound, tp, f"{path}.{kind}[{i}]")
+
+
+def searched_values(spec: Spec) -> dict[str, Any]:
+    """The spec's own values of the searched fields: the config a user runs without a search."""
+    values = {}
+    for key in spec.search.space:
+        node: Any = spec
+        for part in key.split("."):
+            node = getattr(node, part)
+        values[key] = node
+    return values
 
 
 def apply_params(spec: Spec, params: dict[str, Any]) -> Spec:
