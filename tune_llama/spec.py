@@ -97,9 +97,13 @@ class DataSpec:
     source: str = "synthetic"
     """``synthetic`` (a deterministic GSM8K-format generator); ``embedded:gsm8k-mini``
     (the first 400 train and 100 test problems of the real GSM8K, MIT licence,
-    shipped in the package: runs offline); a hub id such as ``openai/gsm8k``; or a
+    shipped in the package: runs offline); a hub id such as ``openai/gsm8k``; a
     local directory holding ``train.jsonl`` (and ``test.jsonl``, read only when
-    the test split is used)."""
+    the test split is used); or a hub download of the data set
+    (``hf download openai/gsm8k --repo-type dataset --local-dir DIR``: parquet
+    files in one folder per configuration, which ``config`` picks; ``DIR/main``
+    itself works too). A relative path is resolved against the current
+    directory, not the spec's folder."""
     config: str = "main"
     """Hub configuration name (GSM8K has ``main`` and ``socratic``)."""
     train_size: Optional[int] = None

@@ -501,7 +501,7 @@ def test_stats_cli_runs_on_a_local_source_without_test_jsonl(local_source, tmp_p
     with pytest.raises(SystemExit) as exit_:
         run_command("data", ["stats", str(spec)])
     assert exit_.value.code == 0
-    assert "test: no test.jsonl" in capsys.readouterr().out
+    assert "test: no test split" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("setting, field", [("data.batch_size=0", "data.batch_size"),

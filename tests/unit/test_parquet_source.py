@@ -130,3 +130,13 @@ def test_the_command_line_exits_2_with_one_line_for_a_folder_with_neither(tmp_pa
                             env=os.environ, capture_output=True, text=True, timeout=180)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: data.source: found neither ")
+
+
+def test_data_stats_counts_the_test_split_of_a_hub_download(hub_download, tmp_path, capsys):
+    from tune_llama.__main__ import run_command
+    spec = tmp_path / "hub.yaml"
+    spec.write_text(f"model: {{name: 'random:tiny'}}\ndata: {{source: '{hub_download}', val_size: 2}}\n")
+    with pytest.raises(SystemExit) as exit_:
+        run_command("data", ["stats", str(spec), "--json"])
+    assert exit_.value.code == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["test"] == {"problems": 5}

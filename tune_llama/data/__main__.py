@@ -7,12 +7,12 @@ import argparse
 import dataclasses
 import json
 import statistics
-from pathlib import Path
 
 from tune_llama.cli import add_set_argument
 from tune_llama.data.batching import make_batches, real_token_share
 from tune_llama.data.examples import Encoded, encode
-from tune_llama.data.sources import Splits, load_splits
+from tune_llama.data.sources import Splits, load_splits, load_test
+from tune_llama.errors import UserError
 from tune_llama.model import load_tokenizer
 from tune_llama.spec import load_spec
 
@@ -58,11 +58,12 @@ def stats(spec_path: str, overrides: list[str]) -> dict:
 
 
 def count_test(splits: Splits) -> int | None:
-    """Test problems, or None for a local source without test.jsonl (training does not need it)."""
-    source = Path(splits.data.source).expanduser()
-    if source.is_dir() and not (source / "test.jsonl").is_file():
+    """Test problems, or None for a source without a test split (a local folder of train rows alone: training
+    does not need it), whatever its form: test.jsonl, a hub download's parquet shards, the embedded slice."""
+    try:
+        return len(load_test(splits.data))
+    except UserError:
         return None
-    return len(splits.test)
 
 
 def print_report(report: dict) -> None:
@@ -70,7 +71,7 @@ def print_report(report: dict) -> None:
           f"max_length {report['max_length']} ({report['overlong']})  batch_size {report['batch_size']}")
     for name, split in report["splits"].items():
         if split["problems"] is None:
-            print(f"{name:>5}: no test.jsonl")
+            print(f"{name:>5}: no test split (neither test.jsonl nor a hub download's test shards)")
             continue
         line = f"{name:>5}: {split['problems']:>6} problems"
         if "tokens" in split:
