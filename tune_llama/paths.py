@@ -33,6 +33,21 @@ def missing_folder(name: str) -> Optional[Path]:
     return path if looks_like_path(name) and not path.is_dir() else None
 
 
+def relative_note(name: str, spec_file: Optional[str] = None) -> str:
+    """For a relative path that was not found: `` (resolved against the current directory /x, not the spec's
+    folder /x/specs)``, and where it does exist beside the spec, that path; '' for an absolute one."""
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return ""
+    note = f" (resolved against the current directory {Path.cwd()}"
+    spec_dir = Path(spec_file).expanduser().resolve().parent if spec_file else None
+    if spec_dir is not None and spec_dir != Path.cwd():
+        note += f", not the spec's folder {spec_dir}"
+        if (spec_dir / path).is_dir():
+            note += f"; it is there: give {(spec_dir / path).resolve()}"
+    return note + ")"
+
+
 def read_json(path: Path) -> Any:
     """The file's JSON value; None when it is missing, unreadable or not (yet) whole JSON."""
     try:

@@ -110,8 +110,8 @@ def check_resumable(search_dir: Path) -> Spec:
 def say_ray_starts() -> None:
     """The search's first line, before Ray is imported: importing and starting Ray take seconds to tens of
     seconds, and nothing else would show the search is alive meanwhile."""
-    say(f"{'joining' if os.environ.get('RAY_ADDRESS') else 'starting'} Ray; meanwhile checking the spec, data and "
-        "model (preflight) ...")
+    say(f"{'joining' if os.environ.get('RAY_ADDRESS') else 'starting'} Ray; meanwhile checking the model "
+        "(preflight) ...")
 
 
 def start(spec: Spec, search_dir: Path, spec_file: str, verbose: bool):
@@ -119,12 +119,13 @@ def start(spec: Spec, search_dir: Path, spec_file: str, verbose: bool):
     if (search_dir / SPEC_FILE).exists():
         raise UserError(f"{search_dir} already holds a search: resume it with --resume {shell_path(search_dir)}, "
                         "or pick another --name")
-    from tune_llama.preflight import check_storage  # torch: not for --help
+    from tune_llama.preflight import check_inputs, check_storage  # torch: not for --help
     check_storage(search_dir.parent)  # before Ray: a storage that cannot be written leaves no Ray session behind
+    inputs = check_inputs(spec, spec_file, search=True)  # paths, data, max_length, the loop's refusals: before Ray
     first, notes = warm_start_points(spec)  # a bad warm_start folder is bad input: before Ray starts
     say_ray_starts()
     from tune_llama.tuner import new_tuner, start_ray
-    concurrent = start_ray(spec, verbose)  # before the folder exists: a refused search leaves nothing behind
+    concurrent = start_ray(spec, verbose, inputs)  # before the folder exists: a refused search leaves nothing behind
     for note in notes:
         print(note, file=sys.stderr)
     search_dir.mkdir(parents=True, exist_ok=True)

@@ -121,6 +121,10 @@ class DataSpec:
     example loses its EOS), ``drop`` leaves the example out, ``error`` stops with
     an error naming it. An example whose prompt leaves no room for one answer
     token is dropped under ``truncate`` too. Either way they are counted and logged."""
+    max_dropped_share: float = 0.5
+    """The largest share of the training split that over-length examples may be dropped from: past it the
+    spec is refused before anything starts (a search on what is left would tune for another data set),
+    naming the smallest ``max_length`` that keeps 99% of the examples whole. 1 accepts any share."""
     prompt_template: str = "Question: {question}\nAnswer: "
     """Prompt before the answer; loss falls only on the answer and the EOS token."""
     batch_size: int = 8
@@ -163,6 +167,8 @@ class DataSpec:
             value = getattr(self, name)
             minimum = 0 if name == "val_size" else 1
             _require(value >= minimum, f"{path}.{name}", f"must be >= {minimum}, got {value}")
+        _require(0 <= self.max_dropped_share <= 1, f"{path}.max_dropped_share",
+                 f"must be a share in [0, 1], got {self.max_dropped_share}")
         _require(self.synthetic_size <= MAX_SYNTHETIC, f"{path}.synthetic_size",
                  f"must be <= {MAX_SYNTHETIC} (the generator makes every problem up front), got {self.synthetic_size}")
         if self.train_size is not None:

@@ -49,8 +49,8 @@ def training_summary(history: list[dict], status: str, metric: str, mode: str) -
     }
 
 
-def train(spec: Spec, output: Path) -> dict:
-    checked = preflight(spec)
+def train(spec: Spec, output: Path, spec_file: Optional[str] = None) -> dict:
+    checked = preflight(spec, spec_file)  # before the run folder: refused input leaves nothing behind
     output.mkdir(parents=True, exist_ok=True)
     (output / "spec.json").write_text(json.dumps(spec.to_dict(), indent=1))
     metrics_file = output / "metrics.jsonl"
@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     output = args.output or Path("results/runs") / f"{Path(args.spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = train(spec, output.resolve())
+    summary = train(spec, output.resolve(), args.spec)
     print(json.dumps(summary, indent=1))
     return 0 if summary["status"] in ("completed", "early_stopped") else 1
 

@@ -25,7 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 from tune_llama.callbacks import ForgetLostCheckpoints, SameErrorStop, StateBackup, result_loggers, worker_callbacks
 from tune_llama.live import LIVE_DIR
 from tune_llama.paths import read_json
-from tune_llama.preflight import check_cluster, preflight
+from tune_llama.preflight import TokenizedData, check_cluster, check_model_setup, preflight
 from tune_llama.progress_bar import say
 from tune_llama.resources import tune_trial_resources
 from tune_llama.results import OPTUNA_DB, SPEC_FILE, load_search
@@ -201,18 +201,28 @@ def forward_sigterm_to_tune() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def start_ray(spec: Spec, verbose: bool) -> int:
-    """Run ``preflight(spec)`` in a thread while Ray starts (or is joined) in this one; return how many trials
-    may run at once on it (``preflight.check_cluster``: one line if a trial cannot run there).
+def start_ray(spec: Spec, verbose: bool, inputs: Optional[TokenizedData] = None) -> int:
+    """Run the slow part of preflight in a thread while Ray starts (or is joined) in this one; return how many
+    trials may run at once on it (``preflight.check_cluster``: one line if a trial cannot run there).
+    ``inputs``: what ``preflight.check_inputs`` read before Ray (a new search: bad paths, data and max_length
+    fail at once), so at most ``check_model_setup`` is left (a hub model's); without them (a resume) all of
+    ``preflight`` runs.
 
     Both take seconds, and Ray's start is mostly waiting for its processes (the search has said so before
     importing this module: ``search.say_ray_starts``). Ray must start in the main thread: it sets a signal
     handler, and the processes it spawns die with the thread that spawned them. When preflight refuses the
     input, the Ray started here is shut down again, so bad input leaves no Ray behind.
     """
+    def checks() -> TokenizedData:
+        if inputs is None:
+            return preflight(spec, search=True)
+        if not inputs.model_checked:
+            check_model_setup(spec)
+        return inputs
+
     started_here = not ray.is_initialized()
     with ThreadPoolExecutor(1, thread_name_prefix="preflight") as pool:
-        checked = pool.submit(preflight, spec)
+        checked = pool.submit(checks)
         try:
             init_ray(spec, verbose)
         except BaseException:

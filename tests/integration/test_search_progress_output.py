@@ -42,7 +42,7 @@ def test_the_search_says_what_it_waits_for_and_trials_push_progress_without_extr
     from tune_llama.live import LIVE_DIR, read_live
     log = (tiny_search.parent / "search.log").read_text()
     first_table = re.search(r"\[\d\d:\d\d:\d\d\] \d+ of 6 trials: ", log).start()
-    assert re.search(r"\] starting Ray; meanwhile checking the spec, data and model \(preflight\)", log[:first_table])
+    assert re.search(r"\] starting Ray; meanwhile checking the model \(preflight\)", log[:first_table])
     assert re.search(r"\] Ray is up \(\d+ CPUs\); preflight passed \(80 train, 16 validation examples\); "
                      r"starting up to 1 trial at once", log[:first_table])
     for trial_id, reports in {json.loads(r.read_text().splitlines()[0])["trial_id"]: [

@@ -37,7 +37,9 @@ def test_a_missing_model_folder_is_directory_not_found_from_train_without_a_hub_
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a hub call would be tried (and fail differently) if made
     err = one_line_error(command("train"), [str(TINY), "--output", str(tmp_path / "run"),
                                             "--set", f"model.name={name}"], capsys)
-    assert err == f"error: model.name: directory not found: {Path(name).expanduser()}"
+    where = "" if Path(name).is_absolute() else (f" (resolved against the current directory {Path.cwd()}, not the "
+                                                 f"spec's folder {TINY.parent})")
+    assert err == f"error: model.name: directory not found: {Path(name).expanduser()}{where}"
     assert not (tmp_path / "run").exists()
 
 

@@ -19,6 +19,7 @@ from functools import cached_property
 from pathlib import Path
 
 from tune_llama.errors import UserError
+from tune_llama.paths import relative_note
 from tune_llama.data import synthetic
 from tune_llama.spec import DataSpec, SpecError
 
@@ -101,7 +102,7 @@ def _looks_like_path(source: str) -> bool:
 
 def _load_local(root: Path, split: str, config: str) -> list[Problem]:
     if not root.is_dir():
-        raise UserError(f"data.source: directory not found: {root}")
+        raise UserError(f"data.source: directory not found: {root}{relative_note(str(root))}")
     path = root / f"{split}.jsonl"
     if path.is_file():
         return _read_jsonl(path)
