@@ -68,6 +68,9 @@ def resolve_search_dir(args: argparse.Namespace) -> tuple[Optional[Spec], Path]:
             search_dir = search_dir_for(args.storage, args.name)
         else:
             raise UserError("--resume needs a search folder (--resume results/NAME) or --name NAME")
+        if search_dir.is_file():  # --resume specs/x.yaml: the spec a search was started from, not the search
+            raise UserError(f"--resume: {args.resume} is a spec file, not a search folder: resume the search with "
+                            f"--resume results/NAME (its folder), or start a new one: tune-llama search {args.resume}")
         refuse_changes(search_dir, args.overrides)
         return None, search_dir
     if not args.spec:
@@ -92,8 +95,9 @@ def refuse_changes(search_dir: Path, overrides: list[str]) -> None:
         except UserError:
             same = False
         if not same:
-            raise UserError(f"--resume cannot change a search: --set {override} would be ignored "
-                            "(start a new search with it, or add trials with --more N)")
+            raise UserError(f"--resume cannot change a search (--more neither): --set {override} would be ignored; "
+                            f"start a new search with it, from this one's best configs: tune-llama search SPEC "
+                            f"--set {override} --set search.warm_start={shell_path(search_dir)}")
 
 
 def check_resumable(search_dir: Path) -> Spec:
