@@ -57,7 +57,6 @@ class CompileClock:
     lazily at the first backward, counts too), so a step's compile time can be taken out of its time."""
 
     _lock = threading.Lock()
-    _registered = False
     seconds = 0.0
     _started: dict[int, float] = {}
 
@@ -68,14 +67,18 @@ class CompileClock:
 
     @classmethod
     def _register(cls) -> None:
+        # Whenever ours are gone, not once per process: torch.compiler.reset() (a trial's end, in a trial process
+        # that Tune reuses) clears dynamo's callbacks, and the next trial's compiling would count as 0 s.
+        from torch._dynamo.callback import callback_handler
         with cls._lock:
-            if cls._registered:
+            if cls._start in callback_handler.start_callbacks:
                 return
-            from torch._dynamo import callback
-            callback.on_compile_start(lambda *args: cls._started.__setitem__(threading.get_ident(),
-                                                                              time.perf_counter()))
-            callback.on_compile_end(cls._end)
-            cls._registered = True
+            callback_handler.register_start_callback(cls._start)
+            callback_handler.register_end_callback(cls._end)
+
+    @classmethod
+    def _start(cls, *args) -> None:
+        cls._started[threading.get_ident()] = time.perf_counter()
 
     @classmethod
     def _end(cls, *args) -> None:

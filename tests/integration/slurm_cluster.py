@@ -19,14 +19,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from conftest import wait_until
 
 DEBIAN_PACKAGES = ["slurm-wlm", "munge", "shellcheck"]
 PROGRAMS = {"slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "sbatch": "slurm-wlm", "munged": "munge",
             "shellcheck": "shellcheck"}
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+UNFINISHED = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING")
 
 
 def which(program: str) -> str | None:
@@ -126,12 +128,12 @@ PartitionName=debug Nodes={",".join(self.names)} Default=YES MaxTime=INFINITE St
         self.spawn([which("munged"), "-F", "-f", f"--socket={munge}/socket", f"--key-file={munge}/munge.key",
                     f"--pid-file={munge}/munged.pid", f"--seed-file={munge}/seed", f"--log-file={munge}/munged.log"],
                    "munged.out")
-        self.wait_for(lambda: (munge / "socket").exists(), timeout, "munged did not create its socket")
+        self.wait_for(lambda: (munge / "socket").exists(), timeout, "munged's socket")
         self.spawn([which("slurmctld"), "-D", "-f", str(self.conf)], "slurmctld.out")
         for name in self.names:
             (self.root / "spool" / name).mkdir(exist_ok=True)
             self.spawn([which("slurmd"), "-D", "-f", str(self.conf), "-N", name], f"slurmd.{name}.out")
-        self.wait_for(self.all_idle, timeout, "the nodes did not become idle")
+        self.wait_for(self.all_idle, timeout, "the nodes to become idle")
 
     def all_idle(self) -> bool:
         done = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False)
@@ -139,14 +141,13 @@ PartitionName=debug Nodes={",".join(self.names)} Default=YES MaxTime=INFINITE St
         return sorted(states) == sorted(self.names) and all(state == "idle" for state in states.values())
 
     def wait_for(self, ready, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
+        """Until ``ready()``; a daemon that exits meanwhile fails at once, with the logs."""
+        def ready_while_daemons_run():
             for proc in self.procs:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}: {self.logs()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} within {timeout:.0f}s: {self.logs()}")
-            time.sleep(0.5)
+            return ready()
+        wait_until(ready_while_daemons_run, what=what, timeout=timeout, interval=0.5, detail=self.logs)
 
     def logs(self) -> str:
         tails = []
@@ -172,16 +173,16 @@ PartitionName=debug Nodes={",".join(self.names)} Default=YES MaxTime=INFINITE St
         return dict(field.split("=", 1) for field in done.stdout.split() if "=" in field)
 
     def wait_job(self, job_id: str, timeout: float) -> Job:
-        deadline = time.monotonic() + timeout
-        while True:
+        def ended():
             fields = self.job_fields(job_id)
-            if fields.get("JobState") not in (None, "PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
-                break
-            if time.monotonic() > deadline:
-                self.run(["scancel", job_id], check=False)
-                raise TimeoutError(f"job {job_id} still {fields.get('JobState')} after {timeout:.0f}s:\n"
-                                   f"{self.job_output(job_id)[-4000:]}")
-            time.sleep(1)
+            return fields if fields.get("JobState") not in (None, *UNFINISHED) else None
+        try:
+            fields = wait_until(ended, what=f"job {job_id} to end", timeout=timeout, interval=1,
+                                detail=lambda: f"still {self.job_fields(job_id).get('JobState')}:\n"
+                                               f"{self.job_output(job_id)[-4000:]}")
+        except AssertionError:
+            self.run(["scancel", job_id], check=False)
+            raise
         return Job(job_id, fields["JobState"], fields.get("ExitCode", ""), self.job_output(job_id))
 
     def job_output(self, job_id: str) -> str:
@@ -196,11 +197,11 @@ PartitionName=debug Nodes={",".join(self.names)} Default=YES MaxTime=INFINITE St
             queued = self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.split()
             if queued:
                 self.run(["scancel", *queued], check=False)
-                deadline = time.monotonic() + 30
-                while self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.split():
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(1)
+                try:
+                    wait_until(lambda: not self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.split(),
+                               what="the cancelled jobs to leave the queue", timeout=30, interval=1)
+                except AssertionError:  # teardown goes on regardless: the daemons are stopped next
+                    pass
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()

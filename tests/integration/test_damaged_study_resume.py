@@ -6,12 +6,11 @@ import math
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import NO_HOST_OOM_KILLS, TINY, kill_session, result_rows, run_search
+from conftest import NO_HOST_OOM_KILLS, TINY, kill_session, result_rows, run_search, wait_until
 
 NAME = "interrupted"
 # Three trials one after another, two epochs each: the first ends, the second is cut mid-run, the third
@@ -32,17 +31,27 @@ def interrupted(tmp_path_factory) -> Path:
         [sys.executable, "-m", "tune_llama.search", str(TINY), "--name", NAME, "--storage", str(storage), *SMALL],
         cwd=storage, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", **NO_HOST_OOM_KILLS})
-    deadline = time.monotonic() + 600
     try:
-        while not second_trial_reported(experiment):
-            assert time.monotonic() < deadline and leader.poll() is None, "search ended before it could be killed"
-            time.sleep(0.3)
-        time.sleep(1.5)  # one more save of Ray's state, which then knows the second trial's checkpoint
+        saved = wait_until(lambda: second_trial_reported(experiment) and state_saved_at(experiment), leader,
+                           "the second trial's first report", timeout=600)
+        # Ray's next state save (every second here) knows the second trial's checkpoint.
+        wait_until(lambda: state_saved_at(experiment) > saved, leader, "a save of Ray's state after that report",
+                   timeout=120)
     finally:
         kill_session(leader)
     pristine = storage / "pristine"
     shutil.copytree(experiment, pristine)
     return pristine
+
+
+def state_saved_at(experiment: Path) -> int:
+    """When Ray last saved its experiment state into the folder (ns), 0 before the first save."""
+    from tune_llama.ray_private import newest_state
+    state = newest_state(experiment)
+    try:
+        return state.stat().st_mtime_ns if state else 0
+    except FileNotFoundError:  # replaced between the glob and the stat
+        return 0
 
 
 def second_trial_reported(experiment: Path) -> bool:

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -258,9 +257,10 @@ class OtherRay:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-            deadline = time.monotonic() + grace
-            while self.processes() and time.monotonic() < deadline:
-                time.sleep(0.2)
+            try:
+                wait_until(lambda: not self.processes(), what="the other Ray's processes to end", timeout=grace)
+            except AssertionError:  # the next, harder signal follows
+                pass
 
 
 @pytest.fixture

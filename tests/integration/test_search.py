@@ -6,12 +6,11 @@ import html
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY, kill_session, one_line_error, result_rows, run_search
+from conftest import TINY, kill_session, one_line_error, result_rows, run_search, wait_until
 from tune_llama.__main__ import command
 from tune_llama.summary import EXIT_INTERRUPTED, write_summary
 
@@ -114,11 +113,9 @@ def test_a_killed_search_resumes_to_exactly_num_samples_without_restarting_check
         cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Killed once Ray's copy in the search folder holds two reports of a trial: the experiment state saved
     # with that copy knows the trial's first checkpoint at least (checkpoints alone can precede any state).
-    deadline = time.time() + 600
     try:
-        while not any(len(rows) >= 2 for rows in result_rows(experiment).values()):
-            assert time.time() < deadline and leader.poll() is None, "search ended before it could be killed"
-            time.sleep(0.3)
+        wait_until(lambda: any(len(rows) >= 2 for rows in result_rows(experiment).values()), leader,
+                   "a trial's second report", timeout=600)
     finally:
         kill_session(leader)
     checkpointed = {name for name, rows in result_rows(experiment).items() if len(rows) >= 2}

@@ -13,11 +13,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
+from conftest import wait_until
 from slurm_cluster import SlurmCluster, ensure_packages, free_port
 
 
@@ -72,10 +72,9 @@ def other_ray(tmp_path):
                             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (temp / "ray_current_cluster").exists():  # written once its GCS and raylet run
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "other-ray.log").read_text()
-            time.sleep(0.5)
+        # ray_current_cluster is written once its GCS and raylet run.
+        wait_until(lambda: (temp / "ray_current_cluster").exists(), proc, "the other Ray to start", timeout=120,
+                   interval=0.5, detail=lambda: (tmp_path / "other-ray.log").read_text())
         yield address, proc, temp, env
     finally:
         proc.terminate()  # `ray start --block` stops its own processes on SIGTERM
@@ -135,10 +134,8 @@ def ray_processes(ray_tmp: Path) -> list[str]:
 
 
 def assert_ray_gone(ray_tmp: Path, within: float = 20) -> None:
-    deadline = time.monotonic() + within
-    while ray_processes(ray_tmp) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert ray_processes(ray_tmp) == [], "the job left Ray processes behind"
+    wait_until(lambda: not ray_processes(ray_tmp), what="the job's Ray processes to end (it left them behind)",
+               timeout=within, interval=1, detail=lambda: "\n".join(ray_processes(ray_tmp)))
 
 
 def describe(job) -> str:
@@ -196,10 +193,8 @@ def test_a_search_stopped_by_sigterm_is_finished_by_resubmitting_with_resume(slu
 
     # Mid-search (a trial has reported), the wall-time warning: SIGTERM to the batch shell only,
     # as `#SBATCH --signal=B:TERM@...` sends it.
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not any(trial_rows(experiment).values()):
-        assert time.monotonic() < deadline, slurm.job_output(first)[-4000:]
-        time.sleep(1)
+    wait_until(lambda: any(trial_rows(experiment).values()), what="a trial's first report", timeout=JOB_TIMEOUT,
+               interval=1, detail=lambda: slurm.job_output(first)[-4000:])
     slurm.run(["scancel", "--batch", "--signal=TERM", first])
     stopped = slurm.wait_job(first, JOB_TIMEOUT)
 
@@ -302,10 +297,8 @@ def test_sigterm_while_ray_starts_ends_the_job_at_once_and_leaves_no_ray(tmp_pat
                             env=outside_slurm(RAY_TMPDIR=str(ray_tmp), RAY_DASHBOARD="false"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not ray_processes(ray_tmp):  # the Ray head is starting
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.2)
+        wait_until(lambda: ray_processes(ray_tmp), proc, "the Ray head to start", timeout=60,
+                   detail=lambda: "".join(proc.communicate()) if proc.poll() is not None else "")
         proc.terminate()
         out, _ = proc.communicate(timeout=60)
     finally:
