@@ -200,13 +200,22 @@ def bnb_config(spec: ModelSpec, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant. transformers 5.x renamed the call and warns on the old
+    name, which v6 removes; older versions have only the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def prepare_for_training(model, spec: ModelSpec):
     """Gradient checkpointing and the LoRA adapter (peft)."""
     if spec.quantization != "none":
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
     elif spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         if spec.lora.enabled:
             model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
     if spec.lora.enabled:
