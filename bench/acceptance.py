@@ -6,6 +6,9 @@
     python bench/acceptance.py generate EXPORT [--limit 64]                     # d.
     python bench/acceptance.py oom SPEC --storage DIR [--set K=V ...]           # e.
 
+Each stage but concurrency-goal (which reads a file) takes ``--smoke-test``: ``bench/gpu_check.sh
+--smoke-test``'s sizes on CPU (random:tiny, small searches; e injects the OOM above 8 rows).
+
 A line reads ``STAGE: GOAL | measured: FIGURES -> met`` (or ``NOT met``, or ``n/a`` where the machine cannot
 tell, e.g. no CUDA). Nothing is patched: searches run through ``python -m tune_llama.search``, steps through
 the loop's public functions, generation through ``tune_llama.generate``.
@@ -228,6 +231,27 @@ def out_of_memory(args) -> int:
 
 # ---------------------------------------------------------------- command line
 
+# Each search stage's smoke sizes, ahead of the command line's --set (which wins).
+SMOKE_SETS = {
+    # Two trials side by side, 4 reports in their one epoch: time to kill one mid-epoch.
+    "kill-resume": ["search.num_samples=2", "search.max_concurrent=2", "training.epochs=1", "training.eval_every=0.25",
+                    "search.asha.grace_period=1", "data.synthetic_size=400"],
+    "oom": ["search.space={data.batch_size: {choice: [4, 16]}, training.lr: {loguniform: [1.0e-3, 1.0e-2]}}"],
+}
+
+
+def smoke(args, parsers: dict[str, argparse.ArgumentParser]) -> None:
+    """``--smoke-test``: the stage's sizes of ``bench/gpu_check.sh --smoke-test``, on CPU."""
+    if args.stage in SMOKE_SETS:
+        args.set = [*SMOKE_SETS[args.stage], *args.set]
+    if args.stage == "oom":  # no GPU to fill: a forward of more than 8 rows raises CUDA's OOM (the tests' hook)
+        os.environ.setdefault("TUNE_LLAMA_OOM_ABOVE_ROWS", "8")
+    elif args.stage == "quantized":
+        common.smoke_test(args, parsers["quantized"], **common.LOOP_SMOKE)
+    elif args.stage == "generate":
+        common.smoke_test(args, parsers["generate"], limit=16, max_new_tokens=32)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -243,6 +267,7 @@ def main(argv=None) -> int:
         s.add_argument("--timeout", type=float, default=300)
         s.add_argument("--checkpoints", type=int, default=2, help="kill once this many checkpoints exist")
         s.add_argument("--field", default="data.batch_size", help="the searched field that sets the memory")
+        common.add_smoke_test(s)
     q = common.parser(__doc__, model="random:tinyllama-1.1b")
     q.prog = "quantized"
     c = sub.add_parser("quantized", parents=[q], add_help=False, conflict_handler="resolve")
@@ -254,7 +279,10 @@ def main(argv=None) -> int:
     g.add_argument("--limit", type=int, default=64)
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--max-new-tokens", type=int, default=128)
+    common.add_smoke_test(g)
     args = p.parse_args(argv)
+    if getattr(args, "smoke_test", False):
+        smoke(args, {"quantized": c, "generate": g})
     if getattr(args, "storage", None):
         args.storage = args.storage.resolve()
         args.storage.mkdir(parents=True, exist_ok=True)

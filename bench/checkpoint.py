@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/checkpoint.py                    # CPU: SmolLM2-135M, the whole GSM8K train split
     python3 bench/checkpoint.py --model random:llama-2-7b --data synthetic --epoch-tokens 1393000   # GPU
+    .venv/bin/python bench/checkpoint.py --smoke-test       # random:tiny, 2 steps: checks it runs
 
 Per mode: ``setup``, warmup steps (the optimizer state a checkpoint carries), ``--steps`` timed steps for
 real tokens/s, then ``save_state`` into a temporary folder, timed. Epoch = the run's train split (or
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--full-optimizer", default="adamw", choices=["adamw", "sgd"],
                    help="sgd: weights only, for a small disk (a 7B AdamW checkpoint is ~40 GB)")
     args = p.parse_args(argv)
+    common.smoke_test(args, p, **common.LOOP_SMOKE, steps=2)
     common.start(args)
     rows = []
     for mode in args.modes.split(","):

@@ -31,6 +31,28 @@ def cuda() -> bool:
     return torch.cuda.is_available()
 
 
+# ---------------------------------------------------------------- --smoke-test, the one quick-run flag
+
+SMOKE_HELP = ("a quick run on random:tiny and synthetic data, on CPU in a minute or two: checks that the bench "
+              "works end to end; not a measurement")
+LOOP_SMOKE = {"model": "random:tiny", "data": "synthetic", "examples": 64, "batch_size": 4}
+"""The smoke sizes of the loop-level benches (``parser``'s options)."""
+
+
+def add_smoke_test(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--smoke-test", action="store_true", help=SMOKE_HELP)
+
+
+def smoke_test(args, p: argparse.ArgumentParser, **values) -> None:
+    """With ``--smoke-test``, each option of ``values`` still at its default takes the smoke value; an option
+    given on the command line keeps its own."""
+    if not args.smoke_test:
+        return
+    for name, value in values.items():
+        if getattr(args, name) == p.get_default(name):
+            setattr(args, name, value)
+
+
 def parser(doc: str, **defaults) -> argparse.ArgumentParser:
     """The options every loop-level bench takes; ``defaults`` override the per-script defaults."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc,
@@ -45,6 +67,7 @@ def parser(doc: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any spec field, e.g. --set data.max_tokens_per_batch=2048 (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_smoke_test(p)
     p.set_defaults(**defaults)
     return p
 

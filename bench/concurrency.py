@@ -69,7 +69,11 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    common.add_smoke_test(p)
     args = p.parse_args(argv)
+    common.smoke_test(args, p, spec=str(common.REPO / "search_spaces" / "tiny.yaml"), trials=2)
+    if args.smoke_test:
+        args.overrides = ["data.synthetic_size=64", *args.overrides]
     import ray
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     cpus = int(ray.cluster_resources().get("CPU", 1))

@@ -18,12 +18,21 @@
 #   bash bench/gpu_check.sh                      # on the GPU machine, from the repository root
 #   STAGES=install bash bench/gpu_check.sh       # first call: only install the first transfer's wheels
 #   STAGES="a b" bash bench/gpu_check.sh         # some stages
-#   SHAPE=tiny bash bench/gpu_check.sh           # CPU smoke test: random:tiny, small searches; c needs CUDA
+#   bash bench/gpu_check.sh --smoke-test         # CPU smoke test: random:tiny, small searches; c needs CUDA
 #                                                # (n/a), e injects the OOM (TUNE_LLAMA_OOM_ABOVE_ROWS)
 #   STAGES="throughput checkpoint memory" ...    # the earlier loop-level benches on the Llama-2-7B shape (~10 min;
 #                                                # not in the default run)
 # Synthetic GSM8K-style data (no download); a hard timeout per stage; logs in $OUT (else a temporary folder).
 set -uo pipefail
+SMOKE=false
+for arg in "$@"; do
+    case $arg in
+        --smoke-test) SMOKE=true ;;
+        -h|--help) sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+        *) echo "gpu_check.sh: unknown argument $arg (the one option is --smoke-test; the rest is environment)" >&2
+           exit 2 ;;
+    esac
+done
 cd "$(dirname "$0")/.." || exit 1
 SITE=${WHEELS_SITE:-/tmp/wheels-site}
 export PYTHONPATH=".:$SITE${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error \
@@ -36,22 +45,25 @@ mkdir -p "$DIR"
 STARTED=$(date +%s)
 ACCEPT=("$PY" bench/acceptance.py)
 
-if [ "${SHAPE:-gpu}" = tiny ]; then
+if $SMOKE; then
+    # Each stage's own --smoke-test: random:tiny and small searches (bench/acceptance.py's SMOKE_SETS: b kills
+    # one of two trials side by side mid-epoch, as tests/integration/test_fault_injection.py does; e injects
+    # the OOM above 8 rows, no GPU to fill).
     DEVICE=auto
-    A=(--cpu-concurrency 1 2 --trials 2 --set data.synthetic_size=64)
+    SPEED=(--smoke-test)
+    A=(--smoke-test)
     A_GOAL=()
-    # Two trials side by side, 4 reports in their one epoch: time to kill one mid-epoch (as tests/integration/test_fault_injection.py).
-    B=(--set search.num_samples=2 --set search.max_concurrent=2 --set training.epochs=1
-       --set training.eval_every=0.25 --set search.asha.grace_period=1 --set data.synthetic_size=400)
-    C=(--model random:tiny --data synthetic --examples 64 --batch-size 4 --max-length 256)
-    E=(--set "search.space={data.batch_size: {choice: [4, 16]}, training.lr: {loguniform: [1.0e-3, 1.0e-2]}}")
-    export TUNE_LLAMA_OOM_ABOVE_ROWS=8  # no GPU to fill: a forward of more than 8 rows raises CUDA's OOM
+    B=(--smoke-test)
+    C=(--smoke-test)
+    D=(--smoke-test)
+    E=(--smoke-test)
     LIMITS=(10 60 240 300 30 300 300)  # a loaded 2-core box: b, d and e take 2-5 min
-    LOOP=(--model random:tiny --data synthetic --examples 64 --batch-size 4)
-    THROUGHPUT=(--seconds 3 --rounds 2 --max-tokens 1024) CHECKPOINT=(--steps 2)
-    MEMORY=(--cpu-smoke --max-batch 4 --max-length 64)
+    LOOP=(--smoke-test)
+    THROUGHPUT=() CHECKPOINT=() MEMORY=()
 else
     DEVICE=cuda
+    SPEED=()
+    D=()
     GPU=(--set model.dtype=bfloat16 --set training.precision=bf16 --set model.lora.enabled=true
          --set training.device=cuda)
     A=(--gpu-shares 1 0.5 0.25 --trials 4 --set model.name=random:tinyllama-1.1b "${GPU[@]}"
@@ -105,7 +117,7 @@ print('ray', ray.__version__, 'from', ray.__file__, '| optuna', optuna.__version
 fi
 if want speed; then
     if [ -x bench/gpu_speed.sh ]; then
-        stage speed "${LIMITS[1]}" bash bench/gpu_speed.sh
+        stage speed "${LIMITS[1]}" bash bench/gpu_speed.sh "${SPEED[@]}"
     else
         echo "speed: throughput/MFU goals | measured: bench/gpu_speed.sh not here -> n/a"
     fi
@@ -129,7 +141,7 @@ if want d; then
             "$1" -m tune_llama export "$2/b/killed" --out "$2/d/export"
             "$1" -m tune_llama evaluate "$2/d/export" --data synthetic --limit 64 --calculator --device "$3" \
                 --out "$2/d/eval.jsonl"
-            "$1" bench/acceptance.py generate "$2/d/export" --limit 64' _ "$PY" "$DIR" "$DEVICE"
+            "$1" bench/acceptance.py generate "$2/d/export" --limit 64 "${@:4}"' _ "$PY" "$DIR" "$DEVICE" "${D[@]}"
     else
         echo "d. export + evaluate | measured: no search from stage b in $DIR -> n/a"
     fi

@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# Issue 19's speed goals on one GPU, Llama-2-7B shape (random weights, bf16, synthetic GSM8K-length rows), in
+# The speed goals on one GPU, Llama-2-7B shape (random weights, bf16, synthetic GSM8K-length rows), in
 # at most 8 minutes, ending with a block of `goal | measured` lines:
 #   1. LoRA r=8: ours (packed batches, flex_attention, compiled layers, Liger; best of batch 8/16/32 and a
 #      16k-token budget) against hf-grouped, hf-flat and recipes, each at its best of batch 8/16/32;
 #   2. full fine-tune: ours alone, batch 16 and an 8k-token budget (MFU only).
 #
 #   PYTHONPATH=. bash bench/gpu_speed.sh      # on the GPU machine, from the repository root
-#   SHAPE=tiny bash bench/gpu_speed.sh        # CPU smoke test of the same stages on random:tiny (~2 min)
+#   bash bench/gpu_speed.sh --smoke-test      # CPU smoke test of the same stages on random:tiny (~2 min)
 #
 # Liger: imported if installed; else installed from a wheel in $WHEELS (default shared/wheels, then
 # bench/wheels) into a temporary folder; else ours runs without it and the log says so.
-# Knobs (env): SHAPE=7b|tiny, OUT (logs), OURS_SET (spec fields for ours, space-separated),
+# Knobs (env): OUT (logs), OURS_SET (spec fields for ours, space-separated),
 # CONTENDERS (default "ours ours-budget hf-grouped hf-flat recipes"; add hf-trainer for all of them).
 set -uo pipefail
+SMOKE=false
+for arg in "$@"; do
+    case $arg in
+        --smoke-test) SMOKE=true ;;
+        -h|--help) sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+        *) echo "gpu_speed.sh: unknown argument $arg (the one option is --smoke-test; the rest is environment)" >&2
+           exit 2 ;;
+    esac
+done
 cd "$(dirname "$0")/.." || exit
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error \
     PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1
@@ -22,7 +31,7 @@ mkdir -p "$DIR"
 STARTED=$(date +%s)
 read -r -a CONTENDERS <<< "${CONTENDERS:-ours ours-budget hf-grouped hf-flat recipes}"
 
-if [ "${SHAPE:-7b}" = tiny ]; then
+if $SMOKE; then
     COMMON=(--model random:tiny --data synthetic --examples 64 --warmup-steps 1)
     LORA=(--batches 4 8 --max-tokens 1024 --seconds 1 --rounds 1)
     FULL=(--batches 8 --max-tokens 1024 --seconds 1 --rounds 1)

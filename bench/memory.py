@@ -1,7 +1,7 @@
 """The largest batch that fits in GPU memory at seq ``--max-length``, per mode, gradient checkpointing off/on.
 
     python3 bench/memory.py --model random:llama-2-7b                    # GPU (bf16 there)
-    .venv/bin/python bench/memory.py --cpu-smoke --model random:tiny --max-batch 4   # the code path on CPU
+    .venv/bin/python bench/memory.py --smoke-test     # the code path on CPU: random:tiny, up to batch 4
 
 Modes: full fine-tune with SGD and with AdamW (pure bf16 on CUDA), LoRA. Each try is one ``train_step`` on
 batch x seq random tokens; the batch doubles from 1 until CUDA runs out of memory, then bisects. ``>=``: a
@@ -72,11 +72,12 @@ def main(argv=None) -> int:
     p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to try")
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--budget-s", type=float, default=20.0, help="seconds of search per mode and setting")
-    p.add_argument("--cpu-smoke", action="store_true", help="run on CPU (no OOM there: stops at --max-batch)")
     args = p.parse_args(argv)
-    if not common.cuda() and not args.cpu_smoke:
+    # On CPU nothing runs out of memory: the smoke test stops at a small --max-batch.
+    common.smoke_test(args, p, **{**common.LOOP_SMOKE, "max_batch": 4, "max_length": 64})
+    if not common.cuda() and not args.smoke_test:
         print("no CUDA device here, and host RAM has no limit to find: run bench/memory.py on a GPU "
-              "(bench/gpu_check.sh), or check its code path with --cpu-smoke --model random:tiny --max-batch 4")
+              "(bench/gpu_check.sh), or check its code path with --smoke-test")
         return 0
     common.start(args)
     rows = [largest(args, mode, ckpt == "on")

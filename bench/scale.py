@@ -3,6 +3,7 @@
     nice .venv/bin/python bench/scale.py                 # 200 tiny trials, 4 at a time (15+ min on 2 cores)
     nice .venv/bin/python bench/scale.py --trials 50     # smaller; rows at 10 / 50
     .venv/bin/python bench/scale.py --json               # one JSON object
+    .venv/bin/python bench/scale.py --smoke-test         # 10 trials, 2 at a time: checks it runs
 
 Runs ``search_spaces/tiny.yaml`` as a search of ``--trials`` trials, ``--concurrent`` at a time (each
 ``search.resources.cpu`` = cores / concurrent), one epoch with two reports per trial (ASHA may stop a
@@ -17,7 +18,7 @@ driver. A sampler thread reads, when 10 / 50 / 100 / 200 trials (and ``--trials`
 - the size of ``optuna.db``.
 
 After the search: the wall time of ``tune-llama report`` and ``tune-llama export`` on the finished folder,
-each as a user runs it (its own process). Goals (issue 21): driver RSS at 200 trials <= 1.3 x at 50;
+each as a user runs it (its own process). Goals: driver RSS at 200 trials <= 1.3 x at 50;
 overhead <= 1 s per trial; report <= 15 s. Printed with their ratios; a bench, not a test.
 """
 
@@ -126,7 +127,9 @@ def main(argv=None) -> int:
     p.add_argument("--concurrent", type=int, default=4)
     p.add_argument("--storage", type=Path, help="where the search goes (default: a temporary folder)")
     p.add_argument("--json", action="store_true")
+    common.add_smoke_test(p)
     args = p.parse_args(argv)
+    common.smoke_test(args, p, trials=10, concurrent=2)
     from tune_llama.__main__ import command
 
     cpus = os.cpu_count() or 1

@@ -3,6 +3,7 @@
     .venv/bin/python bench/startup.py            # embedded SmolLM2 + LoRA, the whole GSM8K train split
     .venv/bin/python bench/startup.py --json     # {"trial_start_s", "search_first_step_s",
                                                  #  "trial_start_overhead_s", "search_overhead_s"}
+    .venv/bin/python bench/startup.py --smoke-test   # random:tiny, 64 synthetic problems: checks it runs
 
 search_first_step_s: from launching ``python -m tune_llama.search`` on a 1-trial spec that reports after its
 first optimizer step to that report showing up in the trial's result.json (polled every 50 ms), minus the
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--val-size", type=int, default=8)
     p.add_argument("--trial", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    common.smoke_test(args, p, **common.LOOP_SMOKE)
     if args.trial:
         return trial_start(args)
     common.start(args)

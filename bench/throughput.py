@@ -1,7 +1,7 @@
 """Training throughput of our loop against the loops a user would pick instead, in one invocation.
 
     .venv/bin/python bench/throughput.py                          # CPU: SmolLM2-135M + LoRA, GSM8K, 60 s each
-    .venv/bin/python bench/throughput.py --seconds 10 --rounds 1   # smoke run
+    .venv/bin/python bench/throughput.py --smoke-test              # random:tiny, 1 s each: checks it runs
     python3 bench/throughput.py --model random:llama-2-7b --data synthetic    # GPU (bf16 there)
 
 Contenders (same model and seed, examples, lr, precision): ours, ours-budget (``--max-tokens``),
@@ -210,6 +210,7 @@ def main(argv=None) -> int:
                    help="a spec field for ours alone, e.g. model.kernels=liger (repeatable)")
     p.add_argument("--only", nargs="+", choices=CONTENDERS, help="these contenders only")
     args = p.parse_args(argv)
+    common.smoke_test(args, p, **common.LOOP_SMOKE, seconds=1.0, rounds=1, warmup_steps=1, max_tokens=[1024])
     common.start(args)
     device = torch.device("cuda" if common.cuda() else "cpu")
     seconds = args.seconds or (20.0 if device.type == "cuda" else 60.0)
