@@ -11,7 +11,8 @@ by ``tune_llama.calculator`` and written in for the model, as in Cobbe et al.
 (2021). Answers are extracted as lm-evaluation-harness does for GSM8K: strict
 (the number after ``####``) and flexible (the last number in the output), both
 normalised (commas, ``$``, a trailing ``.``). Accuracies come with a 95% Wilson
-score interval; one JSONL line per problem goes to ``--out``. SOURCE defaults
+score interval; one JSONL line per problem goes to ``--out`` (default: beside the model, in
+``MODEL/eval/``; ``default_out``). SOURCE defaults
 to ``$TUNE_LLAMA_GSM8K`` when set, else the hub's ``openai/gsm8k``.
 """
 
@@ -29,7 +30,7 @@ from typing import Any, Optional
 
 from tune_llama.errors import SpecError, UserError
 from tune_llama.generate import STRICT, generate_texts
-from tune_llama.paths import missing_folder
+from tune_llama.paths import missing_folder, relative_note
 from tune_llama.spec import DataSpec, ModelSpec, spec_from_dict
 
 DATA_VARIABLE = "TUNE_LLAMA_GSM8K"
@@ -223,7 +224,7 @@ def gsm8k_accuracy(model: str, data: Optional[str] = None, split: str = "test", 
     """Load MODEL, score it on a split of ``data`` (default ``default_data_source()``), write the JSONL,
     print and return the summary (``score``'s, plus model, data, split and shots)."""
     if missing_folder(model) is not None:  # a mistyped folder: said before any model code loads or the hub is asked
-        raise UserError(f"MODEL: directory not found: {missing_folder(model)}")
+        raise UserError(f"MODEL: directory not found: {missing_folder(model)}{relative_note(model)}")
     from tune_llama.loop import pick_device, seed_everything
 
     seed_everything(0)
@@ -242,7 +243,7 @@ def gsm8k_accuracy(model: str, data: Optional[str] = None, split: str = "test", 
     summary = {"model": model, "data": source, "split": split, "shots": shots,
                **score(loaded.model, loaded.tokenizer, problems, dspec.prompt_template, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, calculator=calculator, prefix=prefix,
-                       out=out or default_out(model, source, split))}
+                       out=out or default_out(model, source, split, limit, shots, calculator))}
     print_summary(summary)
     return summary
 
@@ -281,11 +282,28 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"  per-problem results: {s['out']}")
 
 
-def default_out(model: str, source: str, split: str) -> Path:
-    path = Path(model).expanduser()
-    name = "-".join(path.resolve().parts[-2:]) if path.is_dir() else model
+EVAL_DIR = "eval"
+"""Beside the model it scored: ``MODEL/eval/`` holds one JSONL per evaluation of that model."""
+
+
+def default_out(model: str, source: str, split: str, limit: Optional[int] = None, shots: int = 0,
+                calculator: bool = False) -> Path:
+    """Where the per-problem results go without ``--out``: beside the model they score, ``MODEL/eval/DATA-SPLIT
+    [-limitN][-Kshot][-calculator].jsonl``, when MODEL is a local folder this user can write (an export, a run's
+    ``best/``); else ``results/eval/MODEL-...`` under the working folder (a hub id, a built-in model, a shared
+    read-only folder). The name tells apart evaluations with other settings, so none overwrites another."""
     slug = lambda text: re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")  # noqa: E731
-    return Path("results") / "eval" / f"{slug(name)}-{slug(Path(source).name or source)}-{split}.jsonl"
+    run = (f"{slug(Path(source).name or source)}-{split}" + (f"-limit{limit}" if limit else "")
+           + (f"-{shots}shot" if shots else "") + ("-calculator" if calculator else "") + ".jsonl")
+    path = Path(model).expanduser()
+    if path.is_dir() and writable(path / EVAL_DIR if (path / EVAL_DIR).is_dir() else path):
+        return path / EVAL_DIR / run
+    name = "-".join(path.resolve().parts[-2:]) if path.is_dir() else model
+    return Path("results") / "eval" / f"{slug(name)}-{run}"
+
+
+def writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 # ---------------------------------------------------------------- command line
@@ -309,7 +327,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute each <<EXPR= the model writes and write the result in for it")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run: auto (default) takes the GPU when there is one, else the CPU")
-    parser.add_argument("--out", type=Path, help="JSONL file (default results/eval/MODEL-DATA-SPLIT.jsonl)")
+    parser.add_argument("--out", type=Path, help="JSONL file (default: beside the model, MODEL/eval/DATA-SPLIT.jsonl; "
+                                                 "results/eval/ for a hub id or a folder you cannot write)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -72,6 +72,19 @@ def all_plots(search: Search, importance: Optional[Importance], out: Path) -> li
     return written
 
 
+def plain_log_ticks(axis) -> None:
+    """A log axis labelled in plain numbers (``5``, ``20``, ``0.5``), not matplotlib's default ``5×10^0``; which
+    ticks get a label stays matplotlib's choice (every minor tick on an axis shorter than a decade)."""
+    from matplotlib.ticker import LogFormatter
+
+    class Plain(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(Plain(labelOnlyBase=False))
+    axis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
 def curves(search: Search, key: str, out: Path, log_y: bool = False) -> Path:
     return save(curves_figure(search, key, log_y), out)
 
@@ -94,6 +107,7 @@ def curves_figure(search: Search, key: str, log_y: bool = False):
     ax.set_ylabel(key)
     if log_y:
         ax.set_yscale("log")
+        plain_log_ticks(ax.yaxis)
     ax.set_title(f"{search.name}: {key} per report (dashed, x: {RUNG_STOPPED})")
     ax.grid(alpha=0.3)
     if ax.lines:

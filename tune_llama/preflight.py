@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import math
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -101,7 +102,8 @@ def check_model_setup(spec: Spec) -> None:
             names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
             missing = [m for m in trial.model.lora.target_modules if m not in names]
             if trial.model.lora.enabled and missing:
-                raise SpecError("model.lora.target_modules", f"no module named {', '.join(missing)} in {spec.model.name}")
+                raise SpecError("model.lora.target_modules",
+                                f"no module named {', '.join(missing)} in {spec.model.name}")
             if fsdp:
                 from tune_llama.distributed import decoder_layers
                 decoder_layers(model)
@@ -113,9 +115,8 @@ def check_paths(spec: Spec, spec_file: Optional[str] = None) -> None:
     """Each local folder the spec names exists; a relative one not found says what it was resolved against."""
     for field, value in (("model.name", spec.model.name), ("model.tokenizer", spec.model.tokenizer),
                          ("data.source", spec.data.source)):
-        missing = missing_folder(value) if value else None
-        if missing is not None:
-            raise SpecError(field, f"directory not found: {missing}{relative_note(value, spec_file)}")
+        if value and missing_folder(value) is not None:  # named as written (./data stays ./data), ~ expanded
+            raise SpecError(field, f"directory not found: {os.path.expanduser(value)}{relative_note(value, spec_file)}")
 
 
 def trial_device(spec: Spec, search: bool):

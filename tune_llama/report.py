@@ -24,12 +24,15 @@ from tune_llama.plots import Importance, all_plots
 from tune_llama.progress_bar import format_value
 from tune_llama.report_html import write_html
 from tune_llama.results import ERRORED, OPTUNA_DB, Search, load_search
+from tune_llama.summary import drawn_by_trial, sampler_line, warm_start_line
 
 
 def trial_rows(search: Search) -> list[dict[str, Any]]:
     """One summary per trial, in the search's ranking (trials without a result last)."""
     ranked = [t for t, _ in search.ranked()]
     order = ranked + [t for t in search.trials if t not in ranked]
+    kinds = drawn_by_trial(search)
+    accuracy = {f["trial_id"]: f.get("strict_accuracy") for f in (search.finalists() or {}).get("finalists", [])}
     rows = []
     for trial in order:
         best = trial.best(search.metric, search.mode) or {}
@@ -37,12 +40,14 @@ def trial_rows(search: Search) -> list[dict[str, Any]]:
             "trial": trial.trial_id,
             **{key: trial.params.get(key) for key in search.spec.search.space},
             "status": search.status(trial),
+            "drawn": kinds.get(trial.trial_id),
             "epochs": trial.epochs,
             "reports": len(trial.rows),
             "best_epoch": best.get("epoch"),
             "best_eval_loss": best.get("eval_loss"),
             "best_eval_perplexity": best.get("eval_perplexity"),
             "best_metric": best.get(search.metric),
+            "finalist_strict_accuracy": accuracy.get(trial.trial_id),
             **{key: trial.rows[0].get(key) if trial.rows else None for key in DATA_COUNTS},
             "time_s": trial.time_s,
             "error": trial.error,
@@ -53,9 +58,9 @@ def trial_rows(search: Search) -> list[dict[str, Any]]:
 
 def format_table(search: Search, rows: list[dict[str, Any]]) -> str:
     params = list(search.spec.search.space)
-    headers = ["trial", *[p.split(".")[-1] for p in params], "status", "epochs", "best eval_loss",
+    headers = ["trial", *[p.split(".")[-1] for p in params], "status", "drawn", "epochs", "best eval_loss",
                "best ppl", "best@epoch", "time"]
-    lines = [[r["trial"], *[format_value(r[p], ".4g") for p in params], r["status"],
+    lines = [[r["trial"], *[format_value(r[p], ".4g") for p in params], r["status"], r["drawn"] or "-",
               f"{r['epochs']:.2f}/{search.spec.training.epochs}", format_value(r["best_eval_loss"], ".4f"),
               format_value(r["best_eval_perplexity"], ".2f"), format_value(r["best_epoch"], ".4g"), f"{r['time_s']:.0f}s"]
              for r in rows]
@@ -136,6 +141,8 @@ def write_report(search_dir: Path) -> list[Path]:
     print(f"search {search.name}: {len(rows)} trials, metric {search.metric} ({search.mode}), "
           f"training.epochs={search.spec.training.epochs}")
     print(format_table(search, rows) if rows else "no trial has started yet")
+    for line in filter(None, [sampler_line(search), warm_start_line(search)]):
+        print(line)
     overlong = overlong_line(search, rows)
     if overlong:
         print(overlong)

@@ -46,8 +46,9 @@ from tune_llama.warm_start import warm_start_points
 # ---------------------------------------------------------------- what a search starts from
 
 def absolute_paths(spec: Spec) -> Spec:
-    """Local paths in a spec, made absolute: Ray runs each trial in its own working directory."""
-    for section, name in (("data", "source"), ("model", "name"), ("model", "tokenizer")):
+    """Local paths in a spec, made absolute: Ray runs each trial in its own working directory (and the summary and
+    report read the warm start's folder wherever they run)."""
+    for section, name in (("data", "source"), ("model", "name"), ("model", "tokenizer"), ("search", "warm_start")):
         value = getattr(getattr(spec, section), name)
         if value and Path(value).expanduser().exists():
             setattr(getattr(spec, section), name, str(Path(value).expanduser().resolve()))

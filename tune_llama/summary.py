@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from tune_llama.cli import shell_path
+from tune_llama.errors import UserError
+from tune_llama.paths import read_json
+from tune_llama.ray_private import trial_sequence_number
 from tune_llama.results import (ERRORED, INTERRUPTED, NORMAL_ENDS, PENDING, RUNNING, SAME_ERROR_FILE, SUMMARY_FILE,
-                                Search, load_search)
+                                Search, better, load_search)
 
 EXIT_INTERRUPTED, EXIT_ALL_ERRORED = 3, 4
 
@@ -29,6 +32,7 @@ def summary_lines(search: Search) -> tuple[list[str], dict[str, int]]:
     lines = [f"search folder: {search.path}",
              f"trials: {len(statuses)} of {search.spec.search.num_samples} ({normal} ended normally, "
              f"{counts.get(ERRORED, 0)} errored, {unfinished} unfinished)"]
+    lines += filter(None, [sampler_line(search), warm_start_line(search)])
     best = search.best()
     if best is None:
         lines.append(f"no trial reported a finite {search.metric} yet")
@@ -89,3 +93,79 @@ def write_summary(search_dir: Path, notes: Optional[list[str]] = None) -> int:
     if errored:
         print(f"warning: {errored} of {len(search.trials)} trials errored (see above)", file=sys.stderr)
     return 0
+
+
+# ---------------------------------------------------------------- how each trial's config was drawn; warm start
+
+SAMPLER_FILE = "sampler.json"
+"""In the search folder, written as the search starts (``tuner.record_sampler``): how its sampler draws,
+``{"sampler": "tpe" or "random", "startup_trials": N (null: every trial random), "given": K}``, where ``given``
+counts the configs proposed before the sampler's own (the spec's own, a warm start's, a budget's design)."""
+GIVEN, RANDOM, TPE = "given", "random", "tpe"
+
+
+def drawn(record: Any, index: int) -> Optional[str]:
+    """How the ``index``-th trial the search created (0-based) got its config: ``given``, ``random`` (the random
+    sampler's, or one of TPE's start-up trials, which the given ones count towards) or ``tpe``; None without a
+    record (a search started before it was kept)."""
+    if not isinstance(record, dict):
+        return None
+    if index < record.get("given", 0):
+        return GIVEN
+    startup = record.get("startup_trials")
+    return RANDOM if startup is None or index < startup else TPE
+
+
+def drawn_by_trial(search: Search) -> dict[str, str]:
+    """Trial id -> ``drawn``, for each trial with a folder (whose name holds the order Tune created it in)."""
+    record = read_json(search.path / SAMPLER_FILE)
+    return {t.trial_id: kind for t in search.trials
+            if t.path is not None and (kind := drawn(record, trial_sequence_number(t.path.name) - 1))}
+
+
+def sampler_line(search: Search) -> Optional[str]:
+    """``sampler: TPE after 5 start-up trials (1 given, 4 random); 3 of 8 trials proposed by TPE``, and whether
+    the best trial was drawn at random; a search whose trials were all start-up says it was a random search."""
+    record = read_json(search.path / SAMPLER_FILE)
+    kinds = drawn_by_trial(search)
+    if not isinstance(record, dict) or not kinds:
+        return None
+    count = {kind: list(kinds.values()).count(kind) for kind in (GIVEN, RANDOM, TPE)}
+    best = search.best()
+    lucky = " (the best trial was drawn at random)" if best and kinds.get(best[0].trial_id) == RANDOM else ""
+    startup, given = record.get("startup_trials"), record.get("given", 0)
+    if startup is None:
+        return f"sampler: random (search.sampler), {count[RANDOM]} trials drawn at random, {count[GIVEN]} given"
+    head = (f"sampler: TPE after {startup} start-up trials ({min(given, startup)} given, "
+            f"{max(startup - given, 0)} random)")
+    if count[TPE] == 0:
+        return (f"{head}: all {len(kinds)} trials were start-up, so this was a random search; TPE proposes from "
+                f"trial {startup + 1} on (--resume DIR --more N adds trials){lucky}")
+    return f"{head}; {count[TPE]} of {len(kinds)} trials proposed by TPE{lucky}"
+
+
+def warm_start_line(search: Search) -> Optional[str]:
+    """With ``search.warm_start``: the source's best beside this search's (a warm start can end worse than its
+    source, when the rungs cut the source's best config here), and what that config came to here."""
+    source = search.spec.search.warm_start
+    if not source:
+        return None
+    try:
+        old = load_search(source)
+    except UserError:
+        return f"warm start: {source} can no longer be read"
+    old_best, best = old.best(), search.best()
+    if old_best is None or best is None:
+        return None
+    (old_trial, old_row), (_, row) = old_best, best
+    value, old_value = row[search.metric], old_row[old.metric]
+    verdict = ("better than" if better(value, old_value, search.mode) else
+               "the same as" if value == old_value else "worse than")
+    line = (f"warm start: this search's best {search.metric} {value:.4f} is {verdict} its source's, "
+            f"{old.name}'s {old.metric} {old_value:.4f} (trial {old_trial.trial_id})")
+    here = next((t for t in search.trials if t.params == old_trial.params), None)
+    here_best = here.best(search.metric, search.mode) if here else None
+    if here_best:
+        line += (f"; that config ran here as trial {here.trial_id}: {search.status(here)} at epoch {here.epochs:g}, "
+                 f"best {here_best[search.metric]:.4f}")
+    return line

@@ -20,14 +20,19 @@ from ray.tune import Callback
 from tune_llama.live import LIVE_DIR, live_line, read_live
 from tune_llama.progress_bar import PLAIN_EVERY_S, WIDTH, format_value, is_tty, say
 from tune_llama.resources import resources_text, worker_resources
-from tune_llama.results import ERRORED, NORMAL_ENDS, PENDING, RUNNING, WAITING, better, ended_state, sort_key
+from tune_llama.paths import read_json
+from tune_llama.results import (ERRORED, NO_RESULT, NORMAL_ENDS, PENDING, RUNNING, WAITING, better, ended_state,
+                                sort_key)
 from tune_llama.spec import Spec
+from tune_llama.summary import RANDOM, SAMPLER_FILE, drawn
 
 TABLE_EVERY_TTY_S = 5.0
 MAX_ROWS = 20
 """Trials shown per table: the running ones, then the best; the rest are counted in one line."""
 LIVE_STATES = (PENDING, RUNNING, WAITING, ERRORED, *NORMAL_ENDS)
 """What a trial's row can say while the search runs: the words of ``results``, as the summary and report."""
+RANDOM_TAG = f" ({RANDOM})"
+"""After the status of a trial whose config was drawn at random (one of TPE's start-up trials)."""
 
 
 def short_name(key: str, word_chars: Optional[int] = None) -> str:
@@ -95,7 +100,8 @@ def table(spec: Spec, trials: list[dict[str, Any]], details: Optional[dict[str, 
     id_width = min(max([5, *(len(t["id"]) for t in shown)]), 14)  # Ray's ids: 8 hex digits, or 8 + _NNNNN
     progress_width = max(len("epoch"), len(f"{epochs:.2f}/{epochs:g}"))
     value_width = 8
-    status_width = max(len(state) for state in LIVE_STATES)
+    tagged = any(t.get("drawn") == RANDOM for t in trials)  # the first trials: the columns keep their shape after
+    status_width = max(len(state) for state in LIVE_STATES) + len(RANDOM_TAG) * tagged
     params_width = WIDTH - id_width - progress_width - 2 * value_width - status_width - 6
     word_chars = word_chars_that_fit(spec.search.space, params_width)
     params = [shorten(format_params(t["params"], keys, word_chars), params_width) for t in shown]
@@ -107,13 +113,17 @@ def table(spec: Spec, trials: list[dict[str, Any]], details: Optional[dict[str, 
         progress = f"{t['epoch']:.2f}/{epochs:g}"
         lines.append(f"{t['id'][:id_width]:<{id_width}} {cell:<{params_width}} {progress:>{progress_width}} "
                      f"{format_loss(t['latest']):>{value_width}} {format_loss(t['best']):>{value_width}}  "
-                     f"{t['status']}")
+                     f"{t['status']}{RANDOM_TAG if t.get('drawn') == RANDOM else ''}")
         if (details or {}).get(t["id"]):
             lines.append(f"{'':<{id_width}} └ {details[t['id']]}")
     shown_ids = {t["id"] for t in shown}
     hidden = [t for t in trials if t["id"] not in shown_ids]
     if hidden:
         lines.append(f"... {len(hidden)} more: {status_counts(hidden)}")
+    if any(t.get("drawn") == RANDOM for t in shown):
+        lines.append(f"{RANDOM_TAG.strip()}: drawn at random" + ("" if spec.search.sampler == "random" else
+                                                                  ", one of TPE's start-up trials before it models "
+                                                                  "the results"))
     return "\n".join(line[:WIDTH] for line in lines)
 
 
@@ -130,12 +140,29 @@ class TrialTable(Callback):
         self.last_print = 0.0
         self.waiting = ""  # the last "waiting for ..." line printed before the first trial started
         self.pending = 0  # trials Tune holds back, not yet started (they have no row)
+        self.total: Optional[int] = None  # the search's trials, as Tune counts them (after --more too)
+        self.order: dict[str, int] = {}  # trial id -> its place in the order Tune created the trials, from 0
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+        self.total = total_num_samples  # a resumed search's, raised by --more: the spec its callbacks got may not be
 
     def _entry(self, trial) -> dict[str, Any]:
-        return self.trials.setdefault(trial.trial_id, {"id": trial.trial_id, "params": dict(trial.config),
-                                                       "epoch": 0.0, "latest": None, "best": None,
-                                                       "last": {}, "status": PENDING, "reported_at": None,
-                                                       "started_at": None})
+        if trial.trial_id not in self.trials:
+            self.trials[trial.trial_id] = self._known(trial)
+        return self.trials[trial.trial_id]
+
+    def _known(self, trial) -> dict[str, Any]:
+        """A new row, from what Tune already holds of the trial: in a resumed search, how an ended trial ended
+        and the last report of one that goes on (its best value too), not an empty row."""
+        last = reported(getattr(trial, "last_result", None))
+        best = (getattr(trial, "metric_analysis", None) or {}).get(self.metric, {}).get(self.mode)
+        latest = last.get(self.metric)
+        status = {"RUNNING": RUNNING, "PAUSED": WAITING, "ERROR": ERRORED}.get(getattr(trial, "status", None), PENDING)
+        if getattr(trial, "status", None) == "TERMINATED":
+            status = ended_state(last, self.spec.training.epochs) if last else NO_RESULT
+        return {"id": trial.trial_id, "params": dict(trial.config), "epoch": float(last.get("epoch", 0.0)),
+                "latest": latest, "best": best if better(best, None, self.mode) else latest, "last": last,
+                "status": status, "reported_at": None, "started_at": None}
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._entry(trial).update(status=RUNNING, started_at=time.time())
@@ -157,6 +184,10 @@ class TrialTable(Callback):
 
     def on_step_end(self, iteration, trials, **info):
         self.pending = sum(t.status == "PENDING" for t in trials)
+        self.order.update((t.trial_id, n - 1) for t in trials if (n := creation_number(t)))
+        for trial in trials:  # a resumed search's trials, ended or going on: Tune sends their past no event
+            if trial.status != "PENDING" or reported(getattr(trial, "last_result", None)):
+                self._entry(trial)
         for trial in trials if self.trials else []:  # the halving scheduler pauses a trial at a rung
             entry = self.trials.get(trial.trial_id)
             if entry and trial.status == "PAUSED" and entry["status"] == RUNNING:
@@ -197,10 +228,29 @@ class TrialTable(Callback):
             return
         waiting = [t for t in self.trials.values() if t["status"] == PENDING]
         pending = f"; {self.pending - len(waiting)} more pending" if self.pending > len(waiting) else ""
-        title = (f"[{time.strftime('%H:%M:%S')}] {len(self.trials)} of {self.spec.search.num_samples} trials: "
+        record = read_json(self.live_dir.parent / SAMPLER_FILE) if self.live_dir else None
+        for trial_id, entry in self.trials.items():
+            entry["drawn"] = drawn(record, self.order[trial_id]) if trial_id in self.order else None
+        total = self.total or self.spec.search.num_samples
+        title = (f"[{time.strftime('%H:%M:%S')}] {len(self.trials)} of {max(total, len(self.trials))} trials: "
                  f"{status_counts(self.trials.values())}{pending}")
-        print(f"\n{title[:WIDTH]}\n" + table(self.spec, list(self.trials.values()), self.details()),
-              file=self.stream or sys.stdout, flush=True)
+        rows = sorted(self.trials.values(), key=lambda t: self.order.get(t["id"], len(self.order)))
+        print(f"\n{title[:WIDTH]}\n" + table(self.spec, rows, self.details()), file=self.stream or sys.stdout,
+              flush=True)
+
+
+def creation_number(trial) -> Optional[int]:
+    """The trial's number in the order Tune created the trials, from 1: what its experiment tag starts with
+    (``3_training.lr=...``; its folder name carries the same, ``ray_private.trial_sequence_number``). A
+    restored search lists its trials in another order."""
+    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def reported(result: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """A Tune result that is one of the trial's reports (it has an ``epoch``), else {}: before its first report
+    Tune fills a trial's last result with its own bookkeeping."""
+    return dict(result) if isinstance(result, dict) and "epoch" in result else {}
 
 
 def progress_callbacks(spec: Spec, verbose: bool, search_dir: Optional[Path] = None) -> list:

@@ -8,6 +8,7 @@ Ray is starting (importing Ray takes seconds), and ``--help`` or bad input never
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -32,6 +33,7 @@ from tune_llama.results import OPTUNA_DB, SPEC_FILE, load_search
 from tune_llama.scheduler import HalvingScheduler, WaitingLimiter
 from tune_llama.searcher import ResumableOptunaSearch
 from tune_llama.spec import Spec
+from tune_llama.summary import SAMPLER_FILE
 from tune_llama.study import DAMAGED_SUFFIX, move_aside, rebuild_study, storage_url, study_readable
 from tune_llama.tracking import callbacks as tracking_callbacks
 from tune_llama.trainable import train_trial
@@ -85,7 +87,29 @@ def sampler(spec: Spec):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, multivariate=True,
-                                          n_startup_trials=min(10, max(5, s.num_samples // 4)))
+                                          n_startup_trials=startup_trials(spec))
+
+
+def startup_trials(spec: Spec) -> Optional[int]:
+    """How many start-up trials the sampler of ``spec`` runs before TPE models the results: a quarter of the
+    search, 5 to 10 (configs proposed first, the spec's own or a warm start's, count among them; the rest are
+    drawn at random); None for ``search.sampler: random``, where every trial is drawn at random."""
+    s = spec.search
+    return None if s.sampler == "random" else min(10, max(5, (s.num_samples or 0) // 4))
+
+
+def record_sampler(spec: Spec, search_dir: Path, given: int) -> None:
+    """Write how the new search's sampler draws (``summary.SAMPLER_FILE``: the live table, summary and report
+    mark the random trials), and say in one line when no trial will be TPE's: a search of no more trials than
+    TPE's start-up is a random search."""
+    startup, total = startup_trials(spec), spec.search.num_samples or 0
+    (search_dir / SAMPLER_FILE).write_text(json.dumps({"sampler": spec.search.sampler, "startup_trials": startup,
+                                                        "given": given}))
+    if startup is not None and total <= startup and given < total:
+        print(f"note: a random search: search.num_samples={total} is no more than TPE's {startup} start-up trials, "
+              f"so {total - given} trial{'s' * (total - given != 1)} are drawn at random"
+              f"{f' after {given} given' if given else ''} and none is proposed by TPE; TPE needs "
+              f"search.num_samples={startup + 1} or more (or --resume DIR --more N later)", file=sys.stderr)
 
 
 def tune_config(spec: Spec, search_dir: Path, concurrent: int, first: Optional[list[dict[str, Any]]] = None):
@@ -139,6 +163,7 @@ def spec_name(search_dir: Path) -> Optional[str]:
 def new_tuner(spec: Spec, search_dir: Path, concurrent: int, first: Optional[list[dict[str, Any]]], verbose: bool):
     """The Tuner of a new search in ``search_dir``, at most ``concurrent`` trials at once, ``first`` proposed
     first."""
+    record_sampler(spec, search_dir, len(first or []))
     return tune.Tuner(trainable(spec, search_dir), param_space=param_space(spec),
                       tune_config=tune_config(spec, search_dir, concurrent, first),
                       run_config=run_config(spec, search_dir, verbose))

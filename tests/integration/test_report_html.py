@@ -139,7 +139,8 @@ def test_the_rendered_page_has_a_row_per_trial_and_every_plot_as_an_image(render
     rows = trial_rows(search)
     trials = dom.tables[0]
     assert trials[0][:2] == ["trial", "training.lr"]
-    assert [row[0] for row in trials[1:]] == [r["trial"] for r in rows]
+    assert [row[0].split(" (")[0] for row in trials[1:]] == [r["trial"] for r in rows]
+    assert trials[1][0] == f"{rows[0]['trial']} (best)"  # the best trial: first, named and highlighted
     assert len(rows) == search.spec.search.num_samples
     # Each plot once, named in words (its caption), not by its file name.
     assert sorted(image["alt"] for image in dom.images) == sorted(caption(p, search.metric) for p in rendered["pngs"])

@@ -307,9 +307,9 @@ def test_a_search_folder_calls_a_paused_trial_waiting_while_the_search_runs_and_
 def test_before_the_first_trial_starts_the_table_says_what_it_waits_for_once_per_change(capsys):
     from tune_llama.trial_table import TrialTable
 
-    class Pending:  # what Tune hands a callback: trials with a status
+    class Pending:  # what Tune hands a callback: trials with an id and a status
         def __init__(self, status):
-            self.status = status
+            self.trial_id, self.status = f"t{id(self)}", status
 
     board = TrialTable(load_spec(TINY))
     for statuses in ([], ["PENDING"], ["PENDING", "PENDING"], ["PENDING", "PENDING"]):
