@@ -81,7 +81,8 @@ def refusals(tmp_path_factory) -> tuple[dict, bool, Path]:
     stderr, whether Ray was ever imported, the storage folder)."""
     work = tmp_path_factory.mktemp("refusals")
     from transformers import GPT2Config  # a model whose layers are not model.layers: FSDP cannot shard it
-    GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=128, bos_token_id=0, eos_token_id=0).save_pretrained(work / "gpt2")
+    GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=128, bos_token_id=0,
+               eos_token_id=0).save_pretrained(work / "gpt2")
     raw = yaml.safe_load(TINY.read_text())
     raw["search"]["space"].update(SPACE_CASE)
     (work / "space.yaml").write_text(yaml.safe_dump(raw))
