@@ -31,8 +31,9 @@ MAX_ROWS = 20
 """Trials shown per table: the running ones, then the best; the rest are counted in one line."""
 LIVE_STATES = (PENDING, RUNNING, WAITING, ERRORED, *NORMAL_ENDS)
 """What a trial's row can say while the search runs: the words of ``results``, as the summary and report."""
-RANDOM_TAG = f" ({RANDOM})"
-"""After the status of a trial whose config was drawn at random (one of TPE's start-up trials)."""
+RANDOM_MARK = "*"
+"""Beside the id of a trial whose config was drawn at random (one of TPE's start-up trials), explained under
+the table: a column of its own (ids stay the first word of a row), two characters of the params column's."""
 
 
 def short_name(key: str, word_chars: Optional[int] = None) -> str:
@@ -100,20 +101,23 @@ def table(spec: Spec, trials: list[dict[str, Any]], details: Optional[dict[str, 
     id_width = min(max([5, *(len(t["id"]) for t in shown)]), 14)  # Ray's ids: 8 hex digits, or 8 + _NNNNN
     progress_width = max(len("epoch"), len(f"{epochs:.2f}/{epochs:g}"))
     value_width = 8
-    tagged = any(t.get("drawn") == RANDOM for t in trials)  # the first trials: the columns keep their shape after
-    status_width = max(len(state) for state in LIVE_STATES) + len(RANDOM_TAG) * tagged
-    params_width = WIDTH - id_width - progress_width - 2 * value_width - status_width - 6
+    status_width = max(len(state) for state in LIVE_STATES)
+    # Random trials are the first ones: once there is one, the columns keep their shape.
+    marks = {t["id"]: RANDOM_MARK if t.get("drawn") == RANDOM else "" for t in trials}
+    mark_width = 2 if any(marks.values()) else 0
+    params_width = WIDTH - id_width - mark_width - progress_width - 2 * value_width - status_width - 6
     word_chars = word_chars_that_fit(spec.search.space, params_width)
     params = [shorten(format_params(t["params"], keys, word_chars), params_width) for t in shown]
-    values_at = id_width + params_width + progress_width + 3  # the metric's name spans its two columns
+    values_at = id_width + mark_width + params_width + progress_width + 3  # the metric's name spans two columns
     lines = [f"{'':<{values_at}}{metric:^{2 * value_width + 1}}".rstrip(),
-             f"{'trial':<{id_width}} {'params':<{params_width}} {'epoch':>{progress_width}} "
+             f"{'trial':<{id_width + mark_width}} {'params':<{params_width}} {'epoch':>{progress_width}} "
              f"{'latest':>{value_width}} {'best':>{value_width}}  status"]
     for t, cell in zip(shown, params):
         progress = f"{t['epoch']:.2f}/{epochs:g}"
-        lines.append(f"{t['id'][:id_width]:<{id_width}} {cell:<{params_width}} {progress:>{progress_width}} "
+        lines.append(f"{t['id'][:id_width]:<{id_width}} {marks[t['id']]:<{mark_width}}{cell:<{params_width}} "
+                     f"{progress:>{progress_width}} "
                      f"{format_loss(t['latest']):>{value_width}} {format_loss(t['best']):>{value_width}}  "
-                     f"{t['status']}{RANDOM_TAG if t.get('drawn') == RANDOM else ''}")
+                     f"{t['status']}")
         if (details or {}).get(t["id"]):
             lines.append(f"{'':<{id_width}} └ {details[t['id']]}")
     shown_ids = {t["id"] for t in shown}
@@ -121,9 +125,8 @@ def table(spec: Spec, trials: list[dict[str, Any]], details: Optional[dict[str, 
     if hidden:
         lines.append(f"... {len(hidden)} more: {status_counts(hidden)}")
     if any(t.get("drawn") == RANDOM for t in shown):
-        lines.append(f"{RANDOM_TAG.strip()}: drawn at random" + ("" if spec.search.sampler == "random" else
-                                                                  ", one of TPE's start-up trials before it models "
-                                                                  "the results"))
+        lines.append(f"{RANDOM_MARK} drawn at random" + ("" if spec.search.sampler == "random" else
+                                                         ": one of TPE's start-up trials, before it models the results"))
     return "\n".join(line[:WIDTH] for line in lines)
 
 

@@ -19,18 +19,20 @@ from conftest import NO_HOST_OOM_KILLS, TINY, run_search
 from tune_llama.results import load_search
 
 TITLE = re.compile(r"^\[\d\d:\d\d:\d\d\] (\d+) of (\d+) trials: ")
-ROW = re.compile(r"^([0-9a-f]{8}) .* (\d+\.\d\d)/4 +(\S+) +(\S+)  (.+)$")
+ROW = re.compile(r"^([0-9a-f]{8}) (?:(\*| ) )?.* (\d+\.\d\d)/4 +(\S+) +(\S+)  (.+)$")
 
 
 def tables(log: str) -> list[tuple[tuple[int, int], dict[str, dict]]]:
-    """Each table printed: ((trials shown in the title, the title's total), trial id -> its row's cells)."""
+    """Each table printed: ((trials shown in the title, the title's total), trial id -> its row's cells and
+    whether it is marked as drawn at random)."""
     out = []
     for line in log.splitlines():
         title = TITLE.match(line)
         if title:
             out.append(((int(title[1]), int(title[2])), {}))
         elif out and (row := ROW.match(line)):
-            out[-1][1][row[1]] = {"epoch": float(row[2]), "latest": row[3], "best": row[4], "status": row[5]}
+            out[-1][1][row[1]] = {"random": row[2] == "*", "epoch": float(row[3]), "latest": row[4], "best": row[5],
+                                  "status": row[6]}
     return out
 
 
@@ -76,7 +78,7 @@ def test_after_resume_every_earlier_trial_is_listed_with_its_last_report(resumed
         assert rows[trial_id]["latest"] == f"{report['eval_loss']:.4f}", log
     (_, _), final = printed[-1]
     assert len(final) == 3
-    assert all(r["status"].split(" (")[0] in ("finished", "stopped at rung") for r in final.values()), final
+    assert all(r["status"] in ("finished", "stopped at rung") for r in final.values()), final
 
 
 def test_after_more_the_title_counts_the_extended_total_and_ended_trials_stay_listed(resumed):
@@ -98,7 +100,7 @@ def test_tpes_random_start_up_trials_are_marked_and_a_search_within_them_says_it
     number = {t.trial_id: int(t.path.name.split("_")[3]) for t in load_search(experiment).trials}
     rows = tables(log)[-1][1]
     for trial_id, row in rows.items():  # trial 1: the spec's own config (given); 2-5: TPE's random start-up
-        assert row["status"].endswith(" (random)") == (number[trial_id] > 1), (trial_id, row)
+        assert row["random"] == (number[trial_id] > 1), (trial_id, row)
     summary = (experiment / "summary.txt").read_text()
     assert ("sampler: TPE after 5 start-up trials (1 given, 4 random): all 5 trials were start-up, so this was a "
             "random search; TPE proposes from trial 6 on") in summary

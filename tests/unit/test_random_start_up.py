@@ -33,9 +33,14 @@ def test_the_table_marks_random_trials_and_explains_the_mark_in_100_columns():
     from tune_llama.trial_table import table
     spec = load_spec(TINY)
     params = {"training.lr": 0.000164, "training.gradient_accumulation_steps": 2, "training.optimizer": "adamw"}
-    rows = [{"id": f"a{i}", "params": params, "epoch": 2.0, "latest": 1.5, "best": 1.4, "status": "stopped at rung",
-             "drawn": kind} for i, kind in enumerate([GIVEN, RANDOM, TPE])]
+    rows = [{"id": f"a000000{i}", "params": params, "epoch": 2.0, "latest": 1.5, "best": 1.4,
+             "status": "stopped at rung", "drawn": kind} for i, kind in enumerate([GIVEN, RANDOM, TPE])]
     lines = table(spec, rows).splitlines()
-    assert [line.endswith("stopped at rung (random)") for line in lines[2:5]] == [False, True, False]
-    assert lines[-1] == "(random): drawn at random, one of TPE's start-up trials before it models the results"
+    assert [line.split()[:2] for line in lines[2:5]] == [["a0000000", "lr=0.000164"], ["a0000001", "*"],
+                                                         ["a0000002", "lr=0.000164"]]
+    assert lines[1].index("params") == lines[3].index("lr=")  # the mark has a column of its own
+    assert lines[-1] == "* drawn at random: one of TPE's start-up trials, before it models the results"
     assert max(map(len, lines)) <= WIDTH
+    assert " optimi=adamw " in lines[2]  # the mark costs the params two characters, not a word of their names
+    unmarked = table(spec, [{**row, "drawn": None} for row in rows]).splitlines()
+    assert "*" not in "".join(unmarked) and unmarked[1].index("params") == 9
