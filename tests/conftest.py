@@ -186,7 +186,8 @@ def wait_until(condition, leader=None, what: str = "the condition", timeout: flo
         value = condition()
         if value:
             return value
-        assert leader is None or leader.poll() is None, why(f"the process ended (exit {leader.returncode}) before {what}")
+        assert leader is None or leader.poll() is None, \
+            why(f"the process ended (exit {leader.returncode}) before {what}")
         assert time.monotonic() < deadline, why(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
 

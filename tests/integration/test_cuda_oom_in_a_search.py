@@ -13,7 +13,8 @@ from tune_llama.trainable import OOM_ABOVE_ROWS
 def test_a_trial_out_of_memory_errors_with_one_line_naming_the_field_and_the_others_finish(tmp_path):
     spec = yaml.safe_load(TINY.read_text())
     spec["training"]["epochs"] = 1
-    # Three trials may draw batch 16 and fail alike: the same-error stop (test_same_error_stops_the_search.py) is off here.
+    # Three trials may draw batch 16 and fail alike: the same-error stop (test_same_error_stops_the_search.py)
+    # is off here.
     spec["search"].update(num_samples=4, sampler="random", max_failures=0, stop_after_same_error=0, space={
         "training.lr": {"loguniform": [1.0e-3, 1.0e-2]}, "data.batch_size": {"choice": [4, 16]}})
     (tmp_path / "oom.yaml").write_text(yaml.safe_dump(spec))
