@@ -24,13 +24,11 @@ def study_trials(experiment: Path) -> list[optuna.trial.FrozenTrial]:
 
 
 @pytest.fixture(scope="module")
-def halving_search(tmp_path_factory) -> Path:
-    """tiny.yaml's 6 trials under the halving scheduler, one at a time."""
-    storage = tmp_path_factory.mktemp("halving")
-    proc = run_search([str(TINY), "--name", "halving", "--storage", str(storage), "--set", "search.scheduler=halving",
-                       "--set", "search.max_concurrent=1", "--set", "wandb.mode=disabled"], cwd=storage)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return storage / "halving"
+def halving_search(tiny_search) -> Path:
+    """tiny.yaml's 6 trials under the halving scheduler, one at a time: the default scheduler, so conftest's
+    shared search (read only here), not a search of its own."""
+    assert load_search(tiny_search).spec.search.scheduler == "halving"
+    return tiny_search
 
 
 def test_no_trial_goes_past_a_rung_before_reduction_factor_trials_reported_there(halving_search):

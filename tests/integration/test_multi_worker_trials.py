@@ -133,13 +133,14 @@ def test_two_workers_of_batch_4_make_the_update_of_one_process_of_batch_8_and_re
 # ---------------------------------------------------------------- a real search: Tune trials of 2 Ray Train workers
 
 # Two trials of 2 workers x 1 CPU: on this 2-CPU machine one at a time (max_concurrent=2 is capped by the cluster).
-# Four reports per epoch, no ASHA stop before max_t, and enough rows that a trial trains for some seconds
-# after its first report: time to kill one of its workers.
+# Two reports per epoch (each a checkpoint of both workers: what a report costs here), no ASHA stop before
+# max_t, and enough rows that a trial trains for some seconds after its first report: time to kill one of its
+# workers.
 WORKER_SEARCH = ["--set", "search.resources.workers=2", "--set", "search.resources.cpu=1",
                  "--set", "search.num_samples=2", "--set", "search.max_concurrent=2", "--set", "search.max_failures=1",
-                 "--set", "training.epochs=2", "--set", "training.eval_every=0.25", "--set", "search.asha.grace_period=2",
-                 "--set", "data.synthetic_size=400"]
-REPORTS = 8
+                 "--set", "training.epochs=2", "--set", "training.eval_every=0.5",
+                 "--set", "search.asha.grace_period=2", "--set", "data.synthetic_size=400"]
+REPORTS = 4
 
 
 @pytest.fixture(scope="module")
@@ -246,10 +247,11 @@ def test_stopped_or_waiting_two_worker_trials_give_back_their_workers_so_every_t
                            # One trial at a time, in the sampler's order: ASHA's stops then do not hang on which
                            # trial's workers the cluster took first (their order decides who is cut at the rung).
                            "--set", "search.num_samples=4", "--set", "search.max_concurrent=1",
-                           # Eight reports in the second epoch: ASHA's stop at epoch 1 lands before a fast trial
-                           # could finish anyway (then it would count as finished, not stopped).
+                           # A whole epoch (four reports) after the rung: ASHA's stop at epoch 1 lands before a
+                           # fast trial could finish anyway (then it would count as finished, not stopped). Each
+                           # report is a checkpoint of both workers, the most of a trial's time here: no more.
                            "--set", "training.epochs=2", "--set", "search.asha.grace_period=1",
-                           "--set", "data.synthetic_size=400", "--set", "training.eval_every=0.125",
+                           "--set", "data.synthetic_size=400", "--set", "training.eval_every=0.25",
                            "--set", "search.asha.reduction_factor=4", "--set", "search.sampler=random",
                            "--set", "search.mode=max", "--set", f"search.scheduler={scheduler}"],
                           cwd=storage, env_extra=NO_HOST_OOM_KILLS)
