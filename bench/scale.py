@@ -127,8 +127,13 @@ def main(argv=None) -> int:
     p.add_argument("--concurrent", type=int, default=4)
     p.add_argument("--storage", type=Path, help="where the search goes (default: a temporary folder)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--memory", action="store_true",
+                   help="the trial processes' memory instead: SmolLM2 + LoRA, --trials (default 12) one at a time per "
+                        "scheduler, against a fresh process running one trial")
     common.add_smoke_test(p)
     args = p.parse_args(argv)
+    if args.memory:
+        return memory_main(args, p)
     common.smoke_test(args, p, trials=10, concurrent=2)
     from tune_llama.__main__ import command
 
@@ -168,6 +173,98 @@ def main(argv=None) -> int:
         print(f"driver RSS at {args.trials} / at 50: {rss_ratio:.2f} (goal <= 1.3)")
     if worst_overhead is not None:
         print(f"largest overhead per trial: {worst_overhead:.2f} s (goal <= 1)")
+    return 0
+
+
+# ---------------------------------------------------------------- --memory: the trial processes
+
+DEMO = common.REPO / "search_spaces" / "demo.yaml"
+MEMORY_SPEC = ["data.batch_size=4", "training.eval_every=0.5", "search.max_concurrent=1", "wandb.mode=disabled"]
+"""demo.yaml (the embedded SmolLM2-135M with LoRA, real GSM8K problems), two reports a trial, one trial at a time:
+every trial after the first runs in the process of one that ended (``reuse_actors``), the case that grew."""
+SMOKE_SPEC = ["training.epochs=1", "search.asha.grace_period=0.5", "data.synthetic_size=48", "data.val_size=8"]
+"""With ``--smoke-test``, on tiny.yaml: seconds a trial."""
+
+
+def session_rss(session: int) -> dict[int, int]:
+    """pid -> resident set (kB) of the Ray worker processes (``ray::...``) of one process session."""
+    found = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            pid = int(status.parent.name)
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[3]) != session or not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
+                continue
+            found[pid] = int(re.search(r"VmRSS:\s+(\d+) kB", status.read_text())[1])
+        except (OSError, ValueError, TypeError, IndexError):  # gone meanwhile, or a kernel thread
+            continue
+    return found
+
+
+def sampled_search(name: str, storage: Path, spec: Path, overrides: list[str]) -> tuple[list[list[dict]], list]:
+    """Run ``tune-llama search`` in its own session, reading the RSS of its Ray workers twice a second:
+    (each trial's result rows, in the order the trials started; the samples (time, pid, kB))."""
+    argv = [sys.executable, "-m", "tune_llama.search", str(spec), "--name", name, "--storage", str(storage)]
+    for override in overrides:
+        argv += ["--set", override]
+    log = storage / f"{name}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "RAY_memory_monitor_refresh_ms": "0"})
+        samples = []
+        while proc.poll() is None:
+            now = time.time()
+            samples += [(now, pid, kb) for pid, kb in session_rss(proc.pid).items()]
+            time.sleep(0.5)
+    if proc.returncode != 0:
+        common.say(f"search {name} exit {proc.returncode}: {log.read_text()[-2000:]}")
+    from tune_llama.results import read_result_rows
+    trials = [read_result_rows(f) for f in sorted((storage / name).glob("*/result.json"))]
+    trials = sorted((rows for rows in trials if rows), key=lambda rows: rows[0]["timestamp"] - rows[0]["time_total_s"])
+    return trials, samples
+
+
+def trial_memory(rows: list[dict], samples: list) -> dict:
+    """A trial's reported ``peak_memory_gb`` and the largest RSS its process(es) had while it ran."""
+    pids = {r["pid"] for r in rows}
+    start, end = rows[0]["timestamp"] - rows[0]["time_total_s"], rows[-1]["timestamp"] + 1.0
+    rss = [kb for t, pid, kb in samples if pid in pids and start <= t <= end]
+    return {"trial": rows[0]["trial_id"], "pids": sorted(pids), "epochs": rows[-1]["epoch"],
+            "reported_peak_gb": max(r["peak_memory_gb"] for r in rows), "process_rss_gb": max(rss, default=0) / 2**20}
+
+
+def memory_main(args, p: argparse.ArgumentParser) -> int:
+    trials = 3 if args.smoke_test and args.trials == p.get_default("trials") else (
+        12 if args.trials == p.get_default("trials") else args.trials)
+    storage = (args.storage or Path(tempfile.mkdtemp(prefix="trial-memory-"))).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    spec = TINY if args.smoke_test else DEMO
+    base = [*MEMORY_SPEC, *(SMOKE_SPEC if args.smoke_test else [])]
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    common.say(f"machine: cpu x{os.cpu_count()}, {memory:.0f} GB, load average {os.getloadavg()[0]:.1f}; {spec.name}, "
+               f"{trials} trials per scheduler, into {storage}")
+    fresh, samples = sampled_search("fresh", storage, spec, [*base, "search.num_samples=1"])
+    fresh_gb = max((kb for _, _, kb in samples), default=0) / 2**20
+    fresh_reported = trial_memory(fresh[0], samples)["reported_peak_gb"] if fresh else None
+    result: dict = {"fresh_process_gb": fresh_gb, "fresh_reported_gb": fresh_reported, "schedulers": {}}
+    for scheduler in ("halving", "asha"):
+        runs, samples = sampled_search(scheduler, storage, spec, [*base, f"search.num_samples={trials}",
+                                                                   f"search.scheduler={scheduler}"])
+        result["schedulers"][scheduler] = {
+            "trials": [trial_memory(rows, samples) for rows in runs],
+            "largest_process_gb": max((kb for _, _, kb in samples), default=0) / 2**20}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{'scheduler':<9} {'trial':<9} {'process':>8} {'epochs':>6} {'reported peak GB':>16} {'process RSS GB':>14}")
+    for scheduler, found in result["schedulers"].items():
+        for t in found["trials"]:
+            print(f"{scheduler:<9} {t['trial']:<9} {','.join(map(str, t['pids'])):>8} {t['epochs']:>6.2f} "
+                  f"{t['reported_peak_gb']:>16.2f} {t['process_rss_gb']:>14.2f}")
+    print(f"fresh process, one trial: RSS {fresh_gb:.2f} GB (it reported {result['fresh_reported_gb'] or 0:.2f})")
+    for scheduler, found in result["schedulers"].items():
+        print(f"{scheduler}: largest trial-process RSS {found['largest_process_gb']:.2f} GB = "
+              f"{found['largest_process_gb'] / max(fresh_gb, 1e-9):.2f} x the fresh process (goal <= 1.25)")
     return 0
 
 

@@ -16,7 +16,7 @@ from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.stopper import Stopper
 
-from tune_llama.ray_private import back_up_state, forget_lost_checkpoints, release_placement_group
+from tune_llama.ray_private import back_up_state, drop_staged_copies, forget_lost_checkpoints, release_placement_group
 from tune_llama.results import SAME_ERROR_FILE
 from tune_llama.spec import Spec
 
@@ -38,8 +38,11 @@ class StateBackup(Callback):
 
 
 class ForgetLostCheckpoints(Callback):
-    """A resumed search's trials forget the checkpoints Tune deleted after its last saved state
-    (``ray_private.forget_lost_checkpoints``), before any trial registers a new one."""
+    """At a resumed search's first step, before Tune saves or syncs anything: its trials forget the checkpoints
+    Tune deleted after its last saved state (``ray_private.forget_lost_checkpoints``), before any trial
+    registers a new one; and Tune's staging folder drops the copies of the search folder's own files that a
+    resume stages (``ray_private.drop_staged_copies``), which Tune would upload over the live ones (the halving
+    scheduler's records) every few seconds."""
 
     def __init__(self):
         self.checked = False
@@ -49,6 +52,8 @@ class ForgetLostCheckpoints(Callback):
             self.checked = True
             for trial in trials:
                 forget_lost_checkpoints(trial)
+            if trials:  # a restored run: its staging folder is its first trial's (Tune shares it)
+                drop_staged_copies(Path(trials[0].local_experiment_path))
 
 
 class ReleaseWorkers(Callback):

@@ -48,6 +48,13 @@ def relative_note(name: str, spec_file: Optional[str] = None) -> str:
     return note + ")"
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` beside ``path`` and rename it over: a kill leaves the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def read_json(path: Path) -> Any:
     """The file's JSON value; None when it is missing, unreadable or not (yet) whole JSON."""
     try:

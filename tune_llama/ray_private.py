@@ -1,28 +1,26 @@
 """Every use of Ray Tune internals, in one place, checked against ray 2.60.0.
 
-Ray has no public reader for a search that is still running, was killed or is
-being resumed (``ray.tune.ExperimentAnalysis`` wants a consistent state and
-Ray itself), so tune-llama reads two things Ray does not promise to keep:
+Ray has no public reader for a search that is still running, was killed or is being resumed
+(``ray.tune.ExperimentAnalysis`` wants a consistent state and Ray itself), so tune-llama reads two things Ray
+does not promise to keep:
 
-* ``experiment_state-*.json``: ``{"trial_data": [[trial_json, run_metadata_json], ...]}``,
-  written by ``TuneController.save_to_dir`` (``CKPT_FILE_TMPL``); the trial JSON
-  holds ``trial_id``, ``status``, ``config``, ``relative_logdir``, the run
-  metadata JSON holds ``error_filename`` (``error.txt``) when the trial errored;
-* trial folder names, ``Trial._generate_dirname``: ``TRAINABLE_TRIALID_N_params_DATE``,
-  e.g. ``train_trial_51d262fe_3_lr=0.001_2025-01-01_00-00-00``, where N is the
-  trial's sequence number in the search.
+* ``experiment_state-*.json``: ``{"trial_data": [[trial_json, run_metadata_json], ...]}``, written by
+  ``TuneController.save_to_dir`` (``CKPT_FILE_TMPL``); the trial JSON holds ``trial_id``, ``status``, ``config``,
+  ``relative_logdir``, the run metadata JSON holds ``error_filename`` (``error.txt``) when the trial errored;
+* trial folder names, ``Trial._generate_dirname``: ``TRAINABLE_TRIALID_N_params_DATE``, e.g.
+  ``train_trial_51d262fe_3_lr=0.001_2025-01-01_00-00-00``, where N is the trial's sequence number in the search.
 
-and, driving a search, three more: ``search_gen_state-*.json`` (``total_samples``, raised by ``--more``),
-``TuneController.stop_trial`` and ``_mark_trial_to_checkpoint`` (the halving scheduler stops paused trials),
-a trial's kept checkpoints (a resumed search forgets those a kill left listed but deleted);
-for bench/scale.py, the session folder of the running Ray (``ray._private.worker._global_node``).
+and, driving a search: ``search_gen_state-*.json`` (``total_samples``, raised by ``--more``; the storage of
+the trials it has yet to create), ``tuner.pkl`` (the configs a restore runs with), a resume's staged copies
+of the folder's files, ``TuneController.stop_trial`` and ``_mark_trial_to_checkpoint`` (the halving scheduler
+stops paused trials), a trial's kept checkpoints (a resumed search forgets those a kill left listed but
+deleted), OptunaSearch's study and trials; for bench/scale.py, the running Ray's session folder.
 One more, a method to override, lives with the subclasses that override it, as it needs Ray imported:
 ``LoggerCallback._restore_from_remote`` (``tune_llama.callbacks.KeepDriverCopy``).
 
 ``tests/integration/test_ray_private_against_real_tune.py`` runs a real Tune experiment and fails, naming the
-piece, when any of this changes; ``pyproject.toml`` pins ``ray`` to the minor
-versions it was checked on. No Ray import at module level: export and report read searches
-where Ray is not installed.
+piece, when any of this changes; ``pyproject.toml`` pins ``ray`` to the minor versions it was checked on. No Ray
+import at module level: export and report read searches where Ray is not installed.
 """
 
 from __future__ import annotations
@@ -32,10 +30,13 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from tune_llama.paths import read_json
+from tune_llama.paths import read_json, replace_file
+from tune_llama.pickles import OlderState, load_detached
 
 CHECKED_RAY_VERSION = "2.60.0"
 EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
+SEARCH_GENERATOR_STATE_GLOB, SEARCHER_STATE_GLOB = "search_gen_state-*.json", "searcher-state-*.pkl"
+TUNER_STATE = "tuner.pkl"
 TRAINABLE_NAME = "train_trial"  # tune_llama.trainable.train_trial: the first part of every trial folder name
 # Trial ids are 8 hex digits when a search algorithm (OptunaSearch) creates the trials, ``24d0c_00000`` with
 # Tune's default variant generator.
@@ -99,7 +100,7 @@ GOOD_STATE = ".last-good-state"
 and the searcher's ``searcher-state-*.pkl``) in place; a full disk can leave any of them cut short, and
 ``Tuner.restore`` then fails or silently starts the search over. A copy of each, taken only while it loads,
 is kept in this folder and put back before a resume."""
-STATE_GLOBS = (EXPERIMENT_STATE_GLOB, "search_gen_state-*.json", "searcher-state-*.pkl")
+STATE_GLOBS = (EXPERIMENT_STATE_GLOB, SEARCH_GENERATOR_STATE_GLOB, SEARCHER_STATE_GLOB)
 
 
 def newest_state(experiment: Path, pattern: str = EXPERIMENT_STATE_GLOB) -> Optional[Path]:
@@ -110,15 +111,17 @@ def newest_state(experiment: Path, pattern: str = EXPERIMENT_STATE_GLOB) -> Opti
 
 
 def _loads(data: bytes) -> bool:
-    """Whether a state file's bytes load (JSON, or the cloudpickle Ray writes under some .json names)."""
-    import pickle
+    """Whether a state file's bytes load (JSON, or the cloudpickle Ray writes under some .json names), without
+    opening what they name (an older searcher state's Optuna database, ``pickles.load_detached``)."""
     try:
         json.loads(data)
         return True
     except ValueError:
         pass
     try:
-        pickle.loads(data)
+        load_detached(data)
+        return True
+    except OlderState:  # whole, but of an older tune-llama: ``older_state`` says so
         return True
     except Exception:  # truncated or foreign: any unpickling error means unusable
         return False
@@ -139,9 +142,7 @@ def back_up_state(experiment: Path, since: float = 0.0) -> float:
             if not data or not _loads(data):
                 continue
             backup.mkdir(exist_ok=True)
-            tmp = backup / f".{source.name}.tmp"
-            tmp.write_bytes(data)
-            tmp.replace(backup / source.name)
+            replace_file(backup / source.name, data)
             newest = max(newest, mtime)
         except OSError:  # the disk is full: the previous good copy stays
             continue
@@ -229,6 +230,11 @@ def optuna_search_study(searcher) -> tuple[Any, str, Any]:
     return searcher._storage, searcher._study_name, searcher._sampler
 
 
+def optuna_search_trials(searcher) -> tuple[Any, dict[str, Any]]:
+    """(the study a Ray OptunaSearch asks and tells, Ray trial id -> its optuna.Trial)."""
+    return searcher._ot_study, dict(searcher._ot_trials)
+
+
 def point_optuna_search_at(searcher, study, trials: dict[str, Any], finished: set[str]) -> None:
     """Make a Ray OptunaSearch ask and tell ``study``: ``trials`` (Ray trial id -> optuna.Trial) replace the
     ones it knew, and ``finished`` (Ray trial ids the study holds as ended) are the ones it will not tell."""
@@ -249,7 +255,15 @@ def stop_trial(controller, trial) -> None:
     controller._mark_trial_to_checkpoint(trial)
 
 
-SEARCH_GENERATOR_STATE_GLOB = "search_gen_state-*.json"
+def forget_tune_state(experiment: Path) -> None:
+    """Remove Tune's files (and the study and scheduler records made with them) from a search that was killed
+    before Tune saved its first experiment state, so it can start again in its folder: no trial was recorded,
+    and a Tune state without an experiment state cannot be restored."""
+    import shutil
+    for pattern in (*RAY_STATE_GLOBS, "optuna.db*", "scheduler.json"):
+        for path in Path(experiment).glob(pattern):
+            path.unlink(missing_ok=True)
+    shutil.rmtree(Path(experiment) / GOOD_STATE, ignore_errors=True)
 
 
 def raise_total_samples(experiment: Path, total: int) -> None:
@@ -259,17 +273,13 @@ def raise_total_samples(experiment: Path, total: int) -> None:
 
     Ray's ``Tuner.restore`` takes no ``TuneConfig``, so there is no public way to change ``num_samples``.
     """
-    import os
-
     from ray import cloudpickle
     states = sorted(Path(experiment).glob(SEARCH_GENERATOR_STATE_GLOB))
     if not states:
         raise FileNotFoundError(f"{experiment}: no {SEARCH_GENERATOR_STATE_GLOB} (Tune's search generator state)")
     state = cloudpickle.loads(states[-1].read_bytes())
     state["total_samples"], state["finished"] = total, False
-    tmp = states[-1].with_name(f".{states[-1].name}.tmp")
-    tmp.write_bytes(cloudpickle.dumps(state))
-    os.replace(tmp, states[-1])
+    replace_file(states[-1], cloudpickle.dumps(state))
 
 
 def total_samples(experiment: Path) -> Optional[int]:
@@ -291,13 +301,146 @@ def total_samples(experiment: Path) -> Optional[int]:
 def forget_lost_checkpoints(trial) -> int:
     """Drop from ``trial``'s kept checkpoints those whose folder is gone; how many were dropped.
 
-    The trial's latest checkpoint is left alone: a resumed trial handed a lost one restores from an older
-    folder (``trainable.restore``), and Tune never deletes the latest.
+    A lost latest checkpoint (``_latest_checkpoint_result``) is one Tune deleted after registering a newer one
+    its saved state never heard of; Ray's restore raises on it before the trial's code runs (an errored trial,
+    seen in ``bench/chaos.py``). The trial goes on from the newest kept checkpoint instead, else from the
+    newest checkpoint with weights in its folder.
     """
     from pyarrow.fs import FileType
+
+    from tune_llama import checkpoint as files
     manager = trial.run_metadata.checkpoint_manager
-    kept = [result for result in manager._checkpoint_results
-            if result.checkpoint.filesystem.get_file_info(result.checkpoint.path).type != FileType.NotFound]
+
+    def gone(result) -> bool:
+        return result.checkpoint.filesystem.get_file_info(result.checkpoint.path).type == FileType.NotFound
+    kept = [result for result in manager._checkpoint_results if not gone(result)]
     lost = len(manager._checkpoint_results) - len(kept)
     manager._checkpoint_results = kept
+    latest = manager._latest_checkpoint_result
+    if latest is not None and latest.checkpoint is not None and gone(latest):
+        newest = max(kept, key=lambda result: Path(result.checkpoint.path).name, default=None)
+        on_disk = [f for f in files.folders(Path(latest.checkpoint.path).parent) if files.holds_weights(f)]
+        if newest is None and on_disk:
+            newest = type(latest)(type(latest.checkpoint)(str(on_disk[-1]), latest.checkpoint.filesystem),
+                                  files.read_metrics(on_disk[-1]) or {})
+        manager._latest_checkpoint_result = newest
     return lost
+
+
+# ---------------------------------------------------------------- a search's pickled state, wherever its folder is now
+
+# Private: the state ``Tuner.restore`` reads, ``tuner.pkl`` (``TunerInternal.__getstate__``: a cloudpickled dict
+# whose ``_tune_config`` and ``_run_config`` hold the search algorithm, the scheduler, the callbacks and the
+# stopper as they were built at the first start), and ``OptunaSearch.save``'s pickle of the searcher's
+# ``__dict__``, checked on 2.60.0. ``Tuner.restore`` takes no ``RunConfig`` or ``TuneConfig``, and Tune writes
+# ``tuner.pkl`` only at a search's first start: every object in it names the folder of that start, and an Optuna
+# RDBStorage in it opens that folder's optuna.db as it is unpickled. So a resume writes the objects built for the
+# folder being resumed into it first (``point_tuner_state_at``), and reads old pickles with the Optuna
+# storages left closed (``pickles.load_detached``).
+
+def older_state(experiment: Path) -> Optional[str]:
+    """The piece of tune-llama this version lacks that the search's saved state (``tuner.pkl``, the newest
+    searcher and search generator states) refers to; None when all of it loads here."""
+    for path in [Path(experiment) / TUNER_STATE, newest_state(experiment, SEARCHER_STATE_GLOB),
+                 newest_state(experiment, SEARCH_GENERATOR_STATE_GLOB)]:
+        if path is None or not path.is_file():
+            continue
+        try:
+            load_detached(path.read_bytes())
+        except OlderState as err:
+            return err.name
+        except Exception:  # cut short or foreign: repair_state and Tune's own checks say so
+            continue
+    return None
+
+
+def point_tuner_state_at(experiment: Path, tune_config, run_config) -> None:
+    """Make ``experiment``'s ``tuner.pkl`` hold ``tune_config`` and ``run_config`` (built for this folder: its
+    searcher, scheduler, callbacks and stopper) in place of those of the search's first start."""
+    from ray import cloudpickle
+    path = Path(experiment) / TUNER_STATE
+    state = load_detached(path.read_bytes())
+    missing = {"_tune_config", "_run_config"} - set(state)
+    if missing:
+        raise KeyError(f"{path}: Tune's tuner state has no {sorted(missing)} (checked on Ray {CHECKED_RAY_VERSION})")
+    state["_tune_config"], state["_run_config"] = tune_config, run_config
+    replace_file(path, cloudpickle.dumps(state))
+
+
+def point_search_generator_at(experiment: Path) -> None:
+    """Make the newest ``search_gen_state-*.json`` create its new trials in ``experiment``.
+
+    Tune's search generator restores the ``Experiment`` of the search's first start (``SearchGenerator.get_state``:
+    a cloudpickled dict whose ``experiment`` holds a ``StorageContext``), and every trial it creates after a
+    resume (``--more``, or one not yet created) gets that storage: its folder, result rows and checkpoints
+    went to the first start's folder. Restored trials are pointed at the new folder by Tune itself
+    (``TuneController._restore_trials``); this does the same for the trials still to come.
+    """
+    from ray import cloudpickle
+    path = newest_state(experiment, SEARCH_GENERATOR_STATE_GLOB)
+    if path is None:
+        return
+    state = cloudpickle.loads(path.read_bytes())
+    storage = state["experiment"].storage  # also the ``storage`` of the experiment's spec: the same object
+    folder = Path(experiment).resolve()
+    if (storage.storage_fs_path, storage.experiment_dir_name) == (folder.parent.as_posix(), folder.name):
+        return
+    storage.storage_fs_path, storage.experiment_dir_name = folder.parent.as_posix(), folder.name
+    replace_file(path, cloudpickle.dumps(state))
+
+
+OPTUNA_SEARCH_STORED = ("_storage", "_ot_study", "_ot_trials")
+"""The attributes of Ray's OptunaSearch that hold (or reach) its Optuna storage."""
+
+
+def detached_optuna_search_state(searcher) -> dict[str, Any]:
+    """A Ray OptunaSearch's ``__dict__`` as ``save`` pickles it, without its storage: the study's trials as
+    their storage row ids (``ot_trial_ids``, Ray trial id -> row id); ``attach_optuna_search`` opens them again."""
+    state = {k: v for k, v in searcher.__dict__.items() if k not in OPTUNA_SEARCH_STORED}
+    if searcher.__dict__.get("_ot_study") is not None:  # attached: its trials are the ones it asks and tells
+        state["ot_trial_ids"] = {ray_id: trial._trial_id for ray_id, trial in searcher._ot_trials.items()}
+    return state
+
+
+def saved_optuna_search_state(data: bytes) -> dict[str, Any]:
+    """What ``OptunaSearch.save`` wrote (by this version or, with the storage inside, an older one), detached."""
+    state = load_detached(data)
+    trials = state.get("_ot_trials") or {}
+    detached = {k: v for k, v in state.items() if k not in OPTUNA_SEARCH_STORED}
+    if trials:  # an older version's: the trials themselves, their study and storage inside
+        detached["ot_trial_ids"] = {ray_id: trial._trial_id for ray_id, trial in trials.items()}
+    return detached
+
+
+def attach_optuna_search(searcher, storage, study_name: str) -> None:
+    """Open a Ray OptunaSearch's study in ``storage`` (the folder's optuna.db) under ``study_name``, its trials
+    the rows ``ot_trial_ids`` names; before its search space is set, only the storage."""
+    import optuna
+    searcher._storage, searcher._study_name = storage, study_name
+    searcher._ot_study, searcher._ot_trials = None, {}
+    if not getattr(searcher, "_space", None):
+        return  # set_search_properties creates (or loads) the study
+    searcher._ot_study = optuna.load_study(study_name=study_name, storage=storage, sampler=searcher._sampler)
+    searcher._ot_trials = {ray_id: optuna.trial.Trial(searcher._ot_study, row)
+                           for ray_id, row in searcher.__dict__.get("ot_trial_ids", {}).items()}
+
+
+# ---------------------------------------------------------------- the search's own files in a resumed run's staging
+
+# Private: ``_ExperimentCheckpointManager.sync_down_experiment_state``, checked on 2.60.0. A resumed run copies every
+# ``*.json`` and ``*.pkl`` at the top of the search folder into the driver's staging folder, and each sync of its
+# state uploads that folder back: a file of ours that changes during the run (``scheduler.json``) went back to
+# its copy from the run's start every few seconds.
+RAY_STATE_GLOBS = (*STATE_GLOBS, TUNER_STATE)
+"""The files at the top of a search folder that are Ray's own state: the ones the staging folder must keep."""
+
+
+def drop_staged_copies(staging: Path) -> list[str]:
+    """Remove from a run's driver staging folder the copies of the search's own files (not Ray's state, which
+    Ray rewrites there itself); the names removed."""
+    staging = Path(staging)
+    ours = [p for p in (*staging.glob("*.json"), *staging.glob("*.pkl"))
+            if p.is_file() and not any(p.match(pattern) for pattern in RAY_STATE_GLOBS)]
+    for path in ours:
+        path.unlink(missing_ok=True)
+    return sorted(p.name for p in ours)

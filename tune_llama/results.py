@@ -3,6 +3,7 @@ the one ranking of trials and checkpoints that the summary, export, report and s
 
     results/NAME/tune_llama_spec.json    the search's spec (written before Ray starts)
     results/NAME/driver.json             pid and host of the search process (gone driver: interrupted)
+    results/NAME/driver.lock             locked while that process runs (``tune_llama.driver``)
     results/NAME/optuna.db               the Optuna study
     results/NAME/summary.txt             the search's closing summary
     results/NAME/finalists.json          GSM8K accuracy of the best trials, when ``search.finalists`` is on
@@ -21,20 +22,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from tune_llama import checkpoint
+from tune_llama.driver import DRIVER_FILE, driver_alive, process_alive, write_driver_file  # noqa: F401
 from tune_llama.errors import SpecError, UserError
 from tune_llama.paths import read_json
 from tune_llama.ray_private import read_trial_states, trial_id_from_name, trial_sequence_number
 from tune_llama.spec import Spec, apply_params, spec_from_dict
 
 SPEC_FILE = "tune_llama_spec.json"
-DRIVER_FILE = "driver.json"
 OPTUNA_DB = "optuna.db"
 SUMMARY_FILE = "summary.txt"
 FINALISTS_FILE = "finalists.json"
@@ -233,7 +232,7 @@ def load_search(path: Path | str) -> Search:
     if not path.is_dir():
         raise UserError(f"search folder not found: {path}")
     spec = load_search_spec(path)
-    trials = {t.trial_id: t for t in (read_trial_folder(p) for p in trial_folders(path))}
+    trials = {t.trial_id: t for t in (read_trial_folder(p, spec.search.space) for p in trial_folders(path))}
     for state in read_trial_states(path):
         trial = trials.get(state["trial_id"])
         if trial is None:
@@ -261,15 +260,39 @@ def load_search_spec(path: Path) -> Spec:
 
 
 def trial_folders(path: Path) -> list[Path]:
-    """Trial folders: Ray writes ``params.json`` into each as the trial starts."""
-    return sorted(p.parent for p in path.glob("*/params.json"))
+    """Trial folders: Ray writes ``params.json`` into each as the trial starts; one that a kill left with a
+    checkpoint but without Ray's files (they reach the search folder in a later sync) counts too, as its
+    checkpoint says what it is."""
+    found = {p.parent for p in path.glob("*/params.json")}
+    found |= {p.parent.parent for p in path.glob(f"*/{checkpoint.FOLDER_GLOB}/{checkpoint.METRICS}")
+              if trial_id_from_name(p.parent.parent.name) != p.parent.parent.name}  # a folder Ray named for a trial
+    return sorted(found)
 
 
-def read_trial_folder(folder: Path) -> Trial:
-    params = read_json(folder / "params.json") or {}
+def read_trial_folder(folder: Path, space: Iterable[str] = ()) -> Trial:
+    """The trial in ``folder``: its params (``params.json``, else what its checkpoint's ``spec.json`` holds of
+    the search space ``space``) and one row per report (``result.json``, and each checkpoint's report)."""
+    params = read_json(folder / "params.json") or checkpoint_params(folder, space)
     rows = with_checkpoint_reports(read_result_rows(folder / "result.json"), folder)
     trial_id = next((r["trial_id"] for r in rows if r.get("trial_id")), None) or trial_id_from_name(folder.name)
     return Trial(trial_id, folder, params, rows)
+
+
+def checkpoint_params(folder: Path, space: Iterable[str]) -> dict[str, Any]:
+    """The values of the searched fields (``section.field``) in the newest checkpoint's ``spec.json`` that has
+    them all: the trial's params when Ray's ``params.json`` never reached the folder; ``{}`` without one."""
+    for directory in reversed(checkpoint.folders(folder)):
+        spec = read_json(directory / checkpoint.SPEC)
+        params = {}
+        for key in space:
+            node: Any = spec
+            for part in key.split("."):
+                node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+            if node is not KeyError:
+                params[key] = node
+        if params and len(params) == len(list(space)):
+            return params
+    return {}
 
 
 def read_result_rows(path: Path) -> list[dict[str, Any]]:
@@ -309,30 +332,3 @@ def trial_order(trial: Trial) -> tuple:
     if trial.path is None:
         return (1, 0, trial.trial_id)
     return (0, trial_sequence_number(trial.path.name), trial.trial_id)
-
-
-# ---------------------------------------------------------------- liveness
-
-def write_driver_file(path: Path) -> None:
-    """Record the search process, so a reader can tell a running search from one whose process is gone."""
-    (path / DRIVER_FILE).write_text(json.dumps({"pid": os.getpid(), "hostname": socket.gethostname()}))
-
-
-def driver_alive(path: Path) -> bool:
-    return process_alive(read_json(path / DRIVER_FILE) or {})
-
-
-def process_alive(info: dict[str, Any]) -> bool:
-    """``{"pid", "hostname"}`` names a live process (unknowable on another host: yes; unknown: no)."""
-    pid, host = info.get("pid"), info.get("hostname")
-    if not isinstance(pid, int):
-        return False
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -32,12 +32,15 @@ from pathlib import Path
 from typing import Optional
 
 from tune_llama.cli import add_search_folder_arguments, add_set_argument, shell_path
+from tune_llama.driver import DriverLock, new_search_folder, refuse_if_locked
 from tune_llama.errors import UserError
 from tune_llama.finalists import print_finalists, score_finalists
 from tune_llama.progress_bar import say
-from tune_llama.ray_private import raise_total_samples, repair_state
+from tune_llama.paths import read_json
+from tune_llama.ray_private import (forget_tune_state, newest_state, older_state, raise_total_samples,
+                                    repair_state)
 from tune_llama.resources import worker_resources
-from tune_llama.results import SAME_ERROR_FILE, SPEC_FILE, SUMMARY_FILE, load_search_spec, write_driver_file
+from tune_llama.results import SAME_ERROR_FILE, SPEC_FILE, SUMMARY_FILE, load_search_spec
 from tune_llama.spec import Spec, load_spec, spec_from_dict
 from tune_llama.summary import write_summary
 from tune_llama.warm_start import warm_start_points
@@ -104,10 +107,18 @@ def refuse_changes(search_dir: Path, overrides: list[str]) -> None:
 def check_resumable(search_dir: Path) -> Spec:
     if not search_dir.is_dir():
         raise UserError(f"--resume: {search_dir} does not exist")
+    if never_started(search_dir):
+        return load_search_spec(search_dir)
     from tune_llama.tuner import can_restore  # Ray: Tune's own test of its state
     if not (search_dir / SPEC_FILE).is_file() or not can_restore(search_dir):
         raise UserError(f"--resume: {search_dir} is not a tune-llama search folder (no {SPEC_FILE} or Tune state)")
-    return load_search_spec(search_dir)
+    spec = load_search_spec(search_dir)
+    missing = older_state(search_dir)
+    if missing:
+        raise UserError(f"--resume: this search was started by an older tune-llama (its saved state names {missing}, "
+                        f"which this version does not have); resume it with that version, or start a new search "
+                        f"with search.warm_start: {shell_path(search_dir)}")
+    return spec
 
 
 # ---------------------------------------------------------------- fresh search / resume / more trials
@@ -119,25 +130,36 @@ def say_ray_starts() -> None:
         "(preflight) ...")
 
 
-def start(spec: Spec, search_dir: Path, spec_file: str, verbose: bool):
-    """The Tuner of a new search in ``search_dir``, once Ray is up and preflight passed."""
-    if (search_dir / SPEC_FILE).exists():
+def start(spec: Spec, search_dir: Path, spec_file: str, verbose: bool, lock: Optional[DriverLock] = None):
+    """(the folder's lock, the Tuner) of a new search in ``search_dir``, once Ray is up and preflight passed;
+    with ``lock``, the folder's (a resume), the search starts again there (``never_started``)."""
+    lock_given = lock is not None
+    if not lock_given:
+        refuse_if_locked(search_dir)
+    if not lock_given and (search_dir / SPEC_FILE).exists():
         raise UserError(f"{search_dir} already holds a search: resume it with --resume {shell_path(search_dir)}, "
                         "or pick another --name")
     from tune_llama.preflight import check_inputs, check_storage  # torch: not for --help
     check_storage(search_dir.parent)  # before Ray: a storage that cannot be written leaves no Ray session behind
     inputs = check_inputs(spec, spec_file, search=True)  # paths, data, max_length, the loop's refusals: before Ray
     first, notes = warm_start_points(spec)  # a bad warm_start folder is bad input: before Ray starts
-    say_ray_starts()
-    from tune_llama.tuner import new_tuner, start_ray
-    concurrent = start_ray(spec, verbose, inputs)  # before the folder exists: a refused search leaves nothing behind
+    with new_search_folder(search_dir) if lock is None else contextlib.nullcontext(lock) as lock:  # before Ray
+        say_ray_starts()
+        from tune_llama.tuner import new_tuner, start_ray
+        concurrent = start_ray(spec, verbose, inputs)
     for note in notes:
         print(note, file=sys.stderr)
-    search_dir.mkdir(parents=True, exist_ok=True)
+    if lock_given:  # what a start killed before Tune's first state left (``never_started``)
+        forget_tune_state(search_dir)
     (search_dir / SPEC_FILE).write_text(json.dumps({**spec.to_dict(), "_spec_name": Path(spec_file).stem},
                                                    indent=1))
-    write_driver_file(search_dir)
-    return new_tuner(spec, search_dir, concurrent, first, verbose)
+    return lock, new_tuner(spec, search_dir, concurrent, first, verbose)
+
+
+def never_started(search_dir: Path) -> bool:
+    """A search killed after its spec copy was written but before Tune saved its first state: no trial was
+    recorded, so ``--resume`` starts it again in its folder from that copy."""
+    return (search_dir / SPEC_FILE).is_file() and newest_state(search_dir) is None
 
 
 def resume(search_dir: Path, verbose: bool, notes: Optional[list[str]] = None):
@@ -145,9 +167,8 @@ def resume(search_dir: Path, verbose: bool, notes: Optional[list[str]] = None):
     spec = check_resumable(search_dir)
     say_ray_starts()
     from tune_llama.tuner import restore_study, restored_tuner, start_ray
-    start_ray(spec, verbose)
-    # The study first: repair_state unpickles the searcher's state, whose Optuna storage opens optuna.db (and
-    # creates an empty one where it is missing). Before the driver file: the old driver's trials are unfinished.
+    concurrent = start_ray(spec, verbose)
+    # The study first: the searcher's state is restored into the study in optuna.db.
     rebuilt = restore_study(search_dir, spec)
     if rebuilt:
         print(f"notice: {rebuilt}", file=sys.stderr)
@@ -157,8 +178,14 @@ def resume(search_dir: Path, verbose: bool, notes: Optional[list[str]] = None):
     if repaired:
         print(f"notice: {repaired} was cut short (a full disk?); resuming from its last good copy", file=sys.stderr)
     (search_dir / SAME_ERROR_FILE).unlink(missing_ok=True)  # the errored trials are retried
-    write_driver_file(search_dir)
-    return spec, restored_tuner(spec, search_dir)
+    return spec, restored_tuner(spec, search_dir, concurrent, verbose)
+
+
+def check_more(more: int, resuming: bool) -> None:
+    if not resuming:
+        raise UserError("--more: only with --resume DIR (it extends a search that exists)")
+    if more < 1:
+        raise UserError(f"--more: must be a positive number of trials, got {more}")
 
 
 def extend(search_dir: Path, more: int, resuming: bool) -> None:
@@ -166,15 +193,13 @@ def extend(search_dir: Path, more: int, resuming: bool) -> None:
     and Tune's search generator read it, then resume as usual. Tune keeps ``num_samples`` from the first run
     (``Tuner.restore`` takes no ``TuneConfig``, and the restored generator's count wins over the
     experiment's), so the generator's saved count is raised in place (``ray_private.raise_total_samples``)."""
-    if not resuming:
-        raise UserError("--more: only with --resume DIR (it extends a search that exists)")
-    if more < 1:
-        raise UserError(f"--more: must be a positive number of trials, got {more}")
+    check_more(more, resuming)
     spec = check_resumable(search_dir)
     record = json.loads((search_dir / SPEC_FILE).read_text())
     total = spec.search.num_samples + more
     record["search"]["num_samples"] = total
-    raise_total_samples(search_dir, total)
+    if not never_started(search_dir):
+        raise_total_samples(search_dir, total)
     (search_dir / SPEC_FILE).write_text(json.dumps(record, indent=1))
     print(f"extending {shell_path(search_dir)} by {more} trials to {total}", file=sys.stderr)
 
@@ -220,21 +245,37 @@ def main(args: argparse.Namespace) -> int:
         print(search_dir)
         return 0
     notes: list[str] = []
+    lock: Optional[DriverLock] = None
     if args.more is not None:
-        extend(search_dir, args.more, resuming=spec is None)
+        check_more(args.more, resuming=spec is None)
     if spec is None:
-        spec, tuner = resume(search_dir, args.verbose, notes)
-    else:
-        tuner = start(spec, search_dir, args.spec, args.verbose)
-    run_tuner(tuner, search_dir)
-    code = write_summary(search_dir, notes)
-    if code == 0 and spec.search.finalists.top_k > 0:
-        record = score_finalists(search_dir, worker_resources(spec))
-        with (search_dir / SUMMARY_FILE).open("a") as summary:
-            with contextlib.redirect_stdout(summary):
-                print_finalists(record)
-    return code
-
+        refuse_if_locked(search_dir)  # a second driver: the line that says whose the folder is, first
+        check_resumable(search_dir)
+        lock = DriverLock(search_dir).take()  # before anything is written, and before Ray starts
+    try:
+        if args.more is not None:
+            extend(search_dir, args.more, resuming=spec is None)
+        if spec is None and never_started(search_dir):
+            print(f"notice: {search_dir} was stopped before its first trial was recorded; starting it again",
+                  file=sys.stderr)
+            spec = load_search_spec(search_dir)
+            lock, tuner = start(spec, search_dir, read_json(search_dir / SPEC_FILE).get("_spec_name", "spec"),
+                                args.verbose, lock)
+        elif spec is None:
+            spec, tuner = resume(search_dir, args.verbose, notes)
+        else:
+            lock, tuner = start(spec, search_dir, args.spec, args.verbose)
+        run_tuner(tuner, search_dir)
+        code = write_summary(search_dir, notes)
+        if code == 0 and spec.search.finalists.top_k > 0:
+            record = score_finalists(search_dir, worker_resources(spec))
+            with (search_dir / SUMMARY_FILE).open("a") as summary:
+                with contextlib.redirect_stdout(summary):
+                    print_finalists(record)
+        return code
+    finally:
+        if lock is not None:  # the driver holds its folder until its very end
+            lock.release()
 
 
 if __name__ == "__main__":  # python -m tune_llama.search is tune-llama search

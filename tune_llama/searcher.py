@@ -3,16 +3,21 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
+from pathlib import Path
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from ray.tune.search.optuna import OptunaSearch
 
-from tune_llama.ray_private import optuna_search_study, point_optuna_search_at
-from tune_llama.study import REBUILT, trials_by_ray_id
+from tune_llama.ray_private import (attach_optuna_search, detached_optuna_search_state, optuna_search_study,
+                                    optuna_search_trials, point_optuna_search_at, saved_optuna_search_state)
+from tune_llama.study import REBUILT, storage_url, trials_by_ray_id
 
 
+ENQUEUED = "fixed_params"
+"""Where Optuna keeps the params of a trial it took from its queue (``Study.enqueue_trial``)."""
 REPEATED_STEP = "The reported value is ignored because this `step"
 """The start of Optuna's warning for a second report at a step (``optuna.trial.Trial.report``)."""
 
@@ -27,6 +32,60 @@ class ResumableOptunaSearch(OptunaSearch):
     updates are dropped. Only the public Searcher hooks are overridden: each late
     update is refused by Optuna and dropped here, nothing in Ray's state is changed.
     """
+
+    def __init__(self, *args, search_dir: Path | str, **kwargs):
+        super().__init__(*args, storage=open_storage(search_dir), **kwargs)
+        self.search_dir = str(search_dir)
+
+    # ------------------------------------------------------------ the study of the folder being searched
+    # The study lives in the search folder's optuna.db, and the folder can move (a copy, a move) between a stop
+    # and a resume. So no pickle of the searcher holds a storage or a path to a database: Tune's tuner.pkl and
+    # its searcher state (``save``) keep the study's trials as row ids, and the searcher opens the optuna.db of
+    # ``search_dir`` (the folder the driver resumes: ``tuner.restored_tuner`` builds it there) when Tune sets
+    # it up or restores it.
+
+    def __getstate__(self) -> dict:
+        return detached_optuna_search_state(self)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._storage, self._ot_study, self._ot_trials = None, None, {}
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as out:
+            pickle.dump(detached_optuna_search_state(self), out)
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        if self._storage is None:
+            attach_optuna_search(self, open_storage(self.search_dir), self._study_name)
+        return super().set_search_properties(metric, mode, config, **spec)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """The sampler and the trials Tune saved, in the study of this searcher's folder (not the one saved)."""
+        folder, name = self.search_dir, self._study_name
+        self.__dict__.update(saved_optuna_search_state(Path(checkpoint_path).read_bytes()))
+        self.search_dir = folder
+        attach_optuna_search(self, open_storage(folder), name)
+        self.follow_rebuilt_study()
+        self.fail_orphans()
+
+    def fail_orphans(self) -> None:
+        """Tell as failed the trials the study holds as running that are none of Tune's restored trials.
+
+        Optuna writes a trial the moment the searcher asks for it; Tune saves its own state (trials and this
+        searcher) every few seconds. A driver killed in between leaves a running trial that no resume will
+        ever run or tell (seen: a trial without params, asked as the kill landed); it would stay running in
+        the study for good, and TPE's ``constant_liar`` would count it as a running trial forever.
+        """
+        study, asked = optuna_search_trials(self)
+        if study is None:
+            return
+        known = {trial._trial_id for trial in asked.values()}  # optuna.Trial's storage row id (no public getter)
+        for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if frozen._trial_id not in known:
+                study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
+                if frozen.system_attrs.get(ENQUEUED):  # a first config (the spec's, a warm start's): ask it again
+                    study.enqueue_trial(frozen.system_attrs[ENQUEUED], skip_if_exists=False)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # A resumed trial repeats the reports it made after its last checkpoint, and the study (kept or rebuilt
@@ -58,11 +117,6 @@ class ResumableOptunaSearch(OptunaSearch):
         except UpdateFinishedTrialError:
             pass  # Ray 2.60 logs and swallows it itself; kept in case a later Ray lets it through
 
-
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        self.follow_rebuilt_study()
-
     def follow_rebuilt_study(self) -> None:
         """After ``optuna.db`` was rebuilt from the trial folders (``tune_llama.study``), the pickled searcher
         still holds the old database's trials: ask and tell the new study, each Ray trial its new row.
@@ -81,3 +135,8 @@ class ResumableOptunaSearch(OptunaSearch):
         trials = {ray_id: optuna.trial.Trial(study, frozen._trial_id) for ray_id, frozen in rows.items()}
         point_optuna_search_at(self, study, trials, {ray_id for ray_id, t in rows.items() if t.state.is_finished()})
         self.followed_rebuild = mark
+
+
+def open_storage(search_dir: Path | str) -> optuna.storages.RDBStorage:
+    """The Optuna storage of the search in ``search_dir``: its ``optuna.db``."""
+    return optuna.storages.RDBStorage(storage_url(Path(search_dir)))

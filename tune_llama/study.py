@@ -48,13 +48,33 @@ def study_readable(search_dir: Path) -> bool:
         connection.close()
         storage = optuna.storages.RDBStorage(storage_url(search_dir))
         try:
-            optuna.load_study(study_name=search_dir.name, storage=storage).get_trials(deepcopy=False)
+            name = named_study(optuna.get_all_study_names(storage), search_dir)
+            optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
         finally:
             storage.remove_session()
             storage.engine.dispose()
         return True
     except Exception:  # sqlite3, SQLAlchemy and Optuna each have their own errors for a bad file
         return False
+
+
+def study_name(search_dir: Path) -> str:
+    """The name of the search's study in its ``optuna.db``: the folder's name at the search's first start, which
+    a copied or moved folder keeps; the folder's own name for a new search (or a database without a study)."""
+    import optuna
+    if not (search_dir / OPTUNA_DB).is_file():
+        return search_dir.name
+    storage = optuna.storages.RDBStorage(storage_url(search_dir))
+    try:
+        return named_study(optuna.get_all_study_names(storage), search_dir)
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()
+
+
+def named_study(names: list[str], search_dir: Path) -> str:
+    """The folder's name if a study has it, else the one study there is (a copy's: named for the original)."""
+    return names[0] if len(names) == 1 and search_dir.name not in names else search_dir.name
 
 
 def move_aside(search_dir: Path) -> bool:

@@ -28,13 +28,14 @@ from tune_llama.live import LIVE_DIR
 from tune_llama.paths import read_json
 from tune_llama.preflight import TokenizedData, check_cluster, check_model_setup, preflight
 from tune_llama.progress_bar import say
+from tune_llama.ray_private import point_search_generator_at, point_tuner_state_at
 from tune_llama.resources import tune_trial_resources
 from tune_llama.results import OPTUNA_DB, SPEC_FILE, load_search
 from tune_llama.scheduler import HalvingScheduler, WaitingLimiter
 from tune_llama.searcher import ResumableOptunaSearch
 from tune_llama.spec import Spec
 from tune_llama.summary import SAMPLER_FILE
-from tune_llama.study import DAMAGED_SUFFIX, move_aside, rebuild_study, storage_url, study_readable
+from tune_llama.study import DAMAGED_SUFFIX, move_aside, rebuild_study, study_name, study_readable
 from tune_llama.tracking import callbacks as tracking_callbacks
 from tune_llama.trainable import train_trial
 from tune_llama.trial_table import progress_callbacks
@@ -118,8 +119,7 @@ def tune_config(spec: Spec, search_dir: Path, concurrent: int, first: Optional[l
     before its own (``warm_start``)."""
     s = spec.search
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(storage_url(search_dir))
-    searcher = ResumableOptunaSearch(sampler=sampler(spec), storage=storage, study_name=search_dir.name,
+    searcher = ResumableOptunaSearch(sampler=sampler(spec), search_dir=search_dir, study_name=study_name(search_dir),
                                      points_to_evaluate=first or None)
     limiter = WaitingLimiter(searcher, max_concurrent=concurrent)
     # The time unit is the fractional epoch each report carries: reports inside an epoch are the rungs.
@@ -174,8 +174,15 @@ def can_restore(search_dir: Path) -> bool:
     return tune.Tuner.can_restore(str(search_dir))
 
 
-def restored_tuner(spec: Spec, search_dir: Path):
-    """The Tuner that continues the search in ``search_dir``: unfinished trials go on, errored ones are retried."""
+def restored_tuner(spec: Spec, search_dir: Path, concurrent: int, verbose: bool):
+    """The Tuner that continues the search in ``search_dir``: unfinished trials go on, errored ones are retried.
+
+    Its searcher, scheduler, callbacks and stopper are built for ``search_dir`` and written into Tune's state
+    there first: ``Tuner.restore`` would otherwise bring back those of the search's first start, pickled with
+    that folder's paths (a copied or moved folder would read and write the original's files).
+    """
+    point_tuner_state_at(search_dir, tune_config(spec, search_dir, concurrent), run_config(spec, search_dir, verbose))
+    point_search_generator_at(search_dir)  # and the trials it has yet to create
     return tune.Tuner.restore(str(search_dir), trainable(spec, search_dir), resume_unfinished=True,
                               resume_errored=True, param_space=param_space(spec))
 

@@ -125,7 +125,7 @@ def test_the_searcher_drops_updates_to_a_trial_optuna_already_closed(tmp_path):
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     searcher = ResumableOptunaSearch(space={"lr": tune.uniform(0.0, 1.0)}, metric="eval_loss", mode="min",
-                                     storage=storage, study_name="s", sampler=optuna.samplers.TPESampler(seed=0))
+                                     search_dir=tmp_path, study_name="s", sampler=optuna.samplers.TPESampler(seed=0))
     assert searcher.suggest("t1") is not None
     study = optuna.load_study(study_name="s", storage=storage)
     study.tell(study.trials[0].number, 0.5)  # what the study held before the kill
@@ -154,3 +154,72 @@ def test_the_search_generator_state_holds_total_samples_and_a_raised_count_is_wh
     generator.restore_from_dir(str(copy))
     assert generator.total_samples == 5 and not generator.is_finished(), (
         "SearchGenerator.restore_from_dir no longer takes total_samples/finished from search_gen_state-*.json")
+
+
+# ---------------------------------------------------------------- a folder resumed where it is now
+
+def test_new_trials_of_a_restored_search_are_created_where_point_search_generator_at_says(experiment, tmp_path):
+    import shutil
+
+    from ray import cloudpickle
+    from tune_llama.ray_private import newest_state, point_search_generator_at
+    copy = tmp_path / "moved"
+    shutil.copytree(experiment, copy)
+    state = newest_state(copy, "search_gen_state-*.json")
+    assert cloudpickle.loads(state.read_bytes())["experiment"].storage.experiment_fs_path == str(experiment), (
+        "search_gen_state-*.json no longer holds the Experiment (with its StorageContext) new trials are made from")
+    point_search_generator_at(copy)
+    experiment_spec = cloudpickle.loads(state.read_bytes())["experiment"]
+    assert experiment_spec.storage.experiment_fs_path == str(copy)
+    assert experiment_spec.spec["storage"].experiment_fs_path == str(copy), "the spec's storage is another object now"
+
+
+# A restore of the experiment with a callback written into tuner.pkl: at its first step it sees which files Ray
+# staged, drops the copies of ours, and rewrites our file in the folder; the end of the run must not undo that.
+RESTORE_WITH_PROBE = textwrap.dedent(f"""
+    import json, sys
+    from pathlib import Path
+    import ray
+    from ray import tune
+    from tune_llama.ray_private import drop_staged_copies, point_tuner_state_at
+
+    def {TRAINABLE_NAME}(config):
+        tune.report({{"score": float(config["x"])}})
+
+    class Probe(tune.Callback):
+        seen = None
+        def on_step_begin(self, iteration, trials, **info):
+            if trials and self.seen is None:
+                staging = Path(trials[0].local_experiment_path)
+                self.seen = sorted(p.name for p in staging.iterdir())
+                dropped = drop_staged_copies(staging)
+                (folder / "ours.json").write_text('"live"')
+                Path(sys.argv[2]).write_text(json.dumps({{"staged": self.seen, "dropped": dropped}}))
+
+    folder = Path(sys.argv[1])
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    point_tuner_state_at(folder, tune.TuneConfig(metric="score", mode="max", num_samples=3),
+                         tune.RunConfig(name=folder.name, storage_path=str(folder.parent), callbacks=[Probe()],
+                                        verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
+    tune.Tuner.restore(str(folder), {TRAINABLE_NAME}, resume_errored=True).fit()
+""")
+
+
+def test_a_restore_takes_the_configs_written_into_tuner_pkl_and_its_staged_copies_of_our_files_can_go(experiment,
+                                                                                                         tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(experiment, copy)
+    (copy / "ours.json").write_text('"stale"')
+    seen = tmp_path / "seen.json"
+    proc = subprocess.run([sys.executable, "-c", RESTORE_WITH_PROBE, str(copy), str(seen)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert seen.exists(), "Tuner.restore did not run the callback point_tuner_state_at wrote into tuner.pkl"
+    found = json.loads(seen.read_text())
+    assert "ours.json" in found["staged"], ("a resume no longer stages the search folder's *.json: "
+                                            "ray_private.drop_staged_copies may be moot")
+    assert found["dropped"] == ["ours.json"] and any(n.startswith("experiment_state-") for n in found["staged"])
+    assert json.loads((copy / "ours.json").read_text()) == "live", "the run's end put the staged copy back"

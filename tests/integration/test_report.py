@@ -14,8 +14,8 @@ import pytest
 from tune_llama.cli import run_cli
 from tune_llama.__main__ import command
 from tune_llama.report import param_importance, trial_rows, write_report
-from tune_llama.results import (RUNG_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING, load_search,
-                                write_driver_file)
+from tune_llama.driver import DriverLock
+from tune_llama.results import RUNG_STOPPED, ERRORED, FINISHED, INTERRUPTED, RUNNING, load_search
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -114,10 +114,13 @@ def test_a_trial_still_running_is_reported_as_running(tiny_search, tmp_path):
     trial_id, folder = longest_trial(experiment)
     cut_to_first_epoch(folder, pid=os.getpid())  # a process that is alive
     set_ray_status(experiment, trial_id, "RUNNING")
-    write_driver_file(experiment)  # this test process plays the search's driver
-    rows = {r["trial"]: r for r in trial_rows(load_search(experiment))}
-    assert rows[trial_id]["status"] == RUNNING and rows[trial_id]["epochs"] == 1
-    assert {p.name for p in write_report(experiment)} >= {"trials.csv", "eval_loss.png", "report.html"}
+    driver = DriverLock(experiment).take()  # this test process plays the search's driver
+    try:
+        rows = {r["trial"]: r for r in trial_rows(load_search(experiment))}
+        assert rows[trial_id]["status"] == RUNNING and rows[trial_id]["epochs"] == 1
+        assert {p.name for p in write_report(experiment)} >= {"trials.csv", "eval_loss.png", "report.html"}
+    finally:
+        driver.release()
 
 
 def test_trials_of_a_search_whose_driver_is_gone_are_interrupted_not_running(tiny_search, tmp_path):

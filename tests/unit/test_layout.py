@@ -10,12 +10,12 @@ PACKAGE = Path(__file__).resolve().parents[2] / "tune_llama"
 
 # The pipeline, bottom first. A module may import any module in an earlier (or its own) layer.
 LAYERS = [
-    ["errors", "paths", "redact", "calculator", "paired", "progress_bar"],
+    ["errors", "paths", "pickles", "redact", "calculator", "paired", "progress_bar"],
     ["spec", "cli", "wheelhouse", "budget"],
     ["data"],
     ["model", "loss", "generate", "kernels", "memory"],
     ["loop", "checkpoint"],
-    ["ray_private", "results", "resources"],
+    ["ray_private", "driver", "results", "resources"],
     ["trainable", "distributed", "evaluate", "live"],
     ["finalists", "summary"],
     ["preflight", "searcher", "callbacks", "study", "scheduler", "warm_start", "tracking", "trial_table"],
