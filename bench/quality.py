@@ -1,24 +1,22 @@
-"""Does the search pay? Six models, one GSM8K test slice, equal training budget per run and per search.
+"""Does the search pay in GSM8K accuracy? Four models, one GSM8K test slice, the same data and run length.
 
     .venv/bin/python bench/quality.py                      # the CPU sizes (--preset cpu): <= 60 min on 2 cores
     python bench/quality.py --preset gpu                   # all of GSM8K train and test, 4 trials per GPU
-    .venv/bin/python bench/quality.py --set model.name=random:tiny --train 8 --val 4 --test 4 \\
-        --max-length 1024 --max-new-tokens 16 --samples 2   # smoke run, about 2 minutes
+    .venv/bin/python bench/quality.py --smoke-test         # random:tiny, a few problems: about two minutes
 
 (a) base: the model as loaded, untrained.
 (b) class project: search_spaces/sgd.yaml's training section (SGD, momentum 0.9, Nesterov, lr 1e-4, cosine,
     3% warmup, clip 1.0), full fine-tune (``--sgd-lora``: LoRA r=8 instead, when a full fine-tune does not fit).
 (c) default recipe: search_spaces/adamw_lora.yaml as written (AdamW lr 2e-4, LoRA r=16 alpha=32 on every
     projection, cosine, 3% warmup, clip 1.0).
-(d) the search: adamw_lora.yaml's own space (lr, accumulation, LoRA rank) searched with Optuna TPE + ASHA by
-    ``python -m tune_llama.search``, its top ``--top-k`` trials re-ranked on the validation problems by GSM8K
-    accuracy (``search.finalists``), the winner exported with ``tune_llama.export``. The search's cost is
-    printed beside it: trials, trial-steps (the sum over trials of the last optimizer step each reported) and
-    wall time.
-(e) the default recipe (c) given the search's whole budget, its trial-epochs as the search reported them,
-    rounded down to whole runs (N): (e1) one run of N times the epochs, keeping its best validation report;
-    (e2) the best of N seeds of (c) (seed 0 is (c) itself), picked by validation loss. Does the search beat
-    just training longer, or just trying more seeds?
+(d) the search: adamw_lora.yaml's own space (lr, accumulation, LoRA rank) searched with Optuna TPE and the
+    halving scheduler by ``python -m tune_llama.search``, its top ``--top-k`` trials re-ranked on the validation
+    problems by GSM8K accuracy (``search.finalists``), the winner exported with ``tune_llama.export``. The
+    search's cost is printed beside it: trials, trial-steps (the sum over trials of the last optimizer step each
+    reported) and wall time.
+
+Whether the search beats the recipe given the search's whole compute (the recipe trained that much longer, or
+the best of that many seeds) is ``bench/equal_compute.py``'s question, paired over seeds.
 
 Every trained run, each search trial included, sees the same train and validation problems, epochs, batch size,
 report points and seed, and keeps its best report by validation loss (``tune_llama.train`` / the search's
@@ -38,7 +36,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -61,9 +58,10 @@ PRESETS = {
     "gpu": dict(train=0, val=200, test=0, epochs=2, eval_every=0.25, max_length=512, max_new_tokens=256,
                 batch_size=8, gen_batch=64, samples=16, concurrent=4, cpus=4, gpu_share=0.25, top_k=3),
 }
-METHODS = {"a": "base model", "b": "class project", "c": "default recipe", "d": "search winner",
-           "e1": "recipe, search's budget in one run", "e2": "recipe, best of N seeds"}
-ORDER = ("a", "b", "c", "d", "e1", "e2")
+METHODS = {"a": "base model", "b": "class project", "c": "default recipe", "d": "search winner"}
+ORDER = ("a", "b", "c", "d")
+SMOKE = ["--set", "model.name=random:tiny", "--train", "8", "--val", "4", "--test", "4", "--max-length", "1024",
+         "--max-new-tokens", "16", "--samples", "2"]
 
 
 # ---------------------------------------------------------------- specs
@@ -181,36 +179,6 @@ def run_search(args, spec, folder: Path) -> dict:
             "folder": str(experiment), "finalists_comparison": finalists.get("comparison")}
 
 
-def budget_runs(args, search: dict) -> int:
-    """How many runs of one recipe the search's trial-epochs buy, rounded down (never more than it spent)."""
-    return max(1, math.floor(round(search["epochs"] / args.epochs, 6)))
-
-
-def with_training(spec, **fields):
-    return dataclasses.replace(spec, training=dataclasses.replace(spec.training, **fields))
-
-
-def longer_run(recipe_spec, runs: int, folder: Path) -> dict:
-    """(e1): the recipe for ``runs`` times its epochs, in one run (its schedule stretched to match)."""
-    row = train_run(with_training(recipe_spec, epochs=recipe_spec.training.epochs * runs), folder)
-    row["config"] += f", {row['epochs']:.3g} epochs"
-    return row
-
-
-def best_of_seeds(recipe_spec, runs: int, out: Path, seed0: dict | None) -> dict:
-    """(e2): the recipe with seeds 0..runs-1, the lowest best validation loss kept; seed 0 is (c) when it ran."""
-    first = recipe_spec.training.seed
-    tried = {first: seed0} if seed0 else {}
-    for seed in range(first, first + runs):
-        if seed not in tried:
-            tried[seed] = train_run(with_training(recipe_spec, seed=seed), out / f"e2-seed{seed}")
-    seed, best = min(tried.items(), key=lambda item: item[1]["best_eval_loss"])
-    return {**best, "config": f"{best['config']}, best of {runs} seeds (seed {seed})",
-            "wall_s": sum(r["wall_s"] for r in tried.values()), "steps": sum(r["steps"] for r in tried.values()),
-            "epochs": sum(r["epochs"] for r in tried.values()), "picked_seed": seed,
-            "seeds": {s: r["best_eval_loss"] for s, r in tried.items()}}
-
-
 # ---------------------------------------------------------------- scoring
 
 def answer_loss(measure_spec, model, tokenizer, problems) -> tuple[float, int]:
@@ -309,24 +277,24 @@ def arguments(argv):
     p.add_argument("--sgd-lora", action="store_true", help="(b) with LoRA r=8 instead of a full fine-tune")
     p.add_argument("--search", metavar="DIR", help="(d) from this finished search (same data and epochs) "
                                                    "instead of running one")
-    p.add_argument("--methods", default="abcde", help="which rows to run, e = e1 and e2, which need d "
-                                                      "(default %(default)s)")
+    p.add_argument("--methods", default="abcd", help="which rows to run (default %(default)s)")
     p.add_argument("--out", type=Path, help="run folders and per-problem outputs (default results/quality-TIME)")
     p.add_argument("--threads", type=int, help="torch CPU threads in this process (default: torch's choice)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any spec field of (b), (c) and (d), e.g. model.name=random:tiny (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--smoke-test", action="store_true", help="random:tiny on a few problems: " + " ".join(SMOKE))
     args = p.parse_args(argv)
+    if args.smoke_test:
+        args = p.parse_args([*SMOKE, *(argv if argv is not None else sys.argv[1:])])
     preset = args.preset or ("gpu" if common.cuda() else "cpu")
     for name, value in PRESETS[preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.preset = preset
-    unknown = set(args.methods) - set("abcde")
+    unknown = set(args.methods) - set("abcd")
     if unknown:
-        p.error(f"--methods: unknown {''.join(sorted(unknown))}; choose from abcde")
-    if "e" in args.methods and "d" not in args.methods:
-        p.error(f"--methods {args.methods}: e (the recipe at the search's budget) needs d, the search")
+        p.error(f"--methods: unknown {''.join(sorted(unknown))}; choose from abcd")
     return args
 
 
@@ -356,14 +324,10 @@ def main(argv=None) -> int:
             rows[key] = {"model": specs["c"].model.name, "config": "untrained", "steps": 0, "epochs": 0, "wall_s": 0.0}
         elif key == "d":
             rows[key] = run_search(args, specs["d"], out / "d")
-        elif key == "e1":
-            rows[key] = longer_run(specs["c"], budget_runs(args, rows["d"]), out / key)
-        elif key == "e2":
-            rows[key] = best_of_seeds(specs["c"], budget_runs(args, rows["d"]), out, rows.get("c"))
         else:
             rows[key] = train_run(specs[key], out / key)
         model = rows[key]["model"]
-        if model not in scored:  # (e2) may pick (c)'s own run: greedy scoring would repeat itself
+        if model not in scored:
             scored[model] = evaluate(args, model, measure, test, out, key)
         rows[key].update(scored[model])
         (out / "quality.json").write_text(json.dumps({"rows": rows}, indent=1, default=str))
@@ -388,10 +352,6 @@ def main(argv=None) -> int:
         from tune_llama.finalists import comparison_text
         notes.append(f"(d) finalists, on {args.val} validation problems: "
                      + comparison_text(rows["d"]["finalists_comparison"]))
-    if "e1" in rows:
-        losses = ", ".join(f"{seed}: {loss:.4f}" for seed, loss in rows["e2"]["seeds"].items())
-        notes.append(f"(e) the search's budget for the recipe: {budget_runs(args, rows['d'])} runs' worth; (e2) "
-                     f"best validation loss by seed: {losses}")
     from tune_llama.paired import sentence
     notes += [sentence(r["d_minus"], "(d)", f"({k})") for k, r in rows.items() if "d_minus" in r]
     notes.append(f"generation: greedy, {args.max_new_tokens} new tokens at most; per-problem outputs in {out}")

@@ -42,7 +42,7 @@ from tune_llama.spec import Spec, TrainingSpec
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = ("report", "step", "epoch", "examples_seen", "tokens_seen", "train_loss", "train_perplexity",
+METRIC_NAMES = ("report", "step", "epoch", "lr", "examples_seen", "tokens_seen", "train_loss", "train_perplexity",
                 "eval_loss", "eval_perplexity", "tokens_per_s", "train_time_s", "eval_time_s", "eval_share",
                 "checkpoint_time_s", "peak_memory_gb", "compile_time_s", "tokens_per_batch", "token_budget",
                 "oom_retries", "status")
@@ -404,6 +404,7 @@ def validate_and_report(run: TrainingRun, interval: Interval, diverged: bool,
         "report": len(run.history) + 1,
         "step": run.step,
         "epoch": round(run.epoch, 6),
+        "lr": run.scheduler.get_last_lr()[0],  # the next step's: a trial cut at a rung shows where its schedule was
         "examples_seen": run.examples_seen,
         "tokens_seen": run.tokens_seen,
         "train_loss": finite_or_inf(train_loss),

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from tune_llama.results import RUNG_STOPPED, FINISHED, Search, Trial
+from tune_llama.results import RUNG_STOPPED, FINISHED, Search, Trial, better
 
 STATUS_STYLE = {FINISHED: "-", RUNG_STOPPED: "--"}  # anything else (running, errored, ...) is dotted
 FEW_TRIALS = 8
@@ -63,7 +63,10 @@ def short_params(trial: Trial) -> str:
 
 def all_plots(search: Search, importance: Optional[Importance], out: Path) -> list[Path]:
     written = [curves(search, "eval_loss", out / "eval_loss.png"),
-               curves(search, "eval_perplexity", out / "eval_perplexity.png", log_y=True)]
+               curves(search, "eval_perplexity", out / "eval_perplexity.png", log_y=True),
+               save(best_so_far_figure([("this search", spent_and_best(search), "C0")],
+                                       title=f"{search.name}: best {search.metric} so far against compute",
+                                       metric=search.metric), out / "best_so_far.png")]
     for path in (metric_vs_lr(search, out / f"{search.metric}_vs_lr.png"),
                  parallel_coordinates(search, out / "parallel_coordinates.png"),
                  importance_bars(importance, out / "param_importance.png") if importance else None):
@@ -102,7 +105,7 @@ def curves_figure(search: Search, key: str, log_y: bool = False):
         ax.plot(xs, ys, STATUS_STYLE.get(status, ":"), marker="o", markersize=3,
                 label=f"{trial.trial_id} ({status}) {short_params(trial)}")
         ax.plot(xs[-1], ys[-1], "x" if status == RUNG_STOPPED else "o", color=ax.lines[-1].get_color(), markersize=8)
-    ax.set_xlim(0, search.spec.training.epochs + 0.1)
+    ax.set_xlim(0, max([search.spec.training.epochs, *(t.epochs for t in search.trials)]) + 0.1)
     ax.set_xlabel("epoch")
     ax.set_ylabel(key)
     if log_y:
@@ -112,6 +115,47 @@ def curves_figure(search: Search, key: str, log_y: bool = False):
     ax.grid(alpha=0.3)
     if ax.lines:
         outside_legend(ax, fontsize=7)
+    return fig
+
+
+def spent_and_best(search: Search) -> list[tuple[float, float]]:
+    """(compute spent in runs, the best ``search.metric`` reported so far) after each report, in the order the
+    reports came (a run: ``training.epochs``; a trial's report costs the epochs since its previous one)."""
+    events = []
+    for trial in search.trials:
+        previous = 0.0
+        for row in trial.rows:
+            events.append((row.get("timestamp", 0), trial.trial_id, row["epoch"] - previous, row.get(search.metric)))
+            previous = row["epoch"]
+    spent, best, points = 0.0, None, []
+    for _, _, epochs, value in sorted(events, key=lambda e: (e[0], e[1])):
+        spent += epochs
+        if better(value, best, search.mode):
+            best = value
+        if best is not None:
+            points.append((spent / search.spec.training.epochs, best))
+    return points
+
+
+def best_so_far_figure(lines: list[tuple[str, list[tuple[float, float]], str]], title: str,
+                       metric: str = "eval_loss"):
+    """Best value so far against compute in runs, a step line per (label, points, colour); one full run
+    marked, where a search that pays should already stand below the recipe's single run."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    labelled = set()
+    for label, points, color in lines:
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        ax.step(xs, ys, where="post", color=color, alpha=0.8, label=None if label in labelled else label)
+        labelled.add(label)
+    ax.axvline(1.0, color="grey", linestyle=":", label="one full run")
+    ax.set_xlabel("compute spent (runs of training.epochs)")
+    ax.set_ylabel(f"best {metric} so far")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    outside_legend(ax, fontsize=8)
     return fig
 
 

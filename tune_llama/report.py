@@ -24,7 +24,7 @@ from tune_llama.plots import Importance, all_plots
 from tune_llama.progress_bar import format_value
 from tune_llama.report_html import write_html
 from tune_llama.results import ERRORED, OPTUNA_DB, Search, load_search
-from tune_llama.summary import drawn_by_trial, sampler_line, warm_start_line
+from tune_llama.summary import answer_lines, drawn_by_trial, sampler_line, warm_start_line
 
 
 def trial_rows(search: Search) -> list[dict[str, Any]]:
@@ -89,27 +89,37 @@ def format_finalists(finalists: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- parameter importance
 
 def param_importance(search: Search) -> Optional[Importance]:
-    """Each searched param's importance for the metric (Optuna PED-ANOVA on the search's study), or None
-    while the study has fewer than two finished trials or the search varied fewer than two params."""
+    """Each searched param's importance for the metric (Optuna PED-ANOVA), over every trial with a result and
+    its best report, or None below two such trials or two varied params. The search's study supplies the
+    distributions; its trial states do not decide (a trial cut at a rung is pruned there, but how good its
+    config looked is what importance is about)."""
     if len(search.spec.search.space) < 2 or not (search.path / OPTUNA_DB).is_file():
         return None
     import optuna
-    from optuna.trial import TrialState
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     storage = f"sqlite:///{search.path / OPTUNA_DB}"
     names = optuna.get_all_study_names(storage)  # one study per search; the folder may have been renamed
     if len(names) != 1:
         return None
-    study = optuna.load_study(study_name=names[0], storage=storage)
-    complete = sum(t.state == TrialState.COMPLETE for t in study.trials)
-    if complete < 2:
+    stored = optuna.load_study(study_name=names[0], storage=storage)
+    space = set(search.spec.search.space)
+    distributions = next((t.distributions for t in stored.trials if set(t.distributions) == space), None)
+    ranked = search.ranked()
+    if distributions is None or len(ranked) < 2:
         return None
+    study = optuna.create_study(direction=stored.direction)
+    for trial, row in ranked:
+        try:
+            study.add_trial(optuna.trial.create_trial(params={k: trial.params[k] for k in distributions},
+                                                      distributions=distributions, value=row[search.metric]))
+        except (KeyError, ValueError):  # a config outside the stored distributions (a changed space)
+            continue
     try:
         importance = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
-    except (RuntimeError, ValueError):  # e.g. every complete trial has the same params
+    except (RuntimeError, ValueError):  # e.g. every trial has the same params
         return None
-    return Importance({k: float(v) for k, v in importance.items()}, complete)
+    return Importance({k: float(v) for k, v in importance.items()}, len(study.trials))
 
 
 def format_importance(importance: Importance) -> str:
@@ -142,6 +152,8 @@ def write_report(search_dir: Path) -> list[Path]:
           f"training.epochs={search.spec.training.epochs}")
     print(format_table(search, rows) if rows else "no trial has started yet")
     for line in filter(None, [sampler_line(search), warm_start_line(search)]):
+        print(line)
+    for line in answer_lines(search):
         print(line)
     overlong = overlong_line(search, rows)
     if overlong:

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from tune_llama.finalists import comparison_text
 from tune_llama.plots import Importance
 from tune_llama.results import Search
-from tune_llama.summary import sampler_line, warm_start_line
+from tune_llama.summary import answer_lines, sampler_line, warm_start_line
 
 
 def caption(image: Path, metric: str) -> str:
@@ -20,7 +20,8 @@ def caption(image: Path, metric: str) -> str:
              "eval_perplexity": "Validation perplexity per report, one line per trial (log scale)",
              f"{metric}_vs_lr": f"Each trial's best {metric} against its learning rate",
              "parallel_coordinates": f"Searched parameters of each trial against its best {metric}",
-             "param_importance": "Which searched parameter mattered most (Optuna PED-ANOVA)"}
+             "param_importance": "Which searched parameter mattered most (Optuna PED-ANOVA)",
+             "best_so_far": f"The best {metric} so far against the compute spent, in runs of training.epochs"}
     return words.get(image.stem, image.stem.replace("_", " "))
 
 
@@ -69,6 +70,7 @@ def write_html(search: Search, rows: list[dict[str, Any]], finalists: Optional[d
     parts = [f"<h1>{html.escape(search.name)}</h1>",
              f"<p>metric <b>{html.escape(search.metric)}</b> ({search.mode}); {len(rows)} trials of "
              f"{search.spec.search.num_samples}; training.epochs={search.spec.training.epochs}</p>",
+             *(f"<p><b>{html.escape(line)}</b></p>" for line in answer_lines(search)),
              *(f"<p>{html.escape(line)}</p>" for line in filter(None, [sampler_line(search), warm_start_line(search)])),
              "<h2>Trials</h2>", *trials_table(search, rows, finalists)]
     if overlong:

@@ -31,7 +31,7 @@ from tune_llama.driver import DRIVER_FILE, driver_alive, process_alive, write_dr
 from tune_llama.errors import SpecError, UserError
 from tune_llama.paths import read_json
 from tune_llama.ray_private import read_trial_states, trial_id_from_name, trial_sequence_number
-from tune_llama.spec import Spec, apply_params, spec_from_dict
+from tune_llama.spec import Spec, apply_params, searched_values, spec_from_dict
 
 SPEC_FILE = "tune_llama_spec.json"
 OPTUNA_DB = "optuna.db"
@@ -204,20 +204,40 @@ class Search:
     def status(self, trial: Trial) -> str:
         return trial.status(self.spec.training.epochs, self.driver_alive)
 
+    def full_length(self, trial: Trial) -> bool:
+        """Whether ``trial`` trained the whole run a user asked for (``training.epochs``), or ended it itself
+        (early stopping): the only trials a winner is chosen from, as BOHB picks its incumbent only among the
+        runs of the largest budget. A trial cut at a rung was never measured at the length that is deployed."""
+        return trial.epochs >= self.spec.training.epochs - 1e-9 or (
+            bool(trial.rows) and trial.rows[-1].get("status") in ("completed", "early_stopped"))
+
     def ranked(self) -> list[tuple[Trial, dict[str, Any]]]:
-        """(trial, its best report), best trial first; trials without a finite metric left out."""
+        """(trial, its best report), best first: the trials that trained to full length, then (a search that
+        ended before any did) the others; trials without a finite metric left out."""
         pairs = [(t, t.best(self.metric, self.mode)) for t in self.trials]
-        return rank([p for p in pairs if p[1]], self.metric, self.mode, row=lambda p: p[1])
+        ranked = rank([p for p in pairs if p[1]], self.metric, self.mode, row=lambda p: p[1])
+        return [p for p in ranked if self.full_length(p[0])] + [p for p in ranked if not self.full_length(p[0])]
 
     def best(self) -> Optional[tuple[Trial, dict[str, Any]]]:
         ranked = self.ranked()
         return ranked[0] if ranked else None
 
     def best_checkpoint(self) -> Optional[tuple[Trial, Checkpoint]]:
-        """The best checkpoint on disk of any trial, by the metrics it holds."""
+        """The best checkpoint on disk, by the metrics it holds, of a trial that trained to full length
+        (of any trial when none did)."""
         pairs = [(t, c) for t in self.trials for c in t.checkpoints()]
         ranked = rank(pairs, self.metric, self.mode, row=lambda p: p[1].metrics)
-        return ranked[0] if ranked else None
+        full = [p for p in ranked if self.full_length(p[0])]
+        return (full or ranked or [None])[0]
+
+    def spec_trial(self) -> Optional[Trial]:
+        """The first trial that ran the spec's own values of the searched fields (``include_spec_config``)."""
+        own = searched_values(self.spec)
+        return next((t for t in self.trials if t.params and all(t.params.get(k) == v for k, v in own.items())), None)
+
+    def trial_epochs(self) -> float:
+        """The compute the search has spent: every trial's furthest epoch, summed."""
+        return sum(t.epochs for t in self.trials)
 
     def finalists(self) -> Optional[dict[str, Any]]:
         """What ``finalists.json`` holds, or None when the search scored no finalists."""

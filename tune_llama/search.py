@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from tune_llama.budget import design, plan as budget_plan, read_plan
 from tune_llama.cli import add_search_folder_arguments, add_set_argument, shell_path
 from tune_llama.driver import DriverLock, new_search_folder, refuse_if_locked
 from tune_llama.errors import UserError
@@ -43,7 +44,7 @@ from tune_llama.resources import worker_resources
 from tune_llama.results import SAME_ERROR_FILE, SPEC_FILE, SUMMARY_FILE, load_search_spec
 from tune_llama.spec import Spec, load_spec, spec_from_dict
 from tune_llama.summary import write_summary
-from tune_llama.warm_start import warm_start_points
+from tune_llama.warm_start import first_points
 
 
 # ---------------------------------------------------------------- what a search starts from
@@ -142,7 +143,14 @@ def start(spec: Spec, search_dir: Path, spec_file: str, verbose: bool, lock: Opt
     from tune_llama.preflight import check_inputs, check_storage  # torch: not for --help
     check_storage(search_dir.parent)  # before Ray: a storage that cannot be written leaves no Ray session behind
     inputs = check_inputs(spec, spec_file, search=True)  # paths, data, max_length, the loop's refusals: before Ray
-    first, notes = warm_start_points(spec)  # a bad warm_start folder is bad input: before Ray starts
+    first, notes = first_points(spec)  # a bad warm_start folder is bad input: before Ray starts
+    plan = budget_plan(spec)
+    if plan:
+        spec.search.num_samples = plan.trials  # what the summary, the table and the scheduler count against
+        first = first[:plan.trials]  # the bracket's configs: the spec's own, a warm start's, then a design
+        first += design(spec.search.space, plan.trials - len(first), spec.search.seed, given=first)
+        for line in plan.lines():  # the plan before anything starts: it takes no Ray
+            print(line, file=sys.stderr)
     with new_search_folder(search_dir) if lock is None else contextlib.nullcontext(lock) as lock:  # before Ray
         say_ray_starts()
         from tune_llama.tuner import new_tuner, start_ray
@@ -153,7 +161,9 @@ def start(spec: Spec, search_dir: Path, spec_file: str, verbose: bool, lock: Opt
         forget_tune_state(search_dir)
     (search_dir / SPEC_FILE).write_text(json.dumps({**spec.to_dict(), "_spec_name": Path(spec_file).stem},
                                                    indent=1))
-    return lock, new_tuner(spec, search_dir, concurrent, first, verbose)
+    if plan:
+        plan.write(search_dir)
+    return lock, new_tuner(spec, search_dir, concurrent, first, verbose, plan)
 
 
 def never_started(search_dir: Path) -> bool:
@@ -178,7 +188,7 @@ def resume(search_dir: Path, verbose: bool, notes: Optional[list[str]] = None):
     if repaired:
         print(f"notice: {repaired} was cut short (a full disk?); resuming from its last good copy", file=sys.stderr)
     (search_dir / SAME_ERROR_FILE).unlink(missing_ok=True)  # the errored trials are retried
-    return spec, restored_tuner(spec, search_dir, concurrent, verbose)
+    return spec, restored_tuner(spec, search_dir, concurrent, verbose, read_plan(search_dir))
 
 
 def check_more(more: int, resuming: bool) -> None:
@@ -195,6 +205,9 @@ def extend(search_dir: Path, more: int, resuming: bool) -> None:
     experiment's), so the generator's saved count is raised in place (``ray_private.raise_total_samples``)."""
     check_more(more, resuming)
     spec = check_resumable(search_dir)
+    if spec.search.budget is not None:
+        raise UserError(f"--more: {search_dir} is sized by search.budget={spec.search.budget:g}; start a new search "
+                        f"with a larger budget and search.warm_start: {shell_path(search_dir)}")
     record = json.loads((search_dir / SPEC_FILE).read_text())
     total = spec.search.num_samples + more
     record["search"]["num_samples"] = total

@@ -13,6 +13,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tune_llama.ray_private import (attach_optuna_search, detached_optuna_search_state, optuna_search_study,
                                     optuna_search_trials, point_optuna_search_at, saved_optuna_search_state)
+from tune_llama.results import RUNG_STOPPED, ended_state
 from tune_llama.study import REBUILT, storage_url, trials_by_ray_id
 
 
@@ -31,11 +32,18 @@ class ResumableOptunaSearch(OptunaSearch):
     (``UpdateFinishedTrialError``); its value is already recorded, so those late
     updates are dropped. Only the public Searcher hooks are overridden: each late
     update is refused by Optuna and dropped here, nothing in Ray's state is changed.
+
+    A trial a scheduler stopped short of ``full_length`` (``training.epochs``) is told to Optuna as pruned,
+    with its reports as intermediate values: TPE then ranks it below every trial that trained to full length
+    (and pruned ones among themselves by how far they got), as successive halving ranked it. Told as complete
+    with a loss from a quarter of an epoch, a good config cut early looked worse than a poor one that went on,
+    and TPE moved its proposals towards what looks good early.
     """
 
-    def __init__(self, *args, search_dir: Path | str, **kwargs):
+    def __init__(self, *args, search_dir: Path | str, full_length: float | None = None, **kwargs):
         super().__init__(*args, storage=open_storage(search_dir), **kwargs)
         self.search_dir = str(search_dir)
+        self.full_length = full_length
 
     # ------------------------------------------------------------ the study of the folder being searched
     # The study lives in the search folder's optuna.db, and the folder can move (a copy, a move) between a stop
@@ -99,12 +107,12 @@ class ResumableOptunaSearch(OptunaSearch):
                 pass  # a replayed epoch of a trial Optuna already closed
         if result.get(self.metric) is not None:
             self.last_reports = {**getattr(self, "last_reports", {}),
-                                 trial_id: {self.metric: result[self.metric], "training_iteration":
-                                            result.get("training_iteration")}}
+                                 trial_id: {key: result.get(key) for key in
+                                            (self.metric, "training_iteration", "epoch", "status")}}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         # A trial stopped while paused at a rung (the halving scheduler) comes with no result: it ended on its
-        # last report, as a trial ASHA stops does, not pruned by Optuna (PED-ANOVA importance counts it then).
+        # last report, as a trial ASHA stops does.
         last = getattr(self, "last_reports", {}).pop(trial_id, None)
         if result is None and not error:
             result = last
@@ -112,6 +120,9 @@ class ResumableOptunaSearch(OptunaSearch):
         # the study (and optuna-dashboard) holds every report and shows exactly where a scheduler cut a trial.
         if result and result.get(self.metric) is not None and result.get("training_iteration") is not None:
             self.on_trial_result(trial_id, result)  # usually sent already: the repeat is dropped quietly
+        full_length = getattr(self, "full_length", None)  # None in a searcher pickled by an older version
+        if result and not error and full_length and ended_state(result, full_length) == RUNG_STOPPED:
+            result = None  # OptunaSearch tells a trial without a value as pruned, at its last reported step
         try:
             super().on_trial_complete(trial_id, result, error)
         except UpdateFinishedTrialError:

@@ -295,12 +295,13 @@ class ResourcesSpec:
 @dataclass
 class AshaSpec:
     grace_period: Optional[float] = None
-    """Epochs (fractions allowed, e.g. 0.25) every trial trains before ASHA may
-    stop it. ASHA's time unit is the fractional ``epoch`` each report carries,
-    and its ``max_t`` is ``training.epochs``; None means the first report
-    (``training.eval_every`` epochs, or one epoch for a step count)."""
-    reduction_factor: int = 2
-    """Keep the top 1/reduction_factor of trials at each rung."""
+    """Epochs (fractions allowed, e.g. 0.25) every trial trains before it may be stopped. The time unit is the
+    fractional ``epoch`` each report carries, and ``max_t`` is ``training.epochs``. None: for ``asha``, the
+    first report (``training.eval_every`` epochs, or one epoch for a step count); for ``halving`` with
+    ``reduction_factor`` None too, the measured rungs (``search.scheduler``)."""
+    reduction_factor: Optional[int] = None
+    """Keep the top 1/reduction_factor of trials at each rung; None: 2 (``asha``), or with ``grace_period``
+    None too, the measured rungs of ``halving``."""
     brackets: int = 1
     """ASHA brackets (Hyperband-style hedging over grace periods); 1 is plain ASHA."""
 
@@ -375,9 +376,9 @@ class SearchSpec:
     """The search's whole training compute in runs (one run: ``training.epochs`` over the train split). The
     search sizes itself to it (``tune_llama.budget``: how many trials, the rungs, when to stop), trains its
     winner to ``training.epochs`` and then on with what the exploration left, while its validation loss
-    improves; every trial's reports together stay within it. Replaces ``num_samples`` and the ``asha``
-    rungs; halving scheduler only. Below 1.5 runs nothing fits a search: the spec's own config trains for
-    the whole budget. None: ``num_samples`` trials, as before."""
+    improves; every trial's reports together stay within it. ``num_samples`` caps its trials; the ``asha``
+    rungs do not apply (halving scheduler only). A budget that cannot pay for five trials is too small to search: the
+    spec's own config trains for the whole budget. None: ``num_samples`` trials, as before."""
     include_spec_config: bool = True
     """The spec's own values of the searched fields (the config you would run without a search) are the
     first trial, so the search is compared with, and cannot silently lose to, the recipe. A spec value
@@ -400,8 +401,9 @@ class SearchSpec:
         if self.asha.grace_period is not None:
             _require(self.asha.grace_period > 0, f"{path}.asha.grace_period",
                      f"must be > 0 epochs, got {self.asha.grace_period}")
-        _require(self.asha.reduction_factor >= 2, f"{path}.asha.reduction_factor",
-                 f"must be >= 2, got {self.asha.reduction_factor}")
+        if self.asha.reduction_factor is not None:
+            _require(self.asha.reduction_factor >= 2, f"{path}.asha.reduction_factor",
+                     f"must be >= 2, got {self.asha.reduction_factor}")
         _require(self.keep_checkpoints >= 1, f"{path}.keep_checkpoints",
                  f"must be >= 1, got {self.keep_checkpoints}")
         _require(self.max_failures >= 0, f"{path}.max_failures", f"must be >= 0, got {self.max_failures}")

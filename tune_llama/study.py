@@ -21,7 +21,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from tune_llama.results import NORMAL_ENDS, OPTUNA_DB, Search
+from tune_llama.results import NORMAL_ENDS, OPTUNA_DB, RUNG_STOPPED, Search
 
 RAY_TRIAL_ID = "ray_trial_id"
 REBUILT = "rebuilt_from_trial_folders"
@@ -114,7 +114,9 @@ def rebuild_study(search: Search, distributions: dict[str, Any]) -> int:
             if isinstance(value, (int, float)) and math.isfinite(value):
                 intermediate[int(row.get("training_iteration", i + 1))] = float(value)
         best = trial.best(metric, mode)
-        if search.status(trial) in NORMAL_ENDS:
+        if search.status(trial) == RUNG_STOPPED:  # as the searcher tells it (``searcher.ResumableOptunaSearch``)
+            state, value = TrialState.PRUNED, None
+        elif search.status(trial) in NORMAL_ENDS:
             state, value = (TrialState.COMPLETE, best[metric]) if best else (TrialState.FAIL, None)
         else:
             state, value = TrialState.RUNNING, None

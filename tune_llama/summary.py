@@ -17,10 +17,13 @@ from tune_llama.cli import shell_path
 from tune_llama.errors import UserError
 from tune_llama.paths import read_json
 from tune_llama.ray_private import trial_sequence_number
-from tune_llama.results import (ERRORED, INTERRUPTED, NORMAL_ENDS, PENDING, RUNNING, SAME_ERROR_FILE, SUMMARY_FILE,
-                                Search, better, load_search)
+from tune_llama.results import (ERRORED, INTERRUPTED, NO_RESULT, NORMAL_ENDS, PENDING, RUNNING, SAME_ERROR_FILE,
+                                SUMMARY_FILE, WAITING, Search, best_row, better, load_search, sort_key)
 
 EXIT_INTERRUPTED, EXIT_ALL_ERRORED = 3, 4
+UNFINISHED = (RUNNING, PENDING, WAITING, INTERRUPTED)
+"""What ``--resume`` continues: the states that count as unfinished, and the only cause of exit 3 (a trial
+that ended without a result is not run again)."""
 
 
 def summary_lines(search: Search) -> tuple[list[str], dict[str, int]]:
@@ -28,10 +31,12 @@ def summary_lines(search: Search) -> tuple[list[str], dict[str, int]]:
     statuses = {t.trial_id: search.status(t) for t in search.trials}
     counts = {s: list(statuses.values()).count(s) for s in set(statuses.values())}
     normal = sum(counts.get(s, 0) for s in NORMAL_ENDS)
-    unfinished = sum(counts.get(s, 0) for s in (RUNNING, PENDING, INTERRUPTED))
+    unfinished = sum(counts.get(s, 0) for s in UNFINISHED)
+    no_result = counts.get(NO_RESULT, 0)
     lines = [f"search folder: {search.path}",
              f"trials: {len(statuses)} of {search.spec.search.num_samples} ({normal} ended normally, "
-             f"{counts.get(ERRORED, 0)} errored, {unfinished} unfinished)"]
+             f"{counts.get(ERRORED, 0)} errored, " + (f"{no_result} {NO_RESULT}, " if no_result else "")
+             + f"{unfinished} unfinished)"]
     lines += filter(None, [sampler_line(search), warm_start_line(search)])
     best = search.best()
     if best is None:
@@ -45,11 +50,52 @@ def summary_lines(search: Search) -> tuple[list[str], dict[str, int]]:
         checkpoint = search.best_checkpoint()
         if checkpoint:
             lines.append(f"  checkpoint: {checkpoint[1].path}")
+        lines += answer_lines(search)
     for trial in search.trials:
         if statuses[trial.trial_id] == ERRORED:
             lines.append(f"errored trial {trial.trial_id}: {trial.error or 'error'}"
                          + (f"  (full error: {trial.error_file})" if trial.error_file else ""))
     return lines, counts
+
+
+def answer_lines(search: Search) -> list[str]:
+    """The answer a user asks first: the winner against the spec's own config and what the search cost; then
+    whether the winner was still improving when it stopped (training longer may pay more than searching)."""
+    best = search.best()
+    if best is None:
+        return []
+    trial, row = best
+    metric, run_epochs = search.metric, search.spec.training.epochs
+    value, spent = row[metric], search.trial_epochs()
+    budget = search.spec.search.budget
+    cost = f"for {spent:.3g} trial-epochs = {spent / run_epochs:.2g} runs" + (
+        f" of a budget of {budget:g}" if budget is not None else "")
+    lines = []
+    if not search.full_length(trial):
+        lines.append(f"note: no trial has trained the full {run_epochs} epochs; this best is from epoch "
+                     f"{row['epoch']:g}, shorter than the run you asked for")
+    own = search.spec_trial() if search.spec.search.include_spec_config else None
+    own_best = own.best(metric, search.mode) if own else None
+    if own is trial:
+        lines.append(f"best {metric} {value:.4f} is your own config's: no trial beat it, {cost}")
+    elif own_best:
+        where = "" if search.full_length(own) else f" (stopped at epoch {own.epochs:g})"
+        lines.append(f"best {metric} {value:.4f} against your config's {own_best[metric]:.4f}{where} "
+                     f"({value / own_best[metric] - 1:+.0%}), {cost}")
+    else:
+        lines.append(f"best {metric} {value:.4f}, {cost}")
+    if still_improving(trial.rows, metric, search.mode):
+        lines.append(f"the winner's {metric} was still improving at its last report (epoch {trial.epochs:g}): "
+                     "training it longer may pay more than searching more")
+    return lines
+
+
+def still_improving(rows: list[dict], metric: str, mode: str) -> bool:
+    """Whether the last report is the best so far and better than the one before it."""
+    values = [r.get(metric) for r in rows]
+    if len(values) < 2 or not all(isinstance(v, (int, float)) for v in values[-2:]):
+        return False
+    return best_row(rows, metric, mode) is rows[-1] and sort_key(values[-1], mode) < sort_key(values[-2], mode)
 
 
 def next_commands(search: Search, where: str, interrupted: bool, errored: int) -> list[str]:
@@ -73,7 +119,7 @@ def write_summary(search_dir: Path, notes: Optional[list[str]] = None) -> int:
     lines[2:2] = notes or []
     where = shell_path(search_dir)
     errored = counts.get(ERRORED, 0)
-    unfinished = len(search.trials) - errored - sum(counts.get(s, 0) for s in NORMAL_ENDS)
+    unfinished = sum(counts.get(s, 0) for s in UNFINISHED)
     interrupted = bool(unfinished or len(search.trials) < search.spec.search.num_samples)
     lines += ["next:", *next_commands(search, where, interrupted, errored)]
     text = "\n".join(lines)
@@ -130,6 +176,9 @@ def sampler_line(search: Search) -> Optional[str]:
     kinds = drawn_by_trial(search)
     if not isinstance(record, dict) or not kinds:
         return None
+    if search.spec.search.budget is not None:  # the bracket's configs are all given: the plan proposes them up front
+        own = "your own config, then " if search.spec.search.include_spec_config else ""
+        return f"configs: {own}a Latin hypercube over the space ({len(kinds)} in all)"
     count = {kind: list(kinds.values()).count(kind) for kind in (GIVEN, RANDOM, TPE)}
     best = search.best()
     lucky = " (the best trial was drawn at random)" if best and kinds.get(best[0].trial_id) == RANDOM else ""

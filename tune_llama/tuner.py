@@ -23,6 +23,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from tune_llama.budget import Plan, halving_rungs, patience, trials_spec
 from tune_llama.callbacks import ForgetLostCheckpoints, SameErrorStop, StateBackup, result_loggers, worker_callbacks
 from tune_llama.live import LIVE_DIR
 from tune_llama.paths import read_json
@@ -59,9 +60,10 @@ def param_space(spec: Spec) -> dict[str, Any]:
     return space
 
 
-def trainable(spec: Spec, search_dir: Optional[Path] = None):
-    """The trial function with the spec bound; with ``search_dir``, trials tell the live table where they are."""
-    return tune.with_resources(tune.with_parameters(train_trial, spec=spec.to_dict(),
+def trainable(spec: Spec, search_dir: Optional[Path] = None, plan: Optional[Plan] = None):
+    """The trial function with the spec bound (with a budget plan, as long as the winner's run); with
+    ``search_dir``, trials tell the live table where they are."""
+    return tune.with_resources(tune.with_parameters(train_trial, spec=trials_spec(spec, plan).to_dict(),
                                                     live_dir=str(search_dir / LIVE_DIR) if search_dir else None),
                                tune_trial_resources(spec))
 
@@ -113,22 +115,23 @@ def record_sampler(spec: Spec, search_dir: Path, given: int) -> None:
               f"search.num_samples={startup + 1} or more (or --resume DIR --more N later)", file=sys.stderr)
 
 
-def tune_config(spec: Spec, search_dir: Path, concurrent: int, first: Optional[list[dict[str, Any]]] = None):
+def tune_config(spec: Spec, search_dir: Path, concurrent: int, first: Optional[list[dict[str, Any]]] = None,
+                plan: Optional[Plan] = None):
     """Optuna (in SQLite), the scheduler ``search.scheduler`` names on the fractional epoch, and at most
     ``concurrent`` trials at once (trials paused at a rung not counted); ``first``: configs Optuna proposes
-    before its own (``warm_start``)."""
+    before its own (the spec's own, ``warm_start``'s); ``plan``: a budget's rungs and winner."""
     s = spec.search
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = ResumableOptunaSearch(sampler=sampler(spec), search_dir=search_dir, study_name=study_name(search_dir),
-                                     points_to_evaluate=first or None)
+                                     points_to_evaluate=first or None, full_length=spec.training.epochs)
     limiter = WaitingLimiter(searcher, max_concurrent=concurrent)
     # The time unit is the fractional epoch each report carries: reports inside an epoch are the rungs.
-    rungs = dict(time_attr="epoch", max_t=spec.training.epochs, grace_period=grace_period(spec),
-                 reduction_factor=s.asha.reduction_factor)
     if s.scheduler == "asha":
-        scheduler = ASHAScheduler(**rungs, brackets=s.asha.brackets)
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.training.epochs, grace_period=grace_period(spec),
+                                  reduction_factor=s.asha.reduction_factor or 2, brackets=s.asha.brackets)
     else:
-        scheduler = HalvingScheduler(search_dir, limiter, **rungs)
+        scheduler = HalvingScheduler(search_dir, limiter, time_attr="epoch", max_t=spec.training.epochs,
+                                     rungs=halving_rungs(spec), plan=plan, patience=patience(spec))
     # A new trial reuses an ended trial's process: no interpreter, torch import or CUDA context to start again
     # (seconds per trial, most of a short trial's overhead). Ray Train trials keep their own worker groups.
     return tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
@@ -160,12 +163,13 @@ def spec_name(search_dir: Path) -> Optional[str]:
 
 # ---------------------------------------------------------------- the Tuner of a new search, or of one that resumes
 
-def new_tuner(spec: Spec, search_dir: Path, concurrent: int, first: Optional[list[dict[str, Any]]], verbose: bool):
+def new_tuner(spec: Spec, search_dir: Path, concurrent: int, first: Optional[list[dict[str, Any]]], verbose: bool,
+              plan: Optional[Plan] = None):
     """The Tuner of a new search in ``search_dir``, at most ``concurrent`` trials at once, ``first`` proposed
-    first."""
+    first, sized by ``plan`` where it has a budget."""
     record_sampler(spec, search_dir, len(first or []))
-    return tune.Tuner(trainable(spec, search_dir), param_space=param_space(spec),
-                      tune_config=tune_config(spec, search_dir, concurrent, first),
+    return tune.Tuner(trainable(spec, search_dir, plan), param_space=param_space(spec),
+                      tune_config=tune_config(spec, search_dir, concurrent, first, plan),
                       run_config=run_config(spec, search_dir, verbose))
 
 
@@ -174,16 +178,17 @@ def can_restore(search_dir: Path) -> bool:
     return tune.Tuner.can_restore(str(search_dir))
 
 
-def restored_tuner(spec: Spec, search_dir: Path, concurrent: int, verbose: bool):
+def restored_tuner(spec: Spec, search_dir: Path, concurrent: int, verbose: bool, plan: Optional[Plan] = None):
     """The Tuner that continues the search in ``search_dir``: unfinished trials go on, errored ones are retried.
 
     Its searcher, scheduler, callbacks and stopper are built for ``search_dir`` and written into Tune's state
     there first: ``Tuner.restore`` would otherwise bring back those of the search's first start, pickled with
     that folder's paths (a copied or moved folder would read and write the original's files).
     """
-    point_tuner_state_at(search_dir, tune_config(spec, search_dir, concurrent), run_config(spec, search_dir, verbose))
+    point_tuner_state_at(search_dir, tune_config(spec, search_dir, concurrent, plan=plan),
+                         run_config(spec, search_dir, verbose))
     point_search_generator_at(search_dir)  # and the trials it has yet to create
-    return tune.Tuner.restore(str(search_dir), trainable(spec, search_dir), resume_unfinished=True,
+    return tune.Tuner.restore(str(search_dir), trainable(spec, search_dir, plan), resume_unfinished=True,
                               resume_errored=True, param_space=param_space(spec))
 
 

@@ -1,4 +1,5 @@
-"""``search.warm_start: results/OLD``: an earlier search's best configs become the first trials of a new one.
+"""The first trials of a search: the spec's own config (``search.include_spec_config``), then, with
+``search.warm_start: results/OLD``, an earlier search's best configs.
 
 The configs are handed to ``OptunaSearch(points_to_evaluate=...)``, which enqueues them in the new study
 (``optuna.Study.enqueue_trial``), so the sampler proposes them first and learns from their results as from
@@ -15,7 +16,7 @@ from typing import Any, Optional
 
 from tune_llama.errors import UserError
 from tune_llama.results import Search, load_search
-from tune_llama.spec import Spec
+from tune_llama.spec import Spec, searched_values
 
 
 def outside(value: Any, dist: dict[str, list]) -> Optional[str]:
@@ -73,3 +74,18 @@ def warm_start_points(spec: Spec) -> tuple[list[dict[str, Any]], list[str]]:
     if not points:
         notes.append(f"note: search.warm_start: no config of {old.path} fits this space; starting cold")
     return points, notes
+
+
+def first_points(spec: Spec) -> tuple[list[dict[str, Any]], list[str]]:
+    """(the configs Optuna proposes before its own, in order; one note per config left out): the spec's own
+    config first, unless ``search.include_spec_config`` is off or it lies outside the space, then the warm
+    start's (without a repeat of the spec's)."""
+    points, notes = warm_start_points(spec)
+    if not spec.search.include_spec_config:
+        return points, notes
+    own = searched_values(spec)
+    why = misfit(own, spec.search.space)
+    if why:
+        return points, [f"note: search.include_spec_config: the spec's own config is not tried, it lies outside "
+                        f"the space ({why})", *notes]
+    return [own, *[p for p in points if p != own]], notes

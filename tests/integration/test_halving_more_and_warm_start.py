@@ -12,7 +12,8 @@ import pytest
 from conftest import TINY, result_rows, run_search
 from tune_llama.ray_private import read_trial_states, total_samples
 from tune_llama.results import OPTUNA_DB, load_search
-from tune_llama.scheduler import STATE_FILE, rungs
+from tune_llama.budget import halving_rungs
+from tune_llama.scheduler import STATE_FILE
 
 
 SMALL = ["--set", "training.epochs=2", "--set", "search.max_concurrent=2", "--set", "search.asha.grace_period=1"]
@@ -35,17 +36,17 @@ def test_no_trial_goes_past_a_rung_before_reduction_factor_trials_reported_there
     """The first trials at a rung wait (paused) for company, unlike ASHA, which lets them through unopposed."""
     spec = load_search(halving_search).spec
     rows = result_rows(halving_search)
-    for milestone in rungs(spec.search.asha.grace_period, spec.search.asha.reduction_factor, spec.training.epochs):
+    for milestone, factor in halving_rungs(spec):
         arrivals = sorted(next(r["timestamp"] for r in trial if r["epoch"] >= milestone)
                           for trial in rows.values() if trial[-1]["epoch"] >= milestone)
-        if len(arrivals) < spec.search.asha.reduction_factor:
+        if len(arrivals) < factor:
             continue
-        full = arrivals[spec.search.asha.reduction_factor - 1]
+        full = arrivals[factor - 1]
         for name, trial in rows.items():
             reached = [i for i, r in enumerate(trial) if r["epoch"] >= milestone]
             beyond = trial[reached[0] + 1:] if reached else []  # the reports after the one that reached the rung
             assert not beyond or beyond[0]["timestamp"] >= full, (
-                f"{name} went past epoch {milestone} before {spec.search.asha.reduction_factor} trials reported there")
+                f"{name} went past epoch {milestone} before {factor} trials reported there")
     state = json.loads((halving_search / STATE_FILE).read_text())
     assert state["waiting"] == {}, "a trial was left waiting at rung"
 

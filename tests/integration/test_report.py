@@ -39,8 +39,8 @@ def test_report_writes_valid_non_trivial_pngs_including_metric_against_lr(report
 
     experiment, written = reported_search
     pngs = sorted(p.name for p in written if p.suffix == ".png")
-    assert pngs == ["eval_loss.png", "eval_loss_vs_lr.png", "eval_perplexity.png", "parallel_coordinates.png",
-                    "param_importance.png"]
+    assert pngs == ["best_so_far.png", "eval_loss.png", "eval_loss_vs_lr.png", "eval_perplexity.png",
+                    "parallel_coordinates.png", "param_importance.png"]
     html = (experiment / "report" / "report.html").read_text()
     # No outside link: outside the inlined images, whose base64 text can hold "http" by chance.
     outside_images = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", html).replace("http-equiv", "")

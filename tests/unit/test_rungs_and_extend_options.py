@@ -7,7 +7,7 @@ import pytest
 
 from conftest import TINY, one_line_error
 from tune_llama.__main__ import command
-from tune_llama.scheduler import rungs
+from tune_llama.budget import halving_rungs
 from tune_llama.spec import load_spec
 from tune_llama.warm_start import misfit
 
@@ -17,6 +17,12 @@ def search_error(capsys, argv: list[str]) -> str:
 
 
 # ---------------------------------------------------------------- the halving scheduler
+
+def rungs(grace: float, factor: int, epochs: int) -> list[float]:
+    spec = load_spec(TINY, [f"search.asha.grace_period={grace}", f"search.asha.reduction_factor={factor}",
+                            f"training.epochs={epochs}"])
+    return [epoch for epoch, _ in halving_rungs(spec)]
+
 
 def test_rungs_are_the_grace_period_times_powers_of_the_reduction_factor_below_max_t():
     assert rungs(0.25, 4, 4) == [0.25, 1.0]
