@@ -10,12 +10,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import NO_HOST_OOM_KILLS, TINY, run_search
+from conftest import NO_HOST_OOM_KILLS, TINY, run_search, wait_until
 from tune_llama.results import load_search
 
 TITLE = re.compile(r"^\[\d\d:\d\d:\d\d\] (\d+) of (\d+) trials: ")
@@ -53,10 +52,9 @@ def resumed(tmp_path_factory):
                                   str(storage), "--set", "search.num_samples=3", "--set", "search.max_concurrent=1",
                                   "--set", "training.eval_every=0.5"], cwd=storage, env=env, stdout=log,
                                  stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while sum(1 for p in experiment.glob("*/result.json") if p.stat().st_size) < 2:
-            assert first.poll() is None and time.monotonic() < deadline, (storage / "first.log").read_text()[-3000:]
-            time.sleep(0.2)
+        wait_until(lambda: sum(1 for p in experiment.glob("*/result.json") if p.stat().st_size) >= 2, first,
+                   "the second trial's first report", timeout=600,
+                   detail=lambda: (storage / "first.log").read_text()[-3000:])
         first.send_signal(signal.SIGINT)
         assert first.wait(timeout=300) == 3, (storage / "first.log").read_text()[-3000:]
     at_interruption = last_rows(experiment)

@@ -138,7 +138,7 @@ def test_int_and_quantised_ranges_stay_on_their_grid():
 
 def test_halving_without_asha_settings_uses_the_measured_rungs():
     spec = tiny("search.asha.grace_period=null", "search.asha.reduction_factor=null")
-    assert halving_rungs(spec) == [(0.25, 3), (1.0, 4)]
+    assert halving_rungs(spec) == [(0.25, 2), (1.0, 4)]
     assert halving_rungs(tiny()) == [(1.0, 2), (2.0, 2)]  # tiny.yaml's own grace period 1, factor 2
 
 
