@@ -107,9 +107,12 @@ def run_search(spec: dict, budget: float, seed: int, folder: Path) -> dict:
     spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
     name = "search"
     if not (folder / name / "summary.txt").is_file():
-        command = [sys.executable, "-m", "tune_llama.search", str(spec_file), "--storage", str(folder), "--name",
-                   name, "--set", f"search.budget={budget:g}", "--set", f"search.seed={seed}",
-                   "--set", f"training.seed={seed}"]
+        if (folder / name).is_dir():  # a bench killed mid-search: the search resumes where it was
+            command = [sys.executable, "-m", "tune_llama.search", "--resume", str(folder / name)]
+        else:
+            command = [sys.executable, "-m", "tune_llama.search", str(spec_file), "--storage", str(folder), "--name",
+                       name, "--set", f"search.budget={budget:g}", "--set", f"search.seed={seed}",
+                       "--set", f"training.seed={seed}"]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.REPO),
                                                                           os.environ.get("PYTHONPATH")]))}
         common.say("search: " + shlex.join(command))

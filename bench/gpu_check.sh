@@ -24,15 +24,7 @@
 #                                                # not in the default run)
 # Synthetic GSM8K-style data (no download); a hard timeout per stage; logs in $OUT (else a temporary folder).
 set -uo pipefail
-SMOKE=false
-for arg in "$@"; do
-    case $arg in
-        --smoke-test) SMOKE=true ;;
-        -h|--help) sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-        *) echo "gpu_check.sh: unknown argument $arg (the one option is --smoke-test; the rest is environment)" >&2
-           exit 2 ;;
-    esac
-done
+source "$(dirname "$0")/smoke_flag.sh"
 cd "$(dirname "$0")/.." || exit 1
 SITE=${WHEELS_SITE:-/tmp/wheels-site}
 export PYTHONPATH=".:$SITE${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error \

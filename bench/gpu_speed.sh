@@ -13,15 +13,7 @@
 # Knobs (env): OUT (logs), OURS_SET (spec fields for ours, space-separated),
 # CONTENDERS (default "ours ours-budget hf-grouped hf-flat recipes"; add hf-trainer for all of them).
 set -uo pipefail
-SMOKE=false
-for arg in "$@"; do
-    case $arg in
-        --smoke-test) SMOKE=true ;;
-        -h|--help) sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-        *) echo "gpu_speed.sh: unknown argument $arg (the one option is --smoke-test; the rest is environment)" >&2
-           exit 2 ;;
-    esac
-done
+source "$(dirname "$0")/smoke_flag.sh"
 cd "$(dirname "$0")/.." || exit
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error \
     PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1

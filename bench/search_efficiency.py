@@ -206,6 +206,10 @@ def main(argv=None) -> int:
     common.say(f"{args.spec} with {' '.join(overrides)}, {args.seeds} seed(s); searches in {storage}")
     spec = absolute_paths(load_spec(args.spec, overrides))
     per_seed = {int(k): v for d in args.summarize or [] for k, v in json.loads((d / "per_seed.json").read_text()).items()}
+    if args.summarize:  # the searches' own spec, not this invocation's flags
+        from tune_llama.results import load_search
+        first = args.summarize[0]
+        spec = load_search(first / f"seed{min(json.loads((first / 'per_seed.json').read_text()), key=int)}" / "random").spec
     with contextlib.redirect_stdout(sys.stderr):  # the search's summary and progress table: not the result
         for seed in [] if args.summarize else range(args.first_seed, args.first_seed + args.seeds):
             (storage / f"seed{seed}").mkdir()
