@@ -14,9 +14,9 @@ successive-halving bracket, cut at two rungs measured to rank configs as they ra
 
 The bracket gets a third of the budget (``EXPLORE_SHARE``), at least what ``MIN_TRIALS`` trials cost, and
 takes as many trials as fit. Small budgets buy little exploration on purpose: on ``tiny.yaml``, whose recipe
-is right but under-trained, every epoch the bracket takes from the winner at 4 runs costs about 2% of its
-final loss. A budget below what the smallest bracket costs (1.44 runs on ``tiny.yaml``) is too small to
-search: the spec's config alone trains for all of it, and the plan says so.
+is right but under-trained, every epoch the bracket takes from the winner at 4 runs costs 2.5-5% of its
+final loss (docs/results.md). A budget below what the smallest bracket costs (1.44 runs on ``tiny.yaml``)
+is too small to search: the spec's config alone trains for all of it, and the plan says so.
 
 The spec's own config is the first trial (``search.include_spec_config``), so a search does not hand back
 something worse than the recipe unless the recipe lost at a rung. The others are a Latin hypercube over the
@@ -113,8 +113,8 @@ def halving_rungs(spec: Spec) -> list[tuple[float, int]]:
     interval = report_interval(spec)
     if asha.grace_period is None and asha.reduction_factor is None:
         # The screen keeps half, not a third: judged as trials arrive, a config is compared with the few recorded
-        # so far, among which the order of good configs at 1/16 of the run is noise (rho -0.1..0.16 over the best
-        # quarter); a half still stops the clearly poor ones (rho 0.88..0.99 over all).
+        # so far, among which the order of good configs at 1/16 of the run is noise (rho -0.20..0.56 over the best
+        # quarter, nine seeds); a half still stops the clearly poor ones (rho 0.88..0.99 over all).
         measured = {on_report(run * SCREEN, interval): 2, on_report(run * DECISION, interval): 4}
         return [(rung, factor) for rung, factor in measured.items() if rung < run - 1e-9]
     factor = asha.reduction_factor or 2

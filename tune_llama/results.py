@@ -20,6 +20,7 @@ No Ray import: export and report also run where Ray is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from tune_llama.driver import DRIVER_FILE, driver_alive, process_alive, write_dr
 from tune_llama.errors import SpecError, UserError
 from tune_llama.paths import read_json
 from tune_llama.ray_private import read_trial_states, trial_id_from_name, trial_sequence_number
-from tune_llama.spec import Spec, apply_params, searched_values, spec_from_dict
+from tune_llama.spec import Spec, apply_params, field_value, searched_values, spec_from_dict
 
 SPEC_FILE = "tune_llama_spec.json"
 OPTUNA_DB = "optuna.db"
@@ -305,11 +306,8 @@ def checkpoint_params(folder: Path, space: Iterable[str]) -> dict[str, Any]:
         spec = read_json(directory / checkpoint.SPEC)
         params = {}
         for key in space:
-            node: Any = spec
-            for part in key.split("."):
-                node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
-            if node is not KeyError:
-                params[key] = node
+            with contextlib.suppress(KeyError, AttributeError, TypeError):  # a field this spec.json lacks
+                params[key] = field_value(spec, key)
         if params and len(params) == len(list(space)):
             return params
     return {}

@@ -108,7 +108,7 @@ class HalvingScheduler(FIFOScheduler):
             path = Path(self.search_dir, STATE_FILE)
             self.state = json.loads(path.read_text()) if path.is_file() else {
                 "recorded": [{} for _ in self.milestones], "waiting": {}, "promoted": [], "stopped": []}
-            for key in ("best", "since_best", "epochs"):  # records written before budgets lack them
+            for key in ("best", "since_best", "epochs", "step"):  # records written before budgets lack them
                 self.state.setdefault(key, {})
             # num_samples from the search folder's spec: ``--more`` raises it there
             self.total = load_search_spec(Path(self.search_dir)).search.num_samples
@@ -177,7 +177,7 @@ class HalvingScheduler(FIFOScheduler):
 
     def _record_progress(self, trial_id: str, t: float, value: float) -> None:
         state = self._state()
-        steps = state.setdefault("step", {})  # the longest gap between its reports: reports need not be even
+        steps = state["step"]  # the longest gap between its reports: reports need not be even
         steps[trial_id] = max(steps.get(trial_id, 0.0), t - state["epochs"].get(trial_id, 0.0))
         state["epochs"][trial_id] = max(t, state["epochs"].get(trial_id, 0.0))
         best = state["best"].get(trial_id)
@@ -191,7 +191,7 @@ class HalvingScheduler(FIFOScheduler):
         if self.plan is None or t <= self.max_t + 1e-9:
             return False
         state = self._state()
-        next_report = state.get("step", {}).get(trial_id, 0.0)  # stop before its next report could overrun the budget
+        next_report = state["step"].get(trial_id, 0.0)  # stop before its next report could overrun the budget
         return state["since_best"].get(trial_id, 0) >= self.patience or \
             self.spent_epochs() + next_report > self.plan.budget_epochs + 1e-9
 

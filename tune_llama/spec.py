@@ -719,15 +719,17 @@ def validate_space(spec: Spec) -> None:
             convert(bound, tp, f"{path}.{kind}[{i}]")
 
 
+def field_value(node: Any, key: str) -> Any:
+    """The value at ``section.field`` of a spec, or of its dict form (a ``spec.json``): KeyError or AttributeError
+    where it has none."""
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
 def searched_values(spec: Spec) -> dict[str, Any]:
     """The spec's own values of the searched fields: the config a user runs without a search."""
-    values = {}
-    for key in spec.search.space:
-        node: Any = spec
-        for part in key.split("."):
-            node = getattr(node, part)
-        values[key] = node
-    return values
+    return {key: field_value(spec, key) for key in spec.search.space}
 
 
 def apply_params(spec: Spec, params: dict[str, Any]) -> Spec:

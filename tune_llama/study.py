@@ -14,12 +14,13 @@ point the trials Ray resumes at their new rows.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tune_llama.results import NORMAL_ENDS, OPTUNA_DB, RUNG_STOPPED, Search
 
@@ -46,13 +47,9 @@ def study_readable(search_dir: Path) -> bool:
             if connection.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 return False
         connection.close()
-        storage = optuna.storages.RDBStorage(storage_url(search_dir))
-        try:
+        with opened_storage(search_dir) as storage:
             name = named_study(optuna.get_all_study_names(storage), search_dir)
             optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-        finally:
-            storage.remove_session()
-            storage.engine.dispose()
         return True
     except Exception:  # sqlite3, SQLAlchemy and Optuna each have their own errors for a bad file
         return False
@@ -64,9 +61,17 @@ def study_name(search_dir: Path) -> str:
     import optuna
     if not (search_dir / OPTUNA_DB).is_file():
         return search_dir.name
+    with opened_storage(search_dir) as storage:
+        return named_study(optuna.get_all_study_names(storage), search_dir)
+
+
+@contextlib.contextmanager
+def opened_storage(search_dir: Path) -> Iterator[Any]:
+    """The search's ``optuna.db`` as an Optuna storage, its connections closed after (a reader leaves no lock)."""
+    import optuna
     storage = optuna.storages.RDBStorage(storage_url(search_dir))
     try:
-        return named_study(optuna.get_all_study_names(storage), search_dir)
+        yield storage
     finally:
         storage.remove_session()
         storage.engine.dispose()
