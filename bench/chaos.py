@@ -150,7 +150,9 @@ def drive(proc: subprocess.Popen, folder: Path, due) -> tuple[bool, str | None]:
             record = driver_record(folder)
             if broken is None and record.get("pid") not in (None, proc.pid):
                 broken = f"one driver: the lock is held while driver.json names pid {record.get('pid')}, not {proc.pid}"
-            if not probed and broken is None:
+            # Probe once the live driver has written its record: it takes the lock first and writes driver.json
+            # just after, so a probe in between would see its own write as the refused driver's.
+            if not probed and broken is None and record.get("pid") == proc.pid:
                 probed = True
                 broken = second_driver_refused(folder)
         time.sleep(0.2)

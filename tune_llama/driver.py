@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from tune_llama.errors import UserError
-from tune_llama.paths import read_json
+from tune_llama.paths import read_json, replace_file
 
 DRIVER_FILE = "driver.json"
 DRIVER_LOCK = "driver.lock"
@@ -37,8 +37,9 @@ class FolderLocked(UserError):
 
 
 def write_driver_file(path: Path) -> None:
-    """Record the search process, so a reader can tell a running search from one whose process is gone."""
-    (path / DRIVER_FILE).write_text(json.dumps({"pid": os.getpid(), "hostname": socket.gethostname()}))
+    """Record the search process, so a reader can tell a running search from one whose process is gone; whole
+    or not at all (a reader never sees it half-written)."""
+    replace_file(path / DRIVER_FILE, json.dumps({"pid": os.getpid(), "hostname": socket.gethostname()}).encode())
 
 
 def driver_record(path: Path) -> dict[str, Any]:
